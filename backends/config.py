@@ -1,0 +1,211 @@
+"""The schema of a backend table: typed, declarative data that every pass reads.
+
+One :class:`OpEntry` says everything fxquant knows about one quantized operation on one backend:
+
+* ``patterns``: the float spellings it is fused from, in forward order (``(CONV2D, BN2D, RELU)``);
+* ``op``: what the node looks like after fusion (the fused module type or function);
+* ``observation``: how its output is observed (own observer, shares its input's, fixed qparams, none);
+* ``dtypes``: the dtype combinations the kernel accepts;
+* ``weight``: the weight rule (dtype, allowed qschemes, channel axis) for ops with weights;
+* ``constraints``: numeric limits of the kernel (qnnpack's weight range, minimum scale, scale ratios);
+* ``lowering``: the kernel-layer target that runs it (``None``: the op runs natively on quantized tensors).
+
+Fusion, observer insertion and lowering all read the same entry; there is no second list anywhere.
+
+Example:
+    >>> from fxquant.backends import get_backend_config
+    >>> cfg = get_backend_config("fbgemm")
+    >>> cfg.entry("conv2d_relu").lowering
+    'conv2d_relu'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx, nn
+
+__all__ = [
+    "Observation",
+    "OpKind",
+    "DTypeConfig",
+    "QSpec",
+    "WeightRule",
+    "Constraints",
+    "OpEntry",
+    "BackendConfig",
+]
+
+
+class Observation(enum.Enum):
+    """How the output of a quantized op gets its qparams."""
+
+    OWN = "own observer"  #: its own activation observer (conv, linear, add, ...)
+    SHARES_INPUT = "shares input qparams"  #: same qparams as its (first) input (pooling, reshape, relu)
+    FIXED = "fixed qparams"  #: a fixed range known in advance (sigmoid [0, 1], tanh [-1, 1])
+    NONE = "not observed"  #: output is not a quantized tensor (size, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpKind:
+    """One operation in all the spellings a traced graph can hold.
+
+    Attributes:
+        name: short name used in tables, docs and messages.
+        modules: ``nn.Module`` classes (matched exactly, not by subclass).
+        functions: ``call_function`` targets (``F.relu``, ``torch.relu``, ``operator.add``).
+        methods: ``call_method`` names (``"relu"``, ``"relu_"``).
+    """
+
+    name: str
+    modules: tuple[type, ...] = ()
+    functions: tuple[Callable[..., Any], ...] = ()
+    methods: tuple[str, ...] = ()
+
+    def matches(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+        """Whether ``node`` is this op (``modules`` maps qualified names to submodules)."""
+        if node.op == "call_module":
+            return type(modules.get(str(node.target))) in self.modules
+        if node.op == "call_function":
+            return node.target in self.functions
+        if node.op == "call_method":
+            return node.target in self.methods
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class DTypeConfig:
+    """One dtype combination a kernel accepts. ``None`` means the operand does not exist."""
+
+    input: torch.dtype = torch.quint8
+    output: Optional[torch.dtype] = torch.quint8
+    weight: Optional[torch.dtype] = None
+    bias: Optional[torch.dtype] = None
+    dynamic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class QSpec:
+    """A quantization grid: dtype, scheme, range, as a backend wants it by default."""
+
+    dtype: torch.dtype
+    qscheme: torch.qscheme = torch.per_tensor_affine
+    reduce_range: bool = False
+    quant_min: Optional[int] = None
+    quant_max: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRule:
+    """How the weight of a conv/linear must be quantized for the kernel.
+
+    Attributes:
+        dtype: the weight dtype the kernel takes.
+        qschemes: the qschemes the kernel accepts.
+        axis: the output-channel axis for per-channel schemes.
+    """
+
+    dtype: torch.dtype = torch.qint8
+    qschemes: tuple[torch.qscheme, ...] = (torch.per_channel_symmetric, torch.per_channel_affine,
+                                           torch.per_tensor_symmetric, torch.per_tensor_affine)
+    axis: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+    """Numeric limits of a kernel. ``None`` means no limit.
+
+    Attributes:
+        weight_range: inclusive integer range the weights must stay in (qnnpack: ``(-127, 127)``).
+        min_scale: smallest activation/weight scale the kernel handles (qnnpack: ``2**-12``).
+        input_output_scale_ratio: allowed ``[lo, hi)`` of input scale / output scale (qnnpack add/mul).
+        fixed_qparams: ``(scale, zero_point)`` for :attr:`Observation.FIXED` outputs.
+        depthwise_channel_multiple: depthwise convs whose channel count is not a multiple of this leave
+            the kernel's fast path; such convs stay float (fbgemm: 8).
+    """
+
+    weight_range: Optional[tuple[int, int]] = None
+    min_scale: Optional[float] = None
+    input_output_scale_ratio: Optional[tuple[float, float]] = None
+    fixed_qparams: Optional[tuple[float, int]] = None
+    depthwise_channel_multiple: Optional[int] = None
+
+
+#: builds the fused float module from the matched modules (``None`` where the matched node was a function)
+ModuleFuser = Callable[[list[Optional[nn.Module]]], nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpEntry:
+    """Everything about one quantized operation on one backend (see module docstring)."""
+
+    name: str
+    op: OpKind
+    observation: Observation
+    dtypes: tuple[DTypeConfig, ...] = (DTypeConfig(),)
+    patterns: tuple[tuple[OpKind, ...], ...] = ()
+    fuser: Optional[ModuleFuser] = None
+    weight: Optional[WeightRule] = None
+    constraints: Constraints = Constraints()
+    lowering: Optional[str] = None
+    #: positions of the args that carry quantized tensors (default: every tensor arg)
+    quantized_args: Optional[tuple[int, ...]] = None
+    doc: str = ""
+
+    @property
+    def static_dtypes(self) -> tuple[DTypeConfig, ...]:
+        return tuple(d for d in self.dtypes if not d.dynamic)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    """A backend: its table, its engine and its kernel layer.
+
+    Attributes:
+        name: ``"fbgemm"``, ``"x86"``, ``"qnnpack"`` or a user's own name.
+        engine: the value for ``torch.backends.quantized.engine`` its kernels need.
+        entries: the table.
+        activation: the default activation grid for this backend.
+        weight: the default weight grid for this backend.
+        kernels: the name of the kernel layer (see :mod:`fxquant.backends.kernels`).
+    """
+
+    name: str
+    engine: str
+    entries: tuple[OpEntry, ...]
+    activation: QSpec
+    weight: QSpec
+    kernels: str = "qtensor"
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.entries]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"backend {self.name!r}: duplicate entry names {sorted(dup)}")
+
+    def entry(self, name: str) -> OpEntry:
+        """The entry called ``name``; ``KeyError`` naming the backend otherwise."""
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(f"backend {self.name!r} has no entry {name!r}")
+
+    def entry_for(self, node: fx.Node, modules: dict[str, nn.Module]) -> Optional[OpEntry]:
+        """The entry whose (post-fusion) op is ``node``, or ``None`` if the backend cannot quantize it."""
+        for e in self.entries:
+            if e.op.matches(node, modules):
+                return e
+        return None
+
+    def fusion_entries(self) -> list[OpEntry]:
+        """Entries with multi-op patterns, longest pattern first (so conv-bn-relu wins over conv-bn)."""
+        fusing = [e for e in self.entries if any(len(p) > 1 for p in e.patterns)]
+        return sorted(fusing, key=lambda e: -max(len(p) for p in e.patterns))
+
+    def replace(self, **changes: Any) -> "BackendConfig":
+        """A copy with some fields changed (e.g. ``entries=...`` for a custom backend)."""
+        return dataclasses.replace(self, **changes)
