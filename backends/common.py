@@ -1,0 +1,95 @@
+"""Entries shared by the CPU backends: the same ops, parametrised by each backend's weight rule and limits.
+
+Each backend file calls :func:`cnn_entries` with its own facts; nothing here is backend-specific.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fxquant import fused
+from fxquant.backends import ops
+from fxquant.backends.config import Constraints, DTypeConfig, Observation, OpEntry, OpKind, WeightRule
+
+__all__ = ["cnn_entries", "SHARES_INPUT_KINDS", "FIXED_QPARAMS"]
+
+_U8 = DTypeConfig(input=torch.quint8, output=torch.quint8)
+_U8_WEIGHTED = DTypeConfig(input=torch.quint8, output=torch.quint8, weight=torch.qint8, bias=torch.float32)
+
+#: ops whose quantized output has the qparams of their input; they run natively on quantized tensors
+SHARES_INPUT_KINDS: tuple[OpKind, ...] = (
+    ops.RELU, ops.RELU6, ops.HARDTANH, ops.CLAMP, ops.MAXPOOL, ops.AVGPOOL, ops.ADAPTIVE_AVGPOOL,
+    ops.FLATTEN, ops.RESHAPE, ops.PERMUTE, ops.TRANSPOSE, ops.CONTIGUOUS, ops.SQUEEZE, ops.UNSQUEEZE,
+    ops.CHUNK, ops.GETITEM, ops.MEAN, ops.DROPOUT, ops.IDENTITY, ops.CHANNEL_SHUFFLE, ops.INTERPOLATE,
+)
+
+#: fixed output ranges of bounded functions on quint8: (scale, zero_point)
+FIXED_QPARAMS: dict[str, tuple[float, int]] = {
+    "sigmoid": (1.0 / 256.0, 0),
+    "hardsigmoid": (1.0 / 256.0, 0),
+    "tanh": (2.0 / 256.0, 128),
+}
+
+
+def _weighted(name: str, op: OpKind, patterns: tuple[tuple[OpKind, ...], ...], fuser, lowering: str,
+              weight: WeightRule, limits: Constraints, doc: str) -> OpEntry:
+    return OpEntry(name=name, op=op, observation=Observation.OWN, dtypes=(_U8_WEIGHTED,), patterns=patterns,
+                   fuser=fuser, weight=weight, constraints=limits, lowering=lowering, quantized_args=(0,),
+                   doc=doc)
+
+
+def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits: Optional[Constraints] = None,
+                binary_limits: Constraints = Constraints()) -> tuple[OpEntry, ...]:
+    """The conv/linear/elementwise/shape entries of a CPU backend.
+
+    Args:
+        weight: the weight rule of conv and linear kernels.
+        weighted_limits: constraints of conv and linear kernels.
+        conv2d_limits: constraints of 2-d convs if they differ (fbgemm's depthwise fast path).
+        binary_limits: constraints of add/mul kernels (qnnpack's scale ratios).
+
+    Returns:
+        The entries, in table order.
+    """
+    c2 = conv2d_limits or weighted_limits
+    entries: list[OpEntry] = []
+    for n, conv, bn, conv_relu in ((1, ops.CONV1D, ops.BN1D, ops.CONV_RELU1D), (2, ops.CONV2D, ops.BN2D, ops.CONV_RELU2D),
+                                   (3, ops.CONV3D, ops.BN3D, ops.CONV_RELU3D)):
+        limits = c2 if n == 2 else weighted_limits
+        entries.append(_weighted(f"conv{n}d", conv, ((conv,), (conv, bn)), fused.fuse_conv_bn, f"conv{n}d",
+                                 weight, limits, f"Conv{n}d, batch norm folded in"))
+        entries.append(_weighted(f"conv{n}d_relu", conv_relu, ((conv, bn, ops.RELU), (conv, ops.RELU)),
+                                 fused.fuse_conv_bn_relu, f"conv{n}d_relu", weight, limits,
+                                 f"Conv{n}d + ReLU (batch norm folded in)"))
+    entries.append(_weighted("linear", ops.LINEAR, ((ops.LINEAR,), (ops.LINEAR, ops.BN1D)), fused.fuse_linear_bn,
+                             "linear", weight, weighted_limits, "Linear, batch norm 1d folded in"))
+    entries.append(_weighted("linear_relu", ops.LINEAR_RELU, ((ops.LINEAR, ops.BN1D, ops.RELU), (ops.LINEAR, ops.RELU)),
+                             fused.fuse_linear_relu, "linear_relu", weight, weighted_limits, "Linear + ReLU"))
+    for n, bn, bn_relu in ((2, ops.BN2D, ops.BN_RELU2D), (3, ops.BN3D, ops.BN_RELU3D)):
+        entries.append(OpEntry(f"batch_norm{n}d", bn, Observation.OWN, (_U8,), ((bn,),), lowering=f"batch_norm{n}d",
+                               quantized_args=(0,), doc=f"BatchNorm{n}d not preceded by a conv"))
+        entries.append(OpEntry(f"batch_norm{n}d_relu", bn_relu, Observation.OWN, (_U8,), ((bn, ops.RELU),),
+                               fuser=fused.fuse_bn_relu, lowering=f"batch_norm{n}d_relu", quantized_args=(0,),
+                               doc=f"BatchNorm{n}d + ReLU"))
+    for name, kind, fused_kind in (("add", ops.ADD, ops.ADD_RELU), ("mul", ops.MUL, ops.MUL_RELU)):
+        entries.append(OpEntry(name, kind, Observation.OWN, (_U8,), ((kind,),), constraints=binary_limits,
+                               lowering=name, quantized_args=(0, 1), doc=f"tensor {name} (a scalar operand too)"))
+        entries.append(OpEntry(f"{name}_relu", fused_kind, Observation.OWN, (_U8,), ((kind, ops.RELU),),
+                               constraints=binary_limits, lowering=f"{name}_relu", quantized_args=(0, 1),
+                               doc=f"{name} + ReLU"))
+    entries.append(OpEntry("cat", ops.CAT, Observation.OWN, (_U8,), ((ops.CAT,),), lowering="cat",
+                           quantized_args=(0,), doc="concatenation, requantized to one output scale"))
+    entries.append(OpEntry("hardswish", ops.HARDSWISH, Observation.OWN, (_U8,), ((ops.HARDSWISH,),),
+                           lowering="hardswish", quantized_args=(0,), doc="hardswish"))
+    for kind in (ops.SIGMOID, ops.HARDSIGMOID, ops.TANH):
+        entries.append(OpEntry(kind.name, kind, Observation.FIXED, (_U8,), ((kind,),),
+                               constraints=Constraints(fixed_qparams=FIXED_QPARAMS[kind.name]), quantized_args=(0,),
+                               doc=f"{kind.name}, fixed output range"))
+    for kind in SHARES_INPUT_KINDS:
+        entries.append(OpEntry(kind.name, kind, Observation.SHARES_INPUT, (_U8,), ((kind,),), quantized_args=(0,),
+                               doc=f"{kind.name} on the quantized tensor, same qparams as its input"))
+    entries.append(OpEntry("size", ops.SIZE, Observation.NONE, (_U8,), ((ops.SIZE,),), quantized_args=(0,),
+                           doc="shape queries: no quantized output"))
+    return tuple(entries)

@@ -1,0 +1,1 @@
+"""fxquant: FX graph-mode int8 quantization for PyTorch."""
