@@ -1,0 +1,305 @@
+"""The quantized-tensor kernel layer: ``torch.ops.quantized`` (fbgemm, x86, qnnpack) on torch QTensors.
+
+Lowering asks this layer for one module per quantized op (:meth:`QTensorKernels.build`); nothing else in
+fxquant calls ``torch.ops.quantized`` directly, so another kernel provider (oneDNN on plain int8 tensors,
+say) can replace this file. Weights are quantized and prepacked once, when the module is built; modules
+keep the unpacked weight and their output qparams as buffers, so ``state_dict`` round-trips and a pickled
+module repacks itself when loaded.
+
+Example:
+    >>> import torch
+    >>> from fxquant.backends.kernels.qtensor import QTensorKernels
+    >>> k = QTensorKernels("fbgemm")
+    >>> k.supports("conv2d", torch.nn.Conv2d(3, 4, 3, padding_mode="reflect"))
+    "padding_mode='reflect' (the quantized conv kernels pad with zeros only)"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from fxquant.qparams import QParams, quantize
+
+__all__ = ["LoweringSpec", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
+           "QuantizedBatchNorm", "QuantizedBinary", "QuantizedCat", "QuantizedHardswish", "engine"]
+
+
+@contextlib.contextmanager
+def engine(name: str) -> Iterator[None]:
+    """Temporarily select the quantized engine ``name`` (kernels prepack for the current engine)."""
+    old = torch.backends.quantized.engine
+    if old != name:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        if old != name:
+            torch.backends.quantized.engine = old
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringSpec:
+    """What lowering hands the kernel layer for one op.
+
+    Attributes:
+        target: the table entry's ``lowering`` name (``"conv2d_relu"``).
+        module: the fused float module for module ops (conv, linear, bn), else ``None``.
+        weight: the weight qparams for ops with weights.
+        output: the output qparams.
+        kwargs: op arguments the kernel needs (``dim`` for cat).
+    """
+
+    target: str
+    module: Optional[nn.Module]
+    weight: Optional[QParams]
+    output: QParams
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class _OutputQParams(nn.Module):
+    """Holds the output scale / zero point as buffers, mirrored as Python numbers for the hot path."""
+
+    def __init__(self, output: QParams) -> None:
+        super().__init__()
+        scale, zp = output.scalar()
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
+        self.register_buffer("zero_point", torch.tensor(zp, dtype=torch.int64))
+        self._scale, self._zp = scale, zp
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale, self._zp = float(self.scale), int(self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"scale={self._scale:.6g}, zero_point={self._zp}"
+
+
+class Quantize(_OutputQParams):
+    """float -> quantized tensor with fixed qparams (where a quantized region starts)."""
+
+    def __init__(self, output: QParams) -> None:
+        super().__init__(output)
+        self.dtype = output.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(x, self._scale, self._zp, self.dtype)
+
+
+class _Packed(_OutputQParams):
+    """A kernel with a prepacked weight; the quantized weight and float bias stay as buffers."""
+
+    _engine: str
+
+    def _pack(self) -> Any:
+        raise NotImplementedError
+
+    def _repack(self) -> None:
+        with engine(self._engine):
+            self._packed = self._pack()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[override]
+        for name in ("weight", "bias"):
+            key = prefix + name
+            if key in state_dict:
+                self._buffers[name] = state_dict[key]
+        rest = {k: v for k, v in state_dict.items() if k not in (prefix + "weight", prefix + "bias")}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing, unexpected, errors)
+        for name in ("weight", "bias"):
+            if prefix + name in missing:
+                missing.remove(prefix + name)
+        self._repack()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._repack()
+
+
+_CONV_OPS = {
+    1: (torch.ops.quantized.conv1d_prepack, torch.ops.quantized.conv1d, torch.ops.quantized.conv1d_relu),
+    2: (torch.ops.quantized.conv2d_prepack, torch.ops.quantized.conv2d.new, torch.ops.quantized.conv2d_relu.new),
+    3: (torch.ops.quantized.conv3d_prepack, torch.ops.quantized.conv3d.new, torch.ops.quantized.conv3d_relu.new),
+}
+
+
+class QuantizedConv(_Packed):
+    """Conv1d/2d/3d (optionally + ReLU) on quantized tensors."""
+
+    def __init__(self, conv: nn.Module, weight: QParams, output: QParams, relu: bool, engine_name: str) -> None:
+        super().__init__(output)
+        self.dims = conv.weight.dim() - 2
+        self.relu = relu
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.register_buffer("weight", quantize(conv.weight.detach().float(), weight))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        self._engine = engine_name
+        self._repack()
+
+    def _pack(self) -> Any:
+        return _CONV_OPS[self.dims][0](self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = _CONV_OPS[self.dims][2 if self.relu else 1]
+        return op(x, self._packed, self._scale, self._zp)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, relu={self.relu}, {super().extra_repr()}")
+
+
+class QuantizedLinear(_Packed):
+    """Linear (optionally + ReLU) on quantized tensors."""
+
+    def __init__(self, linear: nn.Linear, weight: QParams, output: QParams, relu: bool, engine_name: str) -> None:
+        super().__init__(output)
+        self.relu = relu
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", quantize(linear.weight.detach().float(), weight))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self._engine = engine_name
+        self._repack()
+
+    def _pack(self) -> Any:
+        return torch.ops.quantized.linear_prepack(self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            return torch.ops.quantized.linear_relu(x, self._packed, self._scale, self._zp)
+        return torch.ops.quantized.linear(x, self._packed, self._scale, self._zp)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, relu={self.relu}, {super().extra_repr()}"
+
+
+class QuantizedBatchNorm(_OutputQParams):
+    """BatchNorm2d/3d (optionally + ReLU) on quantized tensors."""
+
+    def __init__(self, bn: nn.Module, output: QParams, relu: bool, dims: int) -> None:
+        super().__init__(output)
+        c = bn.num_features
+        self.register_buffer("weight", bn.weight.detach().clone() if bn.weight is not None else torch.ones(c))
+        self.register_buffer("bias", bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c))
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.eps = bn.eps
+        self.relu, self.dims = relu, dims
+        name = f"batch_norm{dims}d" + ("_relu" if relu else "")
+        self._op = getattr(torch.ops.quantized, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                        self._scale, self._zp)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_op", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._op = getattr(torch.ops.quantized, f"batch_norm{self.dims}d" + ("_relu" if self.relu else ""))
+
+
+class QuantizedBinary(_OutputQParams):
+    """add / mul (optionally + ReLU) of two quantized tensors."""
+
+    def __init__(self, target: str, output: QParams) -> None:
+        super().__init__(output)
+        self.target = target
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return getattr(torch.ops.quantized, self.target)(a, b, self._scale, self._zp)
+
+    def extra_repr(self) -> str:
+        return f"{self.target}, {super().extra_repr()}"
+
+
+class QuantizedCat(_OutputQParams):
+    """Concatenation of quantized tensors, requantized to one output scale."""
+
+    def __init__(self, dim: int, output: QParams) -> None:
+        super().__init__(output)
+        self.dim = dim
+
+    def forward(self, xs: list[torch.Tensor], dim: Optional[int] = None) -> torch.Tensor:
+        return torch.ops.quantized.cat(list(xs), self.dim if dim is None else dim, self._scale, self._zp)
+
+
+class QuantizedHardswish(_OutputQParams):
+    """hardswish with its own output qparams."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.hardswish(x, self._scale, self._zp)
+
+
+_CONV_TARGETS = {f"conv{n}d{r}": (n, bool(r)) for n in (1, 2, 3) for r in ("", "_relu")}
+_BN_TARGETS = {f"batch_norm{n}d{r}": (n, bool(r)) for n in (2, 3) for r in ("", "_relu")}
+
+
+class QTensorKernels:
+    """Builds quantized modules for lowering targets with ``torch.ops.quantized`` kernels.
+
+    Args:
+        engine_name: the quantized engine the kernels run under (``"fbgemm"``, ``"x86"``, ``"qnnpack"``).
+    """
+
+    name = "qtensor"
+
+    def __init__(self, engine_name: str) -> None:
+        self.engine = engine_name
+
+    def available(self) -> Optional[str]:
+        """``None`` if the engine exists in this torch build, else why not."""
+        if self.engine not in torch.backends.quantized.supported_engines:
+            return (f"this torch build has no '{self.engine}' quantized engine (it has "
+                    f"{torch.backends.quantized.supported_engines})")
+        return None
+
+    def supports(self, target: str, module: Optional[nn.Module]) -> Optional[str]:
+        """``None`` if ``target`` can run ``module``; else the reason it stays float."""
+        if target in _CONV_TARGETS:
+            conv = module.op if hasattr(module, "op") else module
+            if getattr(conv, "padding_mode", "zeros") != "zeros":
+                return f"padding_mode='{conv.padding_mode}' (the quantized conv kernels pad with zeros only)"
+            if isinstance(conv.padding, str):
+                return f"padding='{conv.padding}' (give explicit integer padding)"
+        return None
+
+    def quantize(self, qp: QParams) -> nn.Module:
+        """The module that quantizes a float tensor at the start of a quantized region."""
+        return Quantize(qp)
+
+    def build(self, spec: LoweringSpec) -> nn.Module:
+        """The quantized module that computes ``spec.target``."""
+        t = spec.target
+        if t in _CONV_TARGETS:
+            dims, relu = _CONV_TARGETS[t]
+            conv = spec.module.op if relu else spec.module
+            with engine(self.engine):
+                return QuantizedConv(conv, spec.weight, spec.output, relu, self.engine)
+        if t in ("linear", "linear_relu"):
+            lin = spec.module.op if t == "linear_relu" else spec.module
+            with engine(self.engine):
+                return QuantizedLinear(lin, spec.weight, spec.output, t == "linear_relu", self.engine)
+        if t in _BN_TARGETS:
+            dims, relu = _BN_TARGETS[t]
+            return QuantizedBatchNorm(spec.module.op if relu else spec.module, spec.output, relu, dims)
+        if t in ("add", "add_relu", "mul", "mul_relu"):
+            return QuantizedBinary(t, spec.output)
+        if t == "cat":
+            return QuantizedCat(int(spec.kwargs.get("dim", 0)), spec.output)
+        if t == "hardswish":
+            return QuantizedHardswish(spec.output)
+        raise KeyError(f"kernel layer '{self.name}' has no lowering for target '{t}'")

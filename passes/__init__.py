@@ -1,0 +1,1 @@
+"""fxquant's compiler passes (installed as ``fxquant.passes``): one pass per module, each with a contract."""
