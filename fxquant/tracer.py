@@ -67,7 +67,7 @@ class QuantTracer(fx.Tracer):
         self.config = config or PrepareCustomConfig()
         self._skip_names = set(self.config.non_traceable_module_names)
         self._skip_classes = tuple(self.config.non_traceable_module_classes)
-        self.module_stack: list[str] = []
+        self.failing_stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._skip_names or (self._skip_classes and isinstance(m, self._skip_classes)):
@@ -78,9 +78,9 @@ class QuantTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         name = self.path_of_module(m)
-        self.module_stack.append(name)
+        self.failing_stack.append(name)
         result = super().call_module(m, forward, args, kwargs)
-        self.module_stack.pop()
+        self.failing_stack.pop()
         return result
 
 
@@ -98,7 +98,7 @@ def trace(model: nn.Module, config: Optional[PrepareCustomConfig] = None) -> fx.
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - any failure inside user code becomes a TraceError
-        where = tracer.module_stack[-1] if tracer.module_stack else ""
+        where = tracer.failing_stack[-1] if tracer.failing_stack else ""
         cls = type(model.get_submodule(where)).__name__ if where else type(model).__name__
         shown = f"submodule '{where}' ({cls})" if where else f"the top-level forward of {cls}"
         hint = (f"set_non_traceable_module_names(['{where}']) in a PrepareCustomConfig "

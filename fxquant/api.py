@@ -1,0 +1,224 @@
+"""The public entry points: ``prepare_fx``, ``convert_fx``, ``fuse_fx`` (call-compatible with torch.ao's).
+
+Example:
+    >>> import torch, fxquant
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    >>> x = torch.randn(2, 3, 16, 16)
+    >>> prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,),
+    ...                               backend_config="fbgemm")
+    >>> fxquant.calibrate(prepared, [x], progress=False)
+    >>> quantized = fxquant.convert_fx(prepared)
+    >>> quantized(x).shape
+    torch.Size([2, 8, 14, 14])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+from torch import fx, nn
+
+from fxquant.backends import BackendConfig, resolve_backend
+from fxquant.backends.kernels import get_kernels
+from fxquant.errors import ConvertError, EngineError, FxQuantError
+from fxquant.passes.annotate import AnnotatePass
+from fxquant.passes.base import PassManager, PassTiming
+from fxquant.passes.cleanup import CleanupPass
+from fxquant.passes.context import FloatReason, QuantContext
+from fxquant.passes.fuse import FusePass
+from fxquant.passes.lower import LowerPass
+from fxquant.passes.observe import ObservePass
+from fxquant.passes.verify import CONVERT_VERIFIERS, PREPARE_VERIFIERS
+from fxquant.qconfig import QConfigMapping
+from fxquant.tracer import PrepareCustomConfig, trace
+
+__all__ = ["prepare_fx", "convert_fx", "fuse_fx", "QuantState", "prepare_pipeline", "convert_pipeline",
+           "STATE_KEY"]
+
+#: the GraphModule.meta key holding the :class:`QuantState` of a prepared or converted model
+STATE_KEY = "fxquant_state"
+
+PREPARE_ORDER = [("fuse", "annotate"), ("annotate", "observe")]
+CONVERT_ORDER = [("lower", "cleanup")]
+
+
+@dataclasses.dataclass
+class QuantState:
+    """What a prepared/converted model remembers about how it was made."""
+
+    backend: BackendConfig
+    qconfig_mapping: Any
+    stage: str  # "prepared" or "converted"
+    float_reasons: list[FloatReason]
+    timings: list[PassTiming]
+
+
+def prepare_pipeline(verify: bool = True) -> PassManager:
+    """The passes of ``prepare_fx``, as a PassManager a user can extend (insert/replace by name)."""
+    return PassManager([FusePass(), AnnotatePass(), ObservePass()], PREPARE_ORDER, PREPARE_VERIFIERS, verify)
+
+
+def convert_pipeline(verify: bool = True) -> PassManager:
+    """The passes of ``convert_fx``."""
+    return PassManager([LowerPass(), CleanupPass()], CONVERT_ORDER, CONVERT_VERIFIERS, verify)
+
+
+def _check_model(model: Any, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn} expects a torch.nn.Module, got {type(model).__name__}")
+    devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
+    if devices - {"cpu"}:
+        raise FxQuantError(f"{fn}: the model has parameters on {sorted(devices - {'cpu'})}; int8 kernels run on the "
+                           "CPU: call model.cpu() first (QAT on other devices arrives with prepare_qat_fx)")
+
+
+def _example_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of the model's positional inputs, got "
+                        f"{type(example_inputs).__name__}")
+    return example_inputs
+
+
+def _mapping(qconfig_mapping: Any) -> QConfigMapping:
+    if isinstance(qconfig_mapping, QConfigMapping):
+        return qconfig_mapping
+    if isinstance(qconfig_mapping, dict):
+        return QConfigMapping.from_dict(qconfig_mapping)
+    raise TypeError(f"qconfig_mapping must be a fxquant.QConfigMapping (or its dict form), got "
+                    f"{type(qconfig_mapping).__name__}; fxquant.get_default_qconfig_mapping('x86') is a good start")
+
+
+def _default_backend(backend_config: Union[str, BackendConfig, None]) -> BackendConfig:
+    if backend_config is None:
+        engine = torch.backends.quantized.engine
+        return resolve_backend(engine if engine in ("fbgemm", "x86", "qnnpack") else "x86")
+    return resolve_backend(backend_config)
+
+
+def _trace_with_shapes(model: nn.Module, inputs: tuple[Any, ...], config: PrepareCustomConfig) -> fx.GraphModule:
+    gm = trace(model, config)
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    except Exception as exc:  # noqa: BLE001 - reported with what to do
+        raise FxQuantError(f"the model fails on example_inputs ({type(exc).__name__}: {exc}); pass inputs of the "
+                           f"shape and dtype the model takes, as a tuple of positional arguments") from exc
+    return gm
+
+
+def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
+               prepare_custom_config: Union[PrepareCustomConfig, dict, None] = None,
+               backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True) -> fx.GraphModule:
+    """Trace, fuse, annotate and insert observers: the model to calibrate.
+
+    Args:
+        model: a float model in eval mode (not modified).
+        qconfig_mapping: which qconfig each op gets (``None`` = stay float).
+        example_inputs: a tuple of positional inputs (shape/dtype propagation).
+        prepare_custom_config: non-traceable module names/classes.
+        backend_config: ``"fbgemm"``, ``"x86"``, ``"qnnpack"`` or a BackendConfig (default: the current
+            ``torch.backends.quantized.engine``).
+        verify: lint and check invariants between passes.
+
+    Returns:
+        The observed GraphModule.
+    """
+    _check_model(model, "prepare_fx")
+    if model.training:
+        raise FxQuantError("prepare_fx is for post-training quantization and needs the model in eval mode: call "
+                           "model.eval() first (for quantization-aware training use prepare_qat_fx)")
+    inputs = _example_inputs(example_inputs)
+    mapping = _mapping(qconfig_mapping)
+    backend = _default_backend(backend_config)
+    config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
+    gm = _trace_with_shapes(copy.deepcopy(model), inputs, config)
+    ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs)
+    pm = prepare_pipeline(verify)
+    gm = pm.run(gm, ctx)
+    for msg in ctx.warnings:
+        warnings.warn(msg, stacklevel=2)
+    gm.meta[STATE_KEY] = QuantState(backend, mapping, "prepared", list(ctx.float_reasons), pm.timings)
+    return gm
+
+
+def _state(model: Any, fn: str) -> QuantState:
+    state = model.meta.get(STATE_KEY) if isinstance(model, fx.GraphModule) else None
+    if state is None:
+        raise ConvertError(f"{fn} expects the model returned by fxquant.prepare_fx (got {type(model).__name__}); "
+                           "prepare it first")
+    if state.stage == "converted":
+        raise ConvertError(f"{fn}: this model is already converted; convert the prepared model, not its result")
+    return state
+
+
+def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dict] = None,
+               backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True) -> fx.GraphModule:
+    """Lower a calibrated prepared model to quantized kernels.
+
+    Args:
+        graph_module: the result of :func:`prepare_fx` after calibration (not modified).
+        convert_custom_config: accepted for torch.ao compatibility; no options are used yet.
+        backend_config: must match the one used to prepare, if given.
+        verify: lint and check invariants between passes.
+
+    Returns:
+        The quantized GraphModule; it runs under the backend's quantized engine, which this call selects.
+    """
+    state = _state(graph_module, "convert_fx")
+    backend = state.backend if backend_config is None else resolve_backend(backend_config)
+    if backend.name != state.backend.name:
+        raise ConvertError(f"convert_fx: the model was prepared for backend '{state.backend.name}' but "
+                           f"backend_config='{backend.name}'; prepare again for '{backend.name}'")
+    missing = get_kernels(backend).available()
+    if missing:
+        raise EngineError(f"backend '{backend.name}': {missing}; choose one of the available engines")
+    ctx = QuantContext(backend=backend, qconfig_mapping=state.qconfig_mapping,
+                       float_reasons=list(state.float_reasons))
+    pm = convert_pipeline(verify)
+    gm = pm.run(copy.deepcopy(graph_module), ctx)
+    torch.backends.quantized.engine = backend.engine
+    gm.register_forward_pre_hook(EngineCheck(backend.engine))
+    gm.meta[STATE_KEY] = QuantState(backend, state.qconfig_mapping, "converted", ctx.float_reasons,
+                                    state.timings + pm.timings)
+    return gm
+
+
+class EngineCheck:
+    """Forward pre-hook of converted models: the kernels were packed for one quantized engine."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.backends.quantized.engine != self.engine:
+            raise EngineError(f"this model was converted for the '{self.engine}' quantized engine but the current "
+                              f"engine is '{torch.backends.quantized.engine}'; set "
+                              f"torch.backends.quantized.engine = '{self.engine}' before running it")
+
+
+def fuse_fx(model: nn.Module, fuse_custom_config: Union[PrepareCustomConfig, dict, None] = None,
+            backend_config: Union[str, BackendConfig, None] = None) -> fx.GraphModule:
+    """Trace and fuse (conv+bn folded, op+relu grouped) without quantizing; the model is not modified.
+
+    Args:
+        model: a float model in eval mode.
+        fuse_custom_config: non-traceable module names/classes.
+        backend_config: the table whose fusion patterns apply.
+
+    Returns:
+        The fused float GraphModule.
+    """
+    _check_model(model, "fuse_fx")
+    if model.training:
+        raise FxQuantError("fuse_fx folds batch norm and needs the model in eval mode: call model.eval() first")
+    gm = trace(copy.deepcopy(model), PrepareCustomConfig.from_dict(fuse_custom_config))  # type: ignore[arg-type]
+    ctx = QuantContext(backend=_default_backend(backend_config))
+    return PassManager([FusePass()], verify=True).run(gm, ctx)

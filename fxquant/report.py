@@ -1,0 +1,129 @@
+"""The quantization report: size, latency, accuracy, and which ops stayed float and why.
+
+Example:
+    >>> rep = fxquant.report(float_model, quantized, (x,))   # doctest: +SKIP
+    >>> print(rep)                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxquant.passes.context import RECORD_KEY, FloatReason
+from fxquant.qparams import sqnr
+
+__all__ = ["QuantReport", "report", "float_ops", "state_dict_bytes", "interleaved_latency"]
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
+                        threads: int = 1) -> list[float]:
+    """Median seconds per call of each function, timed in interleaved rounds under ``threads`` threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times: list[list[float]] = [[] for _ in fns]
+        with torch.no_grad():
+            for _ in range(warmup):
+                for f in fns:
+                    f()
+            for _ in range(runs):
+                for i, f in enumerate(fns):
+                    start = time.perf_counter()
+                    f()
+                    times[i].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old)
+    return [statistics.median(t) for t in times]
+
+
+def float_ops(quantized: fx.GraphModule) -> list[FloatReason]:
+    """Every compute node of a converted model that runs in float, with the reason."""
+    modules = dict(quantized.named_modules())
+    out: list[FloatReason] = []
+    for node in quantized.graph.nodes:
+        rec = node.meta.get(RECORD_KEY)
+        if node.op not in ("call_module", "call_function", "call_method") or rec is None:
+            continue
+        if rec.quantized_inputs or rec.quantized_output or not rec.is_tensor:
+            continue
+        op = (type(modules[str(node.target)]).__name__ if node.op == "call_module"
+              else getattr(node.target, "__name__", str(node.target)))
+        if rec.float_reason:
+            reason = rec.float_reason
+        elif rec.entry is None:
+            reason = "the backend table has no quantized kernel for it"
+        elif rec.qconfig is None:
+            reason = "its qconfig is None"
+        else:
+            reason = "its inputs are float (nothing quantized feeds it)"
+        out.append(FloatReason(node.name, op, reason))
+    return out
+
+
+@dataclasses.dataclass
+class QuantReport:
+    """Figures comparing a float model and its quantized version on the same inputs."""
+
+    size_fp32: int
+    size_int8: int
+    latency_fp32: float
+    latency_int8: float
+    sqnr_db: float
+    float_ops: list[FloatReason]
+    threads: int
+
+    def __str__(self) -> str:
+        rows = [
+            ("", "fp32", "int8", "ratio"),
+            ("state_dict size (MB)", f"{self.size_fp32 / 1e6:.2f}", f"{self.size_int8 / 1e6:.2f}",
+             f"{self.size_int8 / self.size_fp32:.3f}x"),
+            (f"latency ({self.threads} thread, ms)", f"{self.latency_fp32 * 1e3:.2f}", f"{self.latency_int8 * 1e3:.2f}",
+             f"{self.latency_fp32 / self.latency_int8:.2f}x faster"),
+            ("output SQNR vs fp32 (dB)", "", f"{self.sqnr_db:.2f}", ""),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.append(f"ops left in float: {len(self.float_ops)}")
+        for f in self.float_ops:
+            lines.append(f"  {f.node} ({f.op}): {f.reason}")
+        return "\n".join(lines)
+
+
+def report(float_model: nn.Module, quantized: fx.GraphModule, inputs: tuple[Any, ...], runs: int = 20,
+           threads: int = 1, verbose: bool = True) -> QuantReport:
+    """Compare ``float_model`` and ``quantized`` on ``inputs``; print the table if ``verbose``.
+
+    Args:
+        float_model: the original float model (eval mode).
+        quantized: the result of ``convert_fx``.
+        inputs: a tuple of positional inputs.
+        runs: timed rounds (median reported).
+        threads: torch threads while timing.
+        verbose: print the report.
+
+    Returns:
+        The :class:`QuantReport`.
+    """
+    with torch.no_grad():
+        ref = float_model(*inputs)
+        out = quantized(*inputs)
+    fp32, int8 = interleaved_latency([lambda: float_model(*inputs), lambda: quantized(*inputs)], runs, threads=threads)
+    rep = QuantReport(state_dict_bytes(float_model), state_dict_bytes(quantized), fp32, int8, sqnr(ref, out),
+                      float_ops(quantized), threads)
+    if verbose:
+        print(rep)
+    return rep

@@ -1,0 +1,98 @@
+"""State the passes share: one typed record per node, and one context object per pipeline run.
+
+Passes never use loose ``node.meta`` string keys beyond :data:`RECORD_KEY`, which holds a
+:class:`NodeRecord`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from torch import fx, nn
+
+from fxquant.backends.config import BackendConfig, OpEntry
+
+__all__ = ["RECORD_KEY", "NodeRecord", "QuantContext", "record", "modules_of", "FloatReason"]
+
+#: the one node.meta key fxquant uses
+RECORD_KEY = "fxquant"
+
+
+@dataclasses.dataclass
+class FloatReason:
+    """Why a node stays float (collected for the report)."""
+
+    node: str
+    op: str
+    reason: str
+
+
+@dataclasses.dataclass
+class NodeRecord:
+    """What the passes know about one node.
+
+    Attributes:
+        fused_from: the original op types a fused node replaced (fuse pass), for qconfig lookup by type.
+        module_name: the module whose qconfig applies (annotate pass).
+        entry: the backend table entry that can quantize this node, if any (annotate pass).
+        qconfig: the resolved qconfig (``None``: stays float) (annotate pass).
+        float_reason: why the node stays float, if it does (annotate / lower passes).
+        observer: name of the observer module that observes this node's output (observe pass).
+        is_tensor: whether the node's output is a floating-point tensor (annotate pass, from shapes).
+        quantized_output: in a converted graph, the node produces a quantized tensor (lower pass).
+        quantized_inputs: in a converted graph, the node consumes quantized tensors (lower pass).
+    """
+
+    fused_from: tuple[Any, ...] = ()
+    module_name: str = ""
+    entry: Optional[OpEntry] = None
+    qconfig: Any = None
+    float_reason: Optional[str] = None
+    observer: Optional[str] = None
+    is_tensor: bool = False
+    quantized_output: bool = False
+    quantized_inputs: bool = False
+
+    @property
+    def quantizable(self) -> bool:
+        return self.entry is not None and self.qconfig is not None and self.float_reason is None
+
+
+def record(node: fx.Node) -> NodeRecord:
+    """The node's record, created empty on first use."""
+    rec = node.meta.get(RECORD_KEY)
+    if rec is None:
+        rec = node.meta[RECORD_KEY] = NodeRecord()
+    return rec
+
+
+def modules_of(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """Qualified name -> submodule."""
+    return dict(gm.named_modules())
+
+
+@dataclasses.dataclass
+class QuantContext:
+    """Inputs and results of one pipeline run, shared by its passes.
+
+    Attributes:
+        backend: the backend table.
+        qconfig_mapping: the user's mapping (``None`` in convert).
+        example_inputs: inputs used for shape propagation.
+        is_qat: preparing for quantization-aware training.
+        float_reasons: why nodes stayed float, for the report.
+        warnings: messages for the user (unused qconfig names, ...).
+    """
+
+    backend: BackendConfig
+    qconfig_mapping: Any = None
+    example_inputs: tuple[Any, ...] = ()
+    is_qat: bool = False
+    float_reasons: list[FloatReason] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def keep_float(self, node: fx.Node, op: str, reason: str) -> None:
+        """Mark ``node`` float with ``reason`` and remember it for the report."""
+        record(node).float_reason = reason
+        self.float_reasons.append(FloatReason(node.name, op, reason))

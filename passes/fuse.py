@@ -1,0 +1,97 @@
+"""Fusion pass: rewrite each multi-op pattern of the backend table into its fused op.
+
+Contract:
+    * input: a traced float GraphModule in eval mode;
+    * output: the same function (batch norm folded, op+ReLU grouped), with fewer nodes; every fused node
+      records the op types it replaced in ``NodeRecord.fused_from``;
+    * patterns come only from the backend table (``OpEntry.patterns`` with more than one op), longest first;
+    * idempotent: a second run finds nothing to fuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Optional
+
+from torch import fx, nn
+
+from fxquant.backends.config import OpEntry
+from fxquant.passes.base import PassResult
+from fxquant.passes.context import RECORD_KEY, QuantContext, modules_of, record
+from fxquant.passes.matching import match_chains, to_networkx
+
+__all__ = ["FusePass"]
+
+
+def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def _shared_stateful(node: fx.Node, modules: dict[str, nn.Module], uses: Counter) -> bool:
+    """A module with parameters or buffers called from several places cannot be fused at one of them."""
+    if node.op != "call_module" or uses[str(node.target)] < 2:
+        return False
+    module = modules[str(node.target)]
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _op_type(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
+    return type(modules[str(node.target)]) if node.op == "call_module" else node.target
+
+
+@dataclasses.dataclass(frozen=True)
+class FusePass:
+    """Fuse conv/linear + bn (+ relu), bn + relu, add/mul + relu, as the backend table says."""
+
+    name: str = "fuse"
+
+    def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
+        modules = modules_of(gm)
+        uses = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        consumed: set[fx.Node] = set()
+        modified = False
+        for entry in ctx.backend.fusion_entries():
+            for pattern in sorted(entry.patterns, key=len, reverse=True):
+                if len(pattern) < 2:
+                    continue
+                g = to_networkx(gm.graph)
+                for nodes in list(match_chains(g, pattern, modules)):
+                    if consumed.intersection(nodes) or any(_shared_stateful(n, modules, uses) for n in nodes):
+                        continue
+                    if self._fuse(gm, entry, nodes, modules):
+                        consumed.update(nodes)
+                        modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    @staticmethod
+    def _fuse(gm: fx.GraphModule, entry: OpEntry, nodes: list[fx.Node], modules: dict[str, nn.Module]) -> bool:
+        first, last = nodes[0], nodes[-1]
+        fused_from = tuple(_op_type(n, modules) for n in nodes)
+        if first.op == "call_module":
+            if entry.fuser is None:
+                return False
+            mods: list[Optional[nn.Module]] = [modules[str(n.target)] if n.op == "call_module" else None
+                                               for n in nodes]
+            if any(m is not None and m.training for m in mods):
+                return False
+            _set_module(gm, str(first.target), entry.fuser(mods))
+            new = first
+        else:
+            if first.kwargs or len(first.args) != 2 or not entry.op.functions:
+                return False
+            with gm.graph.inserting_after(last):
+                new = gm.graph.call_function(entry.op.functions[0], first.args)
+            new.meta = {k: v for k, v in first.meta.items() if k != RECORD_KEY}
+        last.replace_all_uses_with(new)
+        for n in reversed(nodes):
+            if n is not new:
+                gm.graph.erase_node(n)
+        rec = record(new)
+        rec.fused_from = fused_from
+        return True

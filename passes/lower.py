@@ -1,0 +1,239 @@
+"""Lowering pass: observed graph -> graph of quantized kernels, with quantize/dequantize at the borders.
+
+Contract:
+    * input: a calibrated observed GraphModule (every observer has seen data);
+    * output: a new GraphModule with no observers, where each quantizable node runs its table entry's
+      kernel (or the same op natively on quantized tensors for shares-input / fixed-qparams ops), a
+      ``Quantize`` where float enters a quantized region, ``.dequantize()`` where it leaves; every tensor
+      is quantized at most once and dequantized at most once, so dequantize -> quantize pairs never appear;
+    * observers that saw nothing make it raise :class:`ConvertError` listing them all.
+
+The graph is rebuilt in one forward walk. Each old value has up to two views in the new graph, a float
+one and a quantized one, made on first use and cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from fxquant.backends.config import Observation, OpEntry
+from fxquant.backends.kernels import LoweringSpec, get_kernels
+from fxquant.errors import ConvertError
+from fxquant.observers import NoDataError, ObserverBase
+from fxquant.passes.base import PassResult
+from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
+from fxquant.passes.observe import is_observer_node, tensor_inputs
+from fxquant.qparams import QParams
+
+__all__ = ["LowerPass"]
+
+
+def _tag(node: fx.Node, quantized_output: bool, quantized_inputs: bool, like: Optional[fx.Node] = None) -> None:
+    """Give a new node its own record (a copy of ``like``'s, if given) marking its quantized ends."""
+    rec = dataclasses.replace(record(like)) if like is not None else NodeRecord()
+    rec.quantized_output, rec.quantized_inputs = quantized_output, quantized_inputs
+    node.meta[RECORD_KEY] = rec
+
+
+class _Builder:
+    """Rebuilds the graph; holds the old->new value maps (one context object instead of many arguments)."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: QuantContext) -> None:
+        self.old = gm
+        self.ctx = ctx
+        self.modules = modules_of(gm)
+        self.kernels = get_kernels(ctx.backend)
+        self.graph = fx.Graph()
+        self.new_modules: dict[str, nn.Module] = {}
+        self.as_float: dict[fx.Node, fx.Node] = {}
+        self.as_quant: dict[fx.Node, fx.Node] = {}
+        self.qparams: dict[fx.Node, QParams] = {}
+
+    # ------------------------------------------------------------------ values
+    def source(self, n: fx.Node) -> fx.Node:
+        """The value an observer node stands for (observers are identities)."""
+        while is_observer_node(n, self.modules):
+            n = n.args[0]
+        return n
+
+    def flt(self, n: Any) -> Any:
+        """The float view of an old value (dequantizing once if it only exists quantized)."""
+        if not isinstance(n, fx.Node):
+            return n
+        n = self.source(n)
+        if n not in self.as_float:
+            q = self.as_quant[n]
+            node = self.graph.call_method("dequantize", (q,))
+            _tag(node, False, True)
+            self.as_float[n] = node
+        return self.as_float[n]
+
+    def qnt(self, n: fx.Node) -> fx.Node:
+        """The quantized view of an old value (quantizing once with its observed qparams)."""
+        n = self.source(n)
+        if n not in self.as_quant:
+            name = self._module_name(f"{n.name}_quantize")
+            self.new_modules[name] = self.kernels.quantize(self.qparams[n])
+            node = self.graph.call_module(name, (self.as_float[n],))
+            _tag(node, True, False)
+            self.as_quant[n] = node
+        return self.as_quant[n]
+
+    def has_quant(self, n: Any) -> bool:
+        return isinstance(n, fx.Node) and (self.source(n) in self.as_quant or self.source(n) in self.qparams)
+
+    def _module_name(self, base: str) -> str:
+        name, i = base.replace(".", "_"), 1
+        while name in self.new_modules or name in self.modules:
+            name, i = f"{base}_{i}".replace(".", "_"), i + 1
+        return name
+
+    def map_float(self, args: Any) -> Any:
+        return fx.node.map_arg(args, self.flt)
+
+
+def _observer_qparams(builder: _Builder) -> None:
+    missing: list[str] = []
+    for node in builder.old.graph.nodes:
+        if is_observer_node(node, builder.modules):
+            obs: ObserverBase = builder.modules[str(node.target)]
+            try:
+                builder.qparams[builder.source(node)] = obs.qparams()
+            except NoDataError:
+                missing.append(f"'{node.target}' ({obs.where})")
+    if missing:
+        raise ConvertError(f"{len(missing)} observer(s) saw no calibration data: {', '.join(missing[:10])}"
+                           f"{' ...' if len(missing) > 10 else ''}. Run representative inputs through the prepared "
+                           "model first, e.g. fxquant.calibrate(prepared, batches), then call convert_fx.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerPass:
+    """Lower an observed graph to quantized kernels (see module docstring)."""
+
+    name: str = "lower"
+
+    def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
+        b = _Builder(gm, ctx)
+        _observer_qparams(b)
+        for node in gm.graph.nodes:
+            if is_observer_node(node, b.modules):
+                continue
+            if node.op == "placeholder":
+                default = node.args[0] if node.args else inspect.Signature.empty
+                new = b.graph.placeholder(str(node.target), type_expr=node.type, default_value=default)
+                new.meta = dict(node.meta)
+                _tag(new, False, False, like=node)
+                b.as_float[node] = new
+            elif node.op == "output":
+                b.graph.output(b.map_float(node.args[0]))
+            elif node.op == "get_attr":
+                b.as_float[node] = b.graph.get_attr(str(node.target))
+                b.new_modules.setdefault(str(node.target), None)
+            elif not self._lower(b, node):
+                self._copy_float(b, node)
+        root = {name: b.modules[name] for name in _used_targets(b.graph) if name not in b.new_modules}
+        root.update({k: v for k, v in b.new_modules.items() if v is not None})
+        for name in (n for n, v in b.new_modules.items() if v is None):
+            root[name] = _get_attr(gm, name)
+        new_gm = fx.GraphModule(root, b.graph, class_name=type(gm).__name__)
+        return PassResult(new_gm, True)
+
+    @staticmethod
+    def _copy_float(b: _Builder, node: fx.Node) -> None:
+        new = b.graph.create_node(node.op, node.target, b.map_float(node.args), b.map_float(node.kwargs), node.name)
+        new.meta = dict(node.meta)
+        _tag(new, False, False, like=node)
+        b.as_float[node] = new
+
+    def _lower(self, b: _Builder, node: fx.Node) -> bool:
+        rec = record(node)
+        if not rec.quantizable:
+            return False
+        entry = rec.entry
+        inputs = tensor_inputs(node) or []
+        if entry.observation is Observation.NONE:
+            return False
+        if entry.observation is Observation.SHARES_INPUT:
+            if not inputs or not b.has_quant(inputs[0]):
+                return False
+            first = node.args[0]
+            args = (b.qnt(first),) + tuple(b.map_float(node.args[1:]))
+            self._emit(b, node, node.op, node.target, args, b.map_float(node.kwargs))
+            return True
+        if rec.observer is None or not all(b.has_quant(t) for t in inputs):
+            return False
+        out_qp = b.qparams[node]
+        reason = _ratio_reason(entry, [b.qparams.get(b.source(t)) for t in inputs], out_qp)
+        if reason:
+            b.ctx.keep_float(node, entry.name, reason)
+            return False
+        qargs = fx.node.map_arg(node.args, lambda a: b.qnt(a) if a in inputs else b.flt(a))
+        if entry.lowering is None:
+            self._emit(b, node, node.op, node.target, qargs, b.map_float(node.kwargs))
+            return True
+        spec = self._spec(b, node, rec, out_qp)
+        name = str(node.target) if node.op == "call_module" else b._module_name(node.name)
+        b.new_modules[name] = b.kernels.build(spec)
+        args = _kernel_args(entry, qargs)
+        self._emit(b, node, "call_module", name, args, {})
+        return True
+
+    @staticmethod
+    def _emit(b: _Builder, node: fx.Node, op: str, target: Any, args: Any, kwargs: Any) -> None:
+        new = b.graph.create_node(op, target, tuple(args), dict(kwargs), node.name)
+        _tag(new, True, True, like=node)
+        b.as_quant[node] = new
+
+    @staticmethod
+    def _spec(b: _Builder, node: fx.Node, rec: NodeRecord, out_qp: QParams) -> LoweringSpec:
+        module = b.modules.get(str(node.target)) if node.op == "call_module" else None
+        weight_qp = None
+        if rec.entry.weight is not None and module is not None:
+            w_obs = rec.qconfig.weight()
+            weight = getattr(module, "op", module).weight
+            w_obs(weight.detach())
+            weight_qp = w_obs.qparams()
+        kwargs: dict[str, Any] = {}
+        if rec.entry.lowering == "cat":
+            kwargs["dim"] = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, kwargs)
+
+
+def _kernel_args(entry: OpEntry, qargs: tuple) -> tuple:
+    if entry.lowering == "cat":
+        return (qargs[0],)
+    if entry.quantized_args is not None:
+        return tuple(qargs[i] for i in entry.quantized_args)
+    return tuple(qargs)
+
+
+def _ratio_reason(entry: OpEntry, in_qps: list[Optional[QParams]], out_qp: QParams) -> Optional[str]:
+    bounds = entry.constraints.input_output_scale_ratio
+    if bounds is None:
+        return None
+    out_scale = float(out_qp.scale)
+    for qp in in_qps:
+        if qp is None:
+            continue
+        ratio = float(qp.scale) / out_scale
+        if not bounds[0] <= ratio < bounds[1]:
+            return (f"input/output scale ratio {ratio:.3g} is outside the kernel's [{bounds[0]:g}, {bounds[1]:g}) "
+                    "(the kernel would assert)")
+    return None
+
+
+def _used_targets(graph: fx.Graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if n.op == "call_module"]
+
+
+def _get_attr(gm: fx.GraphModule, name: str) -> Any:
+    obj: Any = gm
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
