@@ -177,6 +177,9 @@ def quantize_int(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     zp = _broadcast(qp.zero_point, x, qp.axis)
     # torch's kernels multiply by the float32 reciprocal of the scale (not divide): do the same, bit for bit
     q = torch.round(x.to(torch.float32) * torch.reciprocal(scale)) + zp
+    # clamp in float (|q| may exceed int64), then again in int64: float32(2**31 - 1) rounds up to 2**31, which
+    # would wrap around in int32 instead of saturating as torch does for qint32
+    q = torch.clamp(q, qp.quant_min, qp.quant_max).to(torch.int64)
     return torch.clamp(q, qp.quant_min, qp.quant_max).to(storage)
 
 
