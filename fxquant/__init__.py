@@ -12,3 +12,20 @@ __all__ = [
     "get_default_qat_qconfig", "get_default_qconfig_mapping", "get_default_qat_qconfig_mapping", "sqnr",
     "PrepareCustomConfig",
 ]
+
+# observers, fake quantization and torch.ao's convenience qconfigs (same names as torch.ao.quantization)
+from fxquant.fake_quantize import (FakeQuantize, disable_fake_quant, disable_observer, enable_fake_quant,
+                                   enable_observer)
+from fxquant.observers import (FixedQParamsObserver, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
+                               MovingAveragePerChannelMinMaxObserver, NoDataError, ObserverBase, ObserverFactory,
+                               PerChannelMinMaxObserver, PlaceholderObserver)
+from fxquant.qconfig import (default_dynamic_qconfig, default_per_channel_qconfig, default_qconfig,
+                             float16_dynamic_qconfig, per_channel_dynamic_qconfig)
+
+__all__ += [
+    "FakeQuantize", "enable_fake_quant", "disable_fake_quant", "enable_observer", "disable_observer",
+    "ObserverBase", "ObserverFactory", "NoDataError", "MinMaxObserver", "MovingAverageMinMaxObserver",
+    "PerChannelMinMaxObserver", "MovingAveragePerChannelMinMaxObserver", "HistogramObserver", "PlaceholderObserver",
+    "FixedQParamsObserver", "default_qconfig", "default_per_channel_qconfig", "default_dynamic_qconfig",
+    "float16_dynamic_qconfig", "per_channel_dynamic_qconfig",
+]
