@@ -171,6 +171,8 @@ class BackendConfig:
         activation: the default activation grid for this backend.
         weight: the default weight grid for this backend.
         kernels: the name of the kernel layer (see :mod:`fxquant.backends.kernels`).
+        reduce_range_without_vnni: activations drop to 7 bits on CPUs without VNNI (fbgemm's u8 x s8
+            kernels accumulate pairs in int16 there and can saturate); with VNNI the full 8 bits are used.
     """
 
     name: str
@@ -180,12 +182,21 @@ class BackendConfig:
     weight: QSpec
     kernels: str = "qtensor"
     doc: str = ""
+    reduce_range_without_vnni: bool = False
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.entries]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"backend {self.name!r}: duplicate entry names {sorted(dup)}")
+
+    def default_activation(self) -> QSpec:
+        """The default activation grid on this machine (``reduce_range`` resolved against the CPU)."""
+        from fxquant.backends.cpu import has_vnni
+
+        if self.reduce_range_without_vnni and not has_vnni():
+            return dataclasses.replace(self.activation, reduce_range=True)
+        return self.activation
 
     def entry(self, name: str) -> OpEntry:
         """The entry called ``name``; ``KeyError`` naming the backend otherwise."""

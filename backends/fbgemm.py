@@ -13,7 +13,6 @@ import torch
 
 from fxquant.backends.common import cnn_entries
 from fxquant.backends.config import BackendConfig, Constraints, QSpec, WeightRule
-from fxquant.backends.cpu import has_vnni
 
 __all__ = ["make_fbgemm_config"]
 
@@ -24,6 +23,6 @@ def make_fbgemm_config(name: str = "fbgemm", engine: str = "fbgemm") -> BackendC
     entries = cnn_entries(weight, Constraints(), conv2d_limits=Constraints(depthwise_channel_multiple=8))
     return BackendConfig(
         name=name, engine=engine, entries=entries,
-        activation=QSpec(torch.quint8, torch.per_tensor_affine, reduce_range=not has_vnni()),
+        activation=QSpec(torch.quint8, torch.per_tensor_affine), reduce_range_without_vnni=True,
         weight=QSpec(torch.qint8, torch.per_channel_symmetric),
         doc="fbgemm kernels (torch.ops.quantized) on quantized tensors; x86 server CPUs.")

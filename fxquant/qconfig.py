@@ -408,7 +408,7 @@ def get_default_qconfig(backend: Union[str, BackendConfig] = "x86") -> QConfig:
     cfg = _backend(backend)
     eps = _min_scale(cfg)
     weight_cls = PerChannelMinMaxObserver if cfg.weight.qscheme in PER_CHANNEL_SCHEMES else MinMaxObserver
-    return QConfig(activation=HistogramObserver.with_args(**_grid(cfg.activation, eps)),
+    return QConfig(activation=HistogramObserver.with_args(**_grid(cfg.default_activation(), eps)),
                    weight=weight_cls.with_args(**_grid(cfg.weight, eps)))
 
 
@@ -434,7 +434,7 @@ def get_default_qat_qconfig(backend: Union[str, BackendConfig] = "x86") -> QConf
     weight_obs = (MovingAveragePerChannelMinMaxObserver if cfg.weight.qscheme in PER_CHANNEL_SCHEMES
                   else MovingAverageMinMaxObserver)
     return QConfig(
-        activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **_grid(cfg.activation, eps)),
+        activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **_grid(cfg.default_activation(), eps)),
         weight=FakeQuantize.with_args(observer=weight_obs, **_grid(cfg.weight, eps)))
 
 

@@ -1,0 +1,58 @@
+"""Real models for demos, tests and benchmarks, built offline.
+
+torchvision models get random weights (no download) and realistic activations: batch-norm statistics are
+re-estimated by a few train-mode forwards on random batches, then the model is put in eval mode.
+
+Example:
+    >>> from fxquant.zoo import torchvision_model
+    >>> m = torchvision_model("resnet18", image_size=32, bn_batches=1)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["torchvision_model", "reestimate_bn"]
+
+
+def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Reset and re-estimate every batch norm's running statistics on ``batches``; returns ``model`` in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+def torchvision_model(name: str, *, image_size: int = 224, seed: int = 0, bn_batches: int = 8,
+                      batch_size: int = 8) -> nn.Module:
+    """A torchvision classification model with random weights and re-estimated BN statistics, in eval mode.
+
+    Args:
+        name: a ``torchvision.models`` builder name (``"resnet18"``).
+        image_size: height and width of the random batches.
+        seed: seeds the weights and the batches.
+        bn_batches: train-mode forwards used to estimate BN statistics.
+        batch_size: images per batch.
+
+    Returns:
+        The model in eval mode.
+    """
+    try:
+        import torchvision
+    except ImportError as exc:  # pragma: no cover - torchvision is in the test extra
+        raise ImportError("the model zoo needs torchvision: pip install -e '.[test]'") from exc
+    torch.manual_seed(seed)
+    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randn(batch_size, 3, image_size, image_size, generator=gen) for _ in range(bn_batches)]
+    return reestimate_bn(model, batches)

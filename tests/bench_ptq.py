@@ -1,0 +1,138 @@
+"""Benchmark: fxquant vs torch.ao FX vs fp32 on torchvision models, same process, same inputs, interleaved.
+
+Run: ``python tests/bench_ptq.py`` (or ``make bench``); ``--models resnet18,mobilenet_v2``,
+``--backends fbgemm,qnnpack``, ``--runs 20``, ``--markdown docs/benchmarks.md`` to write the table there.
+
+Per model and backend: prepare+convert seconds, median latency (1 thread, interleaved rounds) of fp32,
+torch.ao int8 and fxquant int8, output SQNR of both int8 models vs fp32, state_dict size vs fp32.
+Models: random init (seeded), BN statistics re-estimated by 8 train-mode forwards on random batches.
+torch.ao is imported here, never in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fxquant  # noqa: E402
+from fxquant.report import interleaved_latency, state_dict_bytes  # noqa: E402
+from models import torchvision_model  # noqa: E402
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "googlenet", "regnet_x_400mf",
+          "efficientnet_b0", "shufflenet_v2_x1_0"]
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    backend: str
+    compile_ao: float
+    compile_fxq: float
+    ms_fp32: float
+    ms_ao: float
+    ms_fxq: float
+    sqnr_ao: float
+    sqnr_fxq: float
+    size_ratio_ao: float
+    size_ratio_fxq: float
+
+
+def _quantize(prepare: Callable, convert: Callable, model: torch.nn.Module, mapping: Any, x: torch.Tensor,
+              calib: list[torch.Tensor], **kw: Any) -> tuple[torch.nn.Module, float]:
+    start = time.perf_counter()
+    prepared = prepare(copy.deepcopy(model), mapping, (x,), **kw)
+    compile_s = time.perf_counter() - start
+    with torch.no_grad():
+        for batch in calib:
+            prepared(batch)
+    start = time.perf_counter()
+    quantized = convert(prepared, **kw)
+    return quantized, compile_s + time.perf_counter() - start
+
+
+def bench_one(name: str, backend: str, runs: int, calib_batches: int, size: int) -> Row:
+    from torch.ao.quantization import get_default_qconfig_mapping as ao_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx as ao_convert
+    from torch.ao.quantization.quantize_fx import prepare_fx as ao_prepare
+
+    torch.manual_seed(0)
+    model = torchvision_model(name, image_size=size)
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, size, size, generator=gen) for _ in range(calib_batches)]
+    x = torch.randn(1, 3, size, size, generator=gen)
+    torch.backends.quantized.engine = backend
+    ao_q, ao_s = _quantize(ao_prepare, ao_convert, model, ao_mapping(backend), x, calib)
+    fx_q, fx_s = _fxq(model, backend, x, calib)
+    torch.backends.quantized.engine = backend
+    with torch.no_grad():
+        ref, out_ao, out_fx = model(calib[0]), ao_q(calib[0]), fx_q(calib[0])
+    t = interleaved_latency([lambda: model(x), lambda: ao_q(x), lambda: fx_q(x)], runs=runs, threads=1)
+    fp32_size = state_dict_bytes(model)
+    return Row(name, backend, ao_s, fx_s, t[0] * 1e3, t[1] * 1e3, t[2] * 1e3, fxquant.sqnr(ref, out_ao),
+               fxquant.sqnr(ref, out_fx), state_dict_bytes(ao_q) / fp32_size, state_dict_bytes(fx_q) / fp32_size)
+
+
+def _fxq(model: torch.nn.Module, backend: str, x: torch.Tensor, calib: list[torch.Tensor]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend), (x,), backend_config=backend)
+    compile_s = time.perf_counter() - start
+    fxquant.calibrate(prepared, calib, progress=False)
+    start = time.perf_counter()
+    quantized = fxquant.convert_fx(prepared)
+    return quantized, compile_s + time.perf_counter() - start
+
+
+HEADER = ("model", "backend", "prep+conv s ao", "prep+conv s fxq", "fp32 ms", "ao int8 ms", "fxq int8 ms",
+          "fxq/ao latency", "fxq speedup vs fp32", "SQNR ao dB", "SQNR fxq dB", "size ao", "size fxq")
+
+
+def _cells(r: Row) -> tuple[str, ...]:
+    return (r.model, r.backend, f"{r.compile_ao:.2f}", f"{r.compile_fxq:.2f}", f"{r.ms_fp32:.2f}", f"{r.ms_ao:.2f}",
+            f"{r.ms_fxq:.2f}", f"{r.ms_fxq / r.ms_ao:.2f}x", f"{r.ms_fp32 / r.ms_fxq:.2f}x", f"{r.sqnr_ao:.1f}",
+            f"{r.sqnr_fxq:.1f}", f"{r.size_ratio_ao:.3f}", f"{r.size_ratio_fxq:.3f}")
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--backends", default="fbgemm,qnnpack")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--size", type=int, default=224, help="input height and width")
+    ap.add_argument("--markdown", default="", help="also write the table to this file")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    rows = []
+    for name in args.models.split(","):
+        for backend in args.backends.split(","):
+            row = bench_one(name, backend, args.runs, args.calib_batches, args.size)
+            rows.append(row)
+            print(" | ".join(_cells(row)), flush=True)
+    table = markdown(rows)
+    print("\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write("# Benchmarks\n\nCommand: `python tests/bench_ptq.py " + " ".join(argv or sys.argv[1:])
+                    + "`\n\n1 torch thread, batch 1 latency (median of interleaved rounds), SQNR on a batch of 4, "
+                    f"{args.calib_batches} calibration batches of 4, input {args.size}x{args.size}, "
+                    "random-init torchvision models with BN statistics re-estimated.\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
