@@ -14,7 +14,8 @@ demo: install
 
 # Lean test suite (CI). pytest's exit code 5 ("no tests collected") is an error here, not a pass.
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	@$(PYTHON) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; exit $$rc
 
 # Everything, including the slow model-zoo tests.
 test-all: install
