@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import sys
 import time
 import warnings
@@ -22,11 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import fxquant  # noqa: E402
-from fxquant.report import interleaved_latency, state_dict_bytes  # noqa: E402
-from models import torchvision_model  # noqa: E402
+import fxquant
+from fxquant.report import interleaved_latency, state_dict_bytes
+from fxquant.zoo import torchvision_model  # noqa: E402
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "googlenet", "regnet_x_400mf",
           "efficientnet_b0", "shufflenet_v2_x1_0"]

@@ -1,0 +1,75 @@
+"""Backend tables: well-formed, consistent with the kernel layer, and rendered into docs without drift."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fxquant.backends import BACKENDS, Observation, get_backend_config, resolve_backend
+from fxquant.backends.kernels import get_kernels
+from fxquant.backends.render import render_markdown
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "backends.md")
+
+
+def test_docs_backends_md_is_generated_from_the_tables():
+    with open(DOCS, encoding="utf-8") as f:
+        on_disk = f.read()
+    assert on_disk == render_markdown(), (
+        "docs/backends.md drifted from the tables: run python -m fxquant.backends.render > docs/backends.md")
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_lowering_target_is_built_by_the_kernel_layer(name):
+    cfg = get_backend_config(name)
+    kernels = get_kernels(cfg)
+    from fxquant.backends.kernels.qtensor import _BN_TARGETS, _CONV_TARGETS
+    known = set(_CONV_TARGETS) | set(_BN_TARGETS) | {"linear", "linear_relu", "add", "add_relu", "mul", "mul_relu",
+                                                      "cat", "hardswish"}
+    for e in cfg.entries:
+        if e.lowering is not None:
+            assert e.lowering in known, f"{name}.{e.name} lowers to {e.lowering}, unknown to {kernels.name}"
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_entries_are_consistent(name):
+    cfg = get_backend_config(name)
+    for e in cfg.entries:
+        assert e.patterns, e.name
+        if any(len(p) > 1 for p in e.patterns) and e.op.modules:
+            assert e.fuser is not None, f"{e.name} fuses modules but has no fuser"
+        if e.observation is Observation.FIXED:
+            assert e.constraints.fixed_qparams is not None, e.name
+        if e.weight is not None:
+            assert e.weight.dtype == torch.qint8
+    assert cfg.engine in ("fbgemm", "x86", "qnnpack")
+
+
+def test_qnnpack_limits_are_in_the_table():
+    q = get_backend_config("qnnpack")
+    assert q.entry("conv2d").constraints.weight_range == (-127, 127)
+    assert q.entry("conv2d").constraints.min_scale == 2.0 ** -12
+    assert q.entry("add").constraints.input_output_scale_ratio == (2.0 ** -14, 2.0 ** 8)
+    assert (q.weight.quant_min, q.weight.quant_max) == (-127, 127)
+    assert get_backend_config("fbgemm").entry("conv2d").constraints.depthwise_channel_multiple == 8
+
+
+def test_longest_fusion_patterns_come_first():
+    entries = get_backend_config("fbgemm").fusion_entries()
+    lengths = [max(len(p) for p in e.patterns) for e in entries]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_unknown_backend_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'.*fbgemm"):
+        get_backend_config("tpu")
+    with pytest.raises(TypeError, match="backend_config must be"):
+        resolve_backend(3)  # type: ignore[arg-type]
+
+
+def test_duplicate_entry_names_rejected():
+    cfg = get_backend_config("fbgemm")
+    with pytest.raises(ValueError, match="duplicate entry names"):
+        cfg.replace(entries=cfg.entries + (cfg.entries[0],))
