@@ -17,18 +17,12 @@ __all__ = ["torchvision_model", "reestimate_bn"]
 
 
 def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Reset and re-estimate every batch norm's running statistics on ``batches``; returns ``model`` in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
+    """Update every batch norm's running statistics by train-mode forwards on ``batches`` (the layers' own
+    momentum, as a short training run would); returns ``model`` in eval mode."""
     model.train()
     with torch.no_grad():
         for b in batches:
             model(b)
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
     return model.eval()
 
 
