@@ -29,3 +29,11 @@ __all__ += [
     "FixedQParamsObserver", "default_qconfig", "default_per_channel_qconfig", "default_dynamic_qconfig",
     "float16_dynamic_qconfig", "per_channel_dynamic_qconfig",
 ]
+
+# the report and the error types
+from fxquant.errors import (CalibrationError, ConvertError, EngineError, FxQuantError, QConfigError,
+                            TraceError)
+from fxquant.report import QuantReport, report
+
+__all__ += ["report", "QuantReport", "FxQuantError", "TraceError", "QConfigError", "CalibrationError",
+            "ConvertError", "EngineError"]
