@@ -32,7 +32,7 @@ __all__ = ["bin_counts", "rebin", "search_clip_range"]
 #: elements per torch.histc call: float32 counts stay exact integers up to 2**24
 _HISTC_CHUNK = 2**24
 #: the coarse pass of :func:`search_clip_range` evaluates at most this many edges per bound
-_COARSE_EDGES = 256
+_COARSE_EDGES = 128
 
 
 def bin_counts(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
@@ -165,8 +165,8 @@ def search_clip_range(counts: torch.Tensor, zero: float, levels: int, symmetric:
 
     Candidates are ranges between bin edges that contain 0 (a bound on the far side of 0 is moved onto it,
     as the quantizer would). Symmetric schemes search the half-width of ``[-m, m]`` over all edges at once;
-    affine schemes search ``(lo, hi)`` pairs on a grid of at most 257 x 257 edges, then every edge pair
-    within one grid step of the best one.
+    affine schemes search ``(lo, hi)`` pairs on a grid of at most 129 x 129 edges (small enough for torch to
+    run each op single-threaded), then every edge pair within one grid step of the best one.
 
     Args:
         counts: the histogram, shape ``[bins]``, not all zero.
