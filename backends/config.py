@@ -125,6 +125,9 @@ class Constraints:
         fixed_qparams: ``(scale, zero_point)`` for :attr:`Observation.FIXED` outputs.
         depthwise_channel_multiple: depthwise convs whose channel count is not a multiple of this leave
             the kernel's fast path; such convs stay float (fbgemm: 8).
+        depthwise_weight_range: integer range for depthwise conv weights when it is narrower than the
+            weight observer's (fbgemm's depthwise kernel sums u8 x s8 pairs in int16: 7-bit weights keep
+            255 * 64 * 2 below 2**15 with full 8-bit activations).
     """
 
     weight_range: Optional[tuple[int, int]] = None
@@ -132,6 +135,7 @@ class Constraints:
     input_output_scale_ratio: Optional[tuple[float, float]] = None
     fixed_qparams: Optional[tuple[float, int]] = None
     depthwise_channel_multiple: Optional[int] = None
+    depthwise_weight_range: Optional[tuple[int, int]] = None
 
 
 #: builds the fused float module from the matched modules (``None`` where the matched node was a function)

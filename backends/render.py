@@ -59,6 +59,8 @@ def _limits(e: OpEntry) -> str:
         parts.append(f"fixed scale {c.fixed_qparams[0]:g}, zero point {c.fixed_qparams[1]}")
     if c.depthwise_channel_multiple:
         parts.append(f"depthwise channels multiple of {c.depthwise_channel_multiple}")
+    if c.depthwise_weight_range:
+        parts.append(f"depthwise weights in [{c.depthwise_weight_range[0]}, {c.depthwise_weight_range[1]}]")
     return "; ".join(parts)
 
 

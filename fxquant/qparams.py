@@ -186,6 +186,11 @@ def quantize_int(x: torch.Tensor, qp: QParams) -> torch.Tensor:
 def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Quantize ``x`` to a ``torch`` quantized tensor (the representation fbgemm/qnnpack kernels take)."""
     qdtype = _PLAIN_TO_QUANTIZED.get(qp.dtype, qp.dtype)
+    _, lo, hi = QUANTIZED_DTYPES[qdtype]
+    if (qp.quant_min, qp.quant_max) != (lo, hi):  # a narrower grid than the dtype's: clamp to it first
+        scale = _broadcast(qp.scale.to(torch.float32), x, qp.axis)
+        zp = _broadcast(qp.zero_point, x, qp.axis)
+        x = torch.minimum(torch.maximum(x, (qp.quant_min - zp) * scale), (qp.quant_max - zp) * scale)
     if qp.is_per_channel:
         return torch.quantize_per_channel(x, qp.scale.to(torch.float64), qp.zero_point, qp.axis, qdtype)
     return torch.quantize_per_tensor(x, float(qp.scale), int(qp.zero_point), qdtype)

@@ -162,8 +162,11 @@ class LowerPass:
         if entry.observation is Observation.SHARES_INPUT:
             if not inputs or not b.has_quant(inputs[0]):
                 return False
-            first = node.args[0]
-            args = (b.qnt(first),) + tuple(b.map_float(node.args[1:]))
+            first = b.qnt(node.args[0])
+            if b.kernels.needs_contiguous_input(entry.name):
+                first = b.graph.call_method("contiguous", (first,))
+                _tag(first, True, True)
+            args = (first,) + tuple(b.map_float(node.args[1:]))
             self._emit(b, node, node.op, node.target, args, b.map_float(node.kwargs))
             return True
         if rec.observer is None or not all(b.has_quant(t) for t in inputs):
@@ -195,14 +198,30 @@ class LowerPass:
         module = b.modules.get(str(node.target)) if node.op == "call_module" else None
         weight_qp = None
         if rec.entry.weight is not None and module is not None:
-            w_obs = rec.qconfig.weight()
-            weight = getattr(module, "op", module).weight
-            w_obs(weight.detach())
+            op = getattr(module, "op", module)
+            w_obs = _weight_observer(rec, op)
+            w_obs(op.weight.detach())
             weight_qp = w_obs.qparams()
         kwargs: dict[str, Any] = {}
         if rec.entry.lowering == "cat":
             kwargs["dim"] = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, kwargs)
+
+
+def _weight_observer(rec: NodeRecord, op: nn.Module) -> ObserverBase:
+    """The weight observer of ``rec``'s qconfig, narrowed to the table's depthwise weight range if one applies."""
+    factory = rec.qconfig.weight
+    limit = rec.entry.constraints.depthwise_weight_range
+    groups = getattr(op, "groups", 1)
+    if limit is not None and groups > 1 and groups == getattr(op, "in_channels", 0):
+        obs = factory()
+        lo, hi = obs.quant_min, obs.quant_max
+        if lo < limit[0] or hi > limit[1]:
+            if not hasattr(factory, "with_overrides"):
+                raise ConvertError(f"depthwise conv weights need the range {list(limit)} on this backend; give the "
+                                   "qconfig a weight factory made with Observer.with_args(...)")
+            return factory.with_overrides(quant_min=max(lo, limit[0]), quant_max=min(hi, limit[1]))()
+    return factory()
 
 
 def _kernel_args(entry: OpEntry, qargs: tuple) -> tuple:

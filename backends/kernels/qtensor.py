@@ -244,6 +244,10 @@ class QuantizedHardswish(_OutputQParams):
         return torch.ops.quantized.hardswish(x, self._scale, self._zp)
 
 
+#: native quantized ops that torch's qnnpack kernels get wrong on a channels_last input (hardtanh/clamp write
+#: the result in the wrong memory order; qnnpack convs return channels_last): they get a contiguous input
+_QNNPACK_CONTIGUOUS_INPUT = frozenset({"relu6", "hardtanh", "clamp"})
+
 _CONV_TARGETS = {f"conv{n}d{r}": (n, bool(r)) for n in (1, 2, 3) for r in ("", "_relu")}
 _BN_TARGETS = {f"batch_norm{n}d{r}": (n, bool(r)) for n in (2, 3) for r in ("", "_relu")}
 
@@ -276,6 +280,11 @@ class QTensorKernels:
             if isinstance(conv.padding, str):
                 return f"padding='{conv.padding}' (give explicit integer padding)"
         return None
+
+    def needs_contiguous_input(self, op_name: str) -> bool:
+        """Whether the op ``op_name`` (a table entry name), run natively on quantized tensors, must be given a
+        contiguous input on this engine (see ``_QNNPACK_CONTIGUOUS_INPUT``)."""
+        return self.engine == "qnnpack" and op_name in _QNNPACK_CONTIGUOUS_INPUT
 
     def quantize(self, qp: QParams) -> nn.Module:
         """The module that quantizes a float tensor at the start of a quantized region."""
