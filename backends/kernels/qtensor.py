@@ -90,6 +90,31 @@ class Quantize(_OutputQParams):
         return torch.quantize_per_tensor(x, self._scale, self._zp, self.dtype)
 
 
+def _pack_weight(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A quantized weight as its integers, float32 scale(s), and, only where they are not 0 / not axis 0,
+    int32 zero points and the channel axis (every state_dict entry costs bytes in the saved file too)."""
+    per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    if per_channel:
+        scale, zp, axis = w.q_per_channel_scales(), w.q_per_channel_zero_points(), w.q_per_channel_axis()
+    else:
+        scale, zp, axis = torch.tensor(w.q_scale()), torch.tensor(w.q_zero_point()), 0
+    out = {"weight_int": w.int_repr(), "weight_scale": scale.to(torch.float32)}
+    if bool((zp != 0).any()):
+        out["weight_zero_point"] = zp.to(torch.int32)
+    if axis != 0:
+        out["weight_axis"] = torch.tensor(axis, dtype=torch.int8)
+    return out
+
+
+def _unpack_weight(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    ints, scale = d["weight_int"], d["weight_scale"]
+    zp = d.get("weight_zero_point", torch.zeros_like(scale, dtype=torch.int32))
+    if scale.dim() == 1:
+        axis = int(d.get("weight_axis", torch.tensor(0)))
+        return torch._make_per_channel_quantized_tensor(ints, scale.to(torch.float64), zp.to(torch.int64), axis)
+    return torch._make_per_tensor_quantized_tensor(ints, float(scale), int(zp))
+
+
 class _Packed(_OutputQParams):
     """A kernel with a prepacked weight; the quantized weight and float bias stay as buffers."""
 
@@ -102,16 +127,26 @@ class _Packed(_OutputQParams):
         with engine(self._engine):
             self._packed = self._pack()
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        # the quantized weight is saved compactly as its integers plus float32 scales and int32 zero points
+        # (a quantized tensor would store float64 scales and int64 zero points: 16 bytes per channel)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = destination.pop(prefix + "weight")
+        destination.update({prefix + k: v for k, v in _pack_weight(w).items()})
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[override]
-        for name in ("weight", "bias"):
-            key = prefix + name
-            if key in state_dict:
-                self._buffers[name] = state_dict[key]
-        rest = {k: v for k, v in state_dict.items() if k not in (prefix + "weight", prefix + "bias")}
+        mine = {k[len(prefix):]: v for k, v in state_dict.items()
+                if k.startswith(prefix + "weight_") and "." not in k[len(prefix):]}
+        if "weight_int" in mine:
+            self._buffers["weight"] = _unpack_weight(mine)
+        if prefix + "bias" in state_dict:
+            self._buffers["bias"] = state_dict[prefix + "bias"]
+        taken = {prefix + k for k in mine} | {prefix + "weight", prefix + "bias"}
+        rest = {k: v for k, v in state_dict.items() if k not in taken}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing, unexpected, errors)
-        for name in ("weight", "bias"):
-            if prefix + name in missing:
-                missing.remove(prefix + name)
+        for key in (prefix + "weight", prefix + "bias"):
+            if key in missing:
+                missing.remove(key)
         self._repack()
 
     def __getstate__(self) -> dict[str, Any]:
