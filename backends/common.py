@@ -41,7 +41,8 @@ def _weighted(name: str, op: OpKind, patterns: tuple[tuple[OpKind, ...], ...], f
 
 
 def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits: Optional[Constraints] = None,
-                binary_limits: Constraints = Constraints()) -> tuple[OpEntry, ...]:
+                binary_limits: Constraints = Constraints(),
+                conv3d_limits: Optional[Constraints] = None) -> tuple[OpEntry, ...]:
     """The conv/linear/elementwise/shape entries of a CPU backend.
 
     Args:
@@ -49,6 +50,7 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
         weighted_limits: constraints of conv and linear kernels.
         conv2d_limits: constraints of 2-d convs if they differ (fbgemm's depthwise fast path).
         binary_limits: constraints of add/mul kernels (qnnpack's scale ratios).
+        conv3d_limits: constraints of 3-d convs if they differ (fbgemm's depthwise weight range).
 
     Returns:
         The entries, in table order.
@@ -57,7 +59,7 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
     entries: list[OpEntry] = []
     for n, conv, bn, conv_relu in ((1, ops.CONV1D, ops.BN1D, ops.CONV_RELU1D), (2, ops.CONV2D, ops.BN2D, ops.CONV_RELU2D),
                                    (3, ops.CONV3D, ops.BN3D, ops.CONV_RELU3D)):
-        limits = c2 if n == 2 else weighted_limits
+        limits = {2: c2, 3: conv3d_limits or weighted_limits}.get(n, weighted_limits)
         entries.append(_weighted(f"conv{n}d", conv, ((conv,), (conv, bn)), fused.fuse_conv_bn, f"conv{n}d",
                                  weight, limits, f"Conv{n}d, batch norm folded in"))
         entries.append(_weighted(f"conv{n}d_relu", conv_relu, ((conv, bn, ops.RELU), (conv, ops.RELU)),

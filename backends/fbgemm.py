@@ -5,8 +5,8 @@ Facts encoded here:
 * activations are quint8; 7-bit (``reduce_range``) only on CPUs without VNNI (int16 saturation);
 * depthwise 2-d convs whose channel count is not a multiple of 8 leave fbgemm's fast path (58 channels:
   4.2 ms int8 vs 0.15 ms fp32), so they stay float;
-* the depthwise kernel accumulates u8 x s8 pairs in int16 even on VNNI CPUs: with 8-bit activations and
-  8-bit weights it saturates (a 3x3 depthwise conv: 18.6 dB against its own simulation), so depthwise
+* the depthwise kernels (2-d and 3-d) accumulate u8 x s8 pairs in int16 even on VNNI CPUs: with 8-bit
+  activations and 8-bit weights they saturate (a 3x3 depthwise conv: 18.6 dB against its own simulation), so depthwise
   weights use 7 bits, [-64, 63] (38.3 dB), which costs less than 7-bit activations everywhere.
 """
 
@@ -24,7 +24,8 @@ def make_fbgemm_config(name: str = "fbgemm", engine: str = "fbgemm") -> BackendC
     """The fbgemm table (also the base of the x86 table, which runs the same kernels today)."""
     weight = WeightRule(dtype=torch.qint8)
     entries = cnn_entries(weight, Constraints(), conv2d_limits=Constraints(
-        depthwise_channel_multiple=8, depthwise_weight_range=(-64, 63)))
+        depthwise_channel_multiple=8, depthwise_weight_range=(-64, 63)),
+        conv3d_limits=Constraints(depthwise_weight_range=(-64, 63)))  # the 3-d depthwise kernel saturates too
     return BackendConfig(
         name=name, engine=engine, entries=entries,
         activation=QSpec(torch.quint8, torch.per_tensor_affine), reduce_range_without_vnni=True,
