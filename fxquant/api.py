@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import fx, nn
 
-from fxquant.backends import BackendConfig, resolve_backend
+from fxquant.backends import BACKENDS, BackendConfig, get_backend_config, resolve_backend
 from fxquant.backends.kernels import get_kernels
 from fxquant.errors import ConvertError, EngineError, FxQuantError
 from fxquant.passes.annotate import AnnotatePass
@@ -55,6 +55,20 @@ class QuantState:
     stage: str  # "prepared" or "converted"
     float_reasons: list[FloatReason]
     timings: list[PassTiming]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a table holds functions that cannot be pickled (F.max_pool2d is a local closure of torch's
+        # boolean_dispatch), so torch.save(model) saves a built-in backend by name and rebuilds it on load
+        state = dict(self.__dict__)
+        name = self.backend.name
+        if name in BACKENDS and get_backend_config(name) == self.backend:
+            state["backend"] = name
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["backend"], str):
+            state["backend"] = get_backend_config(state["backend"])
+        self.__dict__.update(state)
 
 
 def prepare_pipeline(verify: bool = True) -> PassManager:
