@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from fxquant import fused
+from fxquant import fused, qat
 from fxquant.backends import ops
 from fxquant.backends.config import Constraints, DTypeConfig, Observation, OpEntry, OpKind, WeightRule
 
@@ -23,6 +23,7 @@ SHARES_INPUT_KINDS: tuple[OpKind, ...] = (
     ops.RELU, ops.RELU6, ops.HARDTANH, ops.CLAMP, ops.MAXPOOL, ops.AVGPOOL, ops.ADAPTIVE_AVGPOOL,
     ops.FLATTEN, ops.RESHAPE, ops.PERMUTE, ops.TRANSPOSE, ops.CONTIGUOUS, ops.SQUEEZE, ops.UNSQUEEZE,
     ops.CHUNK, ops.GETITEM, ops.MEAN, ops.DROPOUT, ops.IDENTITY, ops.CHANNEL_SHUFFLE, ops.INTERPOLATE,
+    ops.SPLIT, ops.PIXEL_SHUFFLE, ops.PIXEL_UNSHUFFLE, ops.PAD, ops.EXPAND, ops.REPEAT, ops.GELU,
 )
 
 #: fixed output ranges of bounded functions on quint8: (scale, zero_point)
@@ -30,14 +31,37 @@ FIXED_QPARAMS: dict[str, tuple[float, int]] = {
     "sigmoid": (1.0 / 256.0, 0),
     "hardsigmoid": (1.0 / 256.0, 0),
     "tanh": (2.0 / 256.0, 128),
+    "softmax": (1.0 / 256.0, 0),
 }
 
 
 def _weighted(name: str, op: OpKind, patterns: tuple[tuple[OpKind, ...], ...], fuser, lowering: str,
-              weight: WeightRule, limits: Constraints, doc: str) -> OpEntry:
+              weight: WeightRule, limits: Constraints, doc: str, qat_fuser=None,
+              qat_op: Optional[OpKind] = None) -> OpEntry:
     return OpEntry(name=name, op=op, observation=Observation.OWN, dtypes=(_U8_WEIGHTED,), patterns=patterns,
-                   fuser=fuser, weight=weight, constraints=limits, lowering=lowering, quantized_args=(0,),
-                   doc=doc)
+                   fuser=fuser, qat_fuser=qat_fuser, qat_op=qat_op, weight=weight, constraints=limits,
+                   lowering=lowering, quantized_args=(0,), doc=doc)
+
+
+def _norm_and_activation_entries() -> list[OpEntry]:
+    """Norms and activations with float parameters and their own output observer."""
+    own = [("layer_norm", ops.LAYER_NORM, "layer_norm", (), "LayerNorm (float affine parameters)"),
+           ("group_norm", ops.GROUP_NORM, "group_norm", (), "GroupNorm"),
+           ("instance_norm", ops.INSTANCE_NORM, "instance_norm", (), "InstanceNorm1d/2d/3d"),
+           ("elu", ops.ELU, "elu", (("alpha", 1, 1.0),), "ELU"),
+           ("leaky_relu", ops.LEAKY_RELU, "leaky_relu", (("negative_slope", 1, 0.01),), "LeakyReLU"),
+           ("prelu", ops.PRELU, "prelu", (), "PReLU with one slope (runs as leaky_relu)")]
+    return [OpEntry(name, kind, Observation.OWN, (_U8,), ((kind,),), lowering=lowering, quantized_args=(0,),
+                    op_args=args, doc=doc) for name, kind, lowering, args, doc in own]
+
+
+def _transposed_entries(weight: WeightRule, limits: Constraints) -> list[OpEntry]:
+    """ConvTranspose1d/2d/3d: per-tensor weights only (the kernels reject per-channel), batch norm folded."""
+    rule = WeightRule(dtype=weight.dtype, qschemes=tuple(q for q in weight.qschemes if q in
+                                                         (torch.per_tensor_symmetric, torch.per_tensor_affine)), axis=1)
+    kinds = ((1, ops.CONV_TRANSPOSE1D, ops.BN1D), (2, ops.CONV_TRANSPOSE2D, ops.BN2D), (3, ops.CONV_TRANSPOSE3D, ops.BN3D))
+    return [_weighted(f"conv_transpose{n}d", kind, ((kind,), (kind, bn)), fused.fuse_conv_bn, f"conv_transpose{n}d",
+                      rule, limits, f"ConvTranspose{n}d, batch norm folded in") for n, kind, bn in kinds]
 
 
 def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits: Optional[Constraints] = None,
@@ -57,23 +81,31 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
     """
     c2 = conv2d_limits or weighted_limits
     entries: list[OpEntry] = []
-    for n, conv, bn, conv_relu in ((1, ops.CONV1D, ops.BN1D, ops.CONV_RELU1D), (2, ops.CONV2D, ops.BN2D, ops.CONV_RELU2D),
-                                   (3, ops.CONV3D, ops.BN3D, ops.CONV_RELU3D)):
+    for n, conv, bn, conv_relu, qat_conv, qat_conv_relu in (
+            (1, ops.CONV1D, ops.BN1D, ops.CONV_RELU1D, ops.QAT_CONV1D, ops.QAT_CONV_RELU1D),
+            (2, ops.CONV2D, ops.BN2D, ops.CONV_RELU2D, ops.QAT_CONV2D, ops.QAT_CONV_RELU2D),
+            (3, ops.CONV3D, ops.BN3D, ops.CONV_RELU3D, ops.QAT_CONV3D, ops.QAT_CONV_RELU3D)):
         limits = {2: c2, 3: conv3d_limits or weighted_limits}.get(n, weighted_limits)
         entries.append(_weighted(f"conv{n}d", conv, ((conv,), (conv, bn)), fused.fuse_conv_bn, f"conv{n}d",
-                                 weight, limits, f"Conv{n}d, batch norm folded in"))
+                                 weight, limits, f"Conv{n}d, batch norm folded in",
+                                 qat_fuser=qat.fuse_conv_bn_qat, qat_op=qat_conv))
         entries.append(_weighted(f"conv{n}d_relu", conv_relu, ((conv, bn, ops.RELU), (conv, ops.RELU)),
                                  fused.fuse_conv_bn_relu, f"conv{n}d_relu", weight, limits,
-                                 f"Conv{n}d + ReLU (batch norm folded in)"))
+                                 f"Conv{n}d + ReLU (batch norm folded in)",
+                                 qat_fuser=qat.fuse_conv_bn_relu_qat, qat_op=qat_conv_relu))
+    entries.extend(_transposed_entries(weight, weighted_limits))
     entries.append(_weighted("linear", ops.LINEAR, ((ops.LINEAR,), (ops.LINEAR, ops.BN1D)), fused.fuse_linear_bn,
-                             "linear", weight, weighted_limits, "Linear, batch norm 1d folded in"))
+                             "linear", weight, weighted_limits, "Linear, batch norm 1d folded in",
+                             qat_fuser=qat.fuse_linear_bn_qat, qat_op=ops.QAT_LINEAR))
     entries.append(_weighted("linear_relu", ops.LINEAR_RELU, ((ops.LINEAR, ops.BN1D, ops.RELU), (ops.LINEAR, ops.RELU)),
-                             fused.fuse_linear_relu, "linear_relu", weight, weighted_limits, "Linear + ReLU"))
+                             fused.fuse_linear_relu, "linear_relu", weight, weighted_limits, "Linear + ReLU",
+                             qat_fuser=qat.fuse_linear_relu_qat, qat_op=ops.QAT_LINEAR_RELU))
     for n, bn, bn_relu in ((2, ops.BN2D, ops.BN_RELU2D), (3, ops.BN3D, ops.BN_RELU3D)):
         entries.append(OpEntry(f"batch_norm{n}d", bn, Observation.OWN, (_U8,), ((bn,),), lowering=f"batch_norm{n}d",
                                quantized_args=(0,), doc=f"BatchNorm{n}d not preceded by a conv"))
         entries.append(OpEntry(f"batch_norm{n}d_relu", bn_relu, Observation.OWN, (_U8,), ((bn, ops.RELU),),
-                               fuser=fused.fuse_bn_relu, lowering=f"batch_norm{n}d_relu", quantized_args=(0,),
+                               fuser=fused.fuse_bn_relu, qat_fuser=fused.fuse_bn_relu,
+                               lowering=f"batch_norm{n}d_relu", quantized_args=(0,),
                                doc=f"BatchNorm{n}d + ReLU"))
     for name, kind, fused_kind in (("add", ops.ADD, ops.ADD_RELU), ("mul", ops.MUL, ops.MUL_RELU)):
         entries.append(OpEntry(name, kind, Observation.OWN, (_U8,), ((kind,),), constraints=binary_limits,
@@ -82,9 +114,18 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
                                constraints=binary_limits, lowering=f"{name}_relu", quantized_args=(0, 1),
                                doc=f"{name} + ReLU"))
     entries.append(OpEntry("cat", ops.CAT, Observation.OWN, (_U8,), ((ops.CAT,),), lowering="cat",
-                           quantized_args=(0,), doc="concatenation, requantized to one output scale"))
+                           quantized_args=(0,), op_args=(("dim", 1, 0),),
+                           doc="concatenation, requantized to one output scale"))
+    entries.append(OpEntry("stack", ops.STACK, Observation.OWN, (_U8,), ((ops.STACK,),), lowering="stack",
+                           quantized_args=(0,), op_args=(("dim", 1, 0),), doc="stack, requantized to one scale"))
+    entries.append(OpEntry("matmul", ops.MATMUL, Observation.OWN, (_U8,), ((ops.MATMUL,),), lowering="matmul",
+                           quantized_args=(0, 1), doc="matmul / bmm of two activations (attention scores)"))
+    entries.extend(_norm_and_activation_entries())
     entries.append(OpEntry("hardswish", ops.HARDSWISH, Observation.OWN, (_U8,), ((ops.HARDSWISH,),),
                            lowering="hardswish", quantized_args=(0,), doc="hardswish"))
+    entries.append(OpEntry("softmax", ops.SOFTMAX, Observation.FIXED, (_U8,), ((ops.SOFTMAX,),), lowering="softmax",
+                           constraints=Constraints(fixed_qparams=FIXED_QPARAMS["softmax"]), quantized_args=(0,),
+                           op_args=(("dim", 1, None),), doc="softmax along dim, fixed output range [0, 1]"))
     for kind in (ops.SIGMOID, ops.HARDSIGMOID, ops.TANH):
         entries.append(OpEntry(kind.name, kind, Observation.FIXED, (_U8,), ((kind,),),
                                constraints=Constraints(fixed_qparams=FIXED_QPARAMS[kind.name]), quantized_args=(0,),

@@ -4,6 +4,8 @@ One :class:`OpEntry` says everything fxquant knows about one quantized operation
 
 * ``patterns``: the float spellings it is fused from, in forward order (``(CONV2D, BN2D, RELU)``);
 * ``op``: what the node looks like after fusion (the fused module type or function);
+* ``fuser`` / ``qat_fuser``: build the fused float module (post-training) or the QAT module (training) from
+  the modules a pattern matched; ``qat_op`` is what the node looks like after QAT fusion;
 * ``observation``: how its output is observed (own observer, shares its input's, fixed qparams, none);
 * ``dtypes``: the dtype combinations the kernel accepts;
 * ``weight``: the weight rule (dtype, allowed qschemes, channel axis) for ops with weights;
@@ -152,11 +154,19 @@ class OpEntry:
     dtypes: tuple[DTypeConfig, ...] = (DTypeConfig(),)
     patterns: tuple[tuple[OpKind, ...], ...] = ()
     fuser: Optional[ModuleFuser] = None
+    #: builds the QAT module (``fxquant.qat``) from the same matches when preparing for training; QAT also
+    #: applies it to single-module patterns (a lone conv becomes ``qat.Conv2d``)
+    qat_fuser: Optional[ModuleFuser] = None
+    #: the node after QAT fusion (``qat.ConvBnReLU2d``, ...); ``convert_fx`` turns it back into ``op``
+    qat_op: Optional[OpKind] = None
     weight: Optional[WeightRule] = None
     constraints: Constraints = Constraints()
     lowering: Optional[str] = None
     #: positions of the args that carry quantized tensors (default: every tensor arg)
     quantized_args: Optional[tuple[int, ...]] = None
+    #: op arguments the kernel needs: (name, position in the functional call, default); read from the
+    #: module attribute of that name for module forms (``("dim", 1, 0)`` for cat, softmax, stack)
+    op_args: tuple[tuple[str, int, Any], ...] = ()
     doc: str = ""
 
     @property
@@ -212,7 +222,7 @@ class BackendConfig:
     def entry_for(self, node: fx.Node, modules: dict[str, nn.Module]) -> Optional[OpEntry]:
         """The entry whose (post-fusion) op is ``node``, or ``None`` if the backend cannot quantize it."""
         for e in self.entries:
-            if e.op.matches(node, modules):
+            if e.op.matches(node, modules) or (e.qat_op is not None and e.qat_op.matches(node, modules)):
                 return e
         return None
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant import fused
+from fxquant import fused, qat
 from fxquant.backends.config import OpKind
 
 __all__ = [
@@ -21,7 +21,10 @@ __all__ = [
     "ADAPTIVE_AVGPOOL", "FLATTEN", "RESHAPE", "PERMUTE", "TRANSPOSE", "CONTIGUOUS", "DROPOUT",
     "IDENTITY", "CHUNK", "GETITEM", "MEAN", "SIZE", "CONV_RELU1D", "CONV_RELU2D", "CONV_RELU3D",
     "LINEAR_RELU", "BN_RELU2D", "BN_RELU3D", "ADD_RELU", "MUL_RELU", "CLAMP", "SQUEEZE", "UNSQUEEZE",
-    "CHANNEL_SHUFFLE", "INTERPOLATE",
+    "CHANNEL_SHUFFLE", "INTERPOLATE", "CONV_TRANSPOSE1D", "CONV_TRANSPOSE2D", "CONV_TRANSPOSE3D", "LAYER_NORM",
+    "GROUP_NORM", "INSTANCE_NORM", "ELU", "LEAKY_RELU", "PRELU", "GELU", "SOFTMAX", "MATMUL", "STACK", "SPLIT",
+    "PIXEL_SHUFFLE", "PIXEL_UNSHUFFLE", "PAD", "EXPAND", "REPEAT", "QAT_CONV1D", "QAT_CONV2D", "QAT_CONV3D",
+    "QAT_CONV_RELU1D", "QAT_CONV_RELU2D", "QAT_CONV_RELU3D", "QAT_LINEAR", "QAT_LINEAR_RELU",
 ]
 
 CONV1D = OpKind("conv1d", modules=(nn.Conv1d,))
@@ -70,6 +73,26 @@ INTERPOLATE = OpKind("interpolate", modules=(nn.Upsample, nn.UpsamplingNearest2d
                      functions=(F.interpolate,))
 SIZE = OpKind("size", methods=("size", "dim"), functions=(getattr,))
 
+CONV_TRANSPOSE1D = OpKind("conv_transpose1d", modules=(nn.ConvTranspose1d,))
+CONV_TRANSPOSE2D = OpKind("conv_transpose2d", modules=(nn.ConvTranspose2d,))
+CONV_TRANSPOSE3D = OpKind("conv_transpose3d", modules=(nn.ConvTranspose3d,))
+LAYER_NORM = OpKind("layer_norm", modules=(nn.LayerNorm,))
+GROUP_NORM = OpKind("group_norm", modules=(nn.GroupNorm,))
+INSTANCE_NORM = OpKind("instance_norm", modules=(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d))
+ELU = OpKind("elu", modules=(nn.ELU,), functions=(F.elu,))
+LEAKY_RELU = OpKind("leaky_relu", modules=(nn.LeakyReLU,), functions=(F.leaky_relu,))
+PRELU = OpKind("prelu", modules=(nn.PReLU,))
+GELU = OpKind("gelu", modules=(nn.GELU,), functions=(F.gelu,))
+SOFTMAX = OpKind("softmax", modules=(nn.Softmax,), functions=(F.softmax, torch.softmax), methods=("softmax",))
+MATMUL = OpKind("matmul", functions=(torch.matmul, torch.bmm, operator.matmul), methods=("matmul", "bmm"))
+STACK = OpKind("stack", functions=(torch.stack,))
+SPLIT = OpKind("split", functions=(torch.split,), methods=("split",))
+PIXEL_SHUFFLE = OpKind("pixel_shuffle", modules=(nn.PixelShuffle,), functions=(F.pixel_shuffle,))
+PIXEL_UNSHUFFLE = OpKind("pixel_unshuffle", modules=(nn.PixelUnshuffle,), functions=(F.pixel_unshuffle,))
+PAD = OpKind("pad", functions=(F.pad,))
+EXPAND = OpKind("expand", methods=("expand", "expand_as"))
+REPEAT = OpKind("repeat", methods=("repeat",))
+
 # post-fusion kinds
 CONV_RELU1D = OpKind("conv_relu1d", modules=(fused.ConvReLU1d,))
 CONV_RELU2D = OpKind("conv_relu2d", modules=(fused.ConvReLU2d,))
@@ -79,3 +102,13 @@ BN_RELU2D = OpKind("bn_relu2d", modules=(fused.BNReLU2d,))
 BN_RELU3D = OpKind("bn_relu3d", modules=(fused.BNReLU3d,))
 ADD_RELU = OpKind("add_relu", functions=(fused.add_relu,))
 MUL_RELU = OpKind("mul_relu", functions=(fused.mul_relu,))
+
+# kinds after QAT fusion (prepare_qat_fx); convert_fx turns each back into the post-fusion kind above
+QAT_CONV1D = OpKind("qat_conv1d", modules=(qat.Conv1d, qat.ConvBn1d))
+QAT_CONV2D = OpKind("qat_conv2d", modules=(qat.Conv2d, qat.ConvBn2d))
+QAT_CONV3D = OpKind("qat_conv3d", modules=(qat.Conv3d, qat.ConvBn3d))
+QAT_CONV_RELU1D = OpKind("qat_conv_relu1d", modules=(qat.ConvReLU1d, qat.ConvBnReLU1d))
+QAT_CONV_RELU2D = OpKind("qat_conv_relu2d", modules=(qat.ConvReLU2d, qat.ConvBnReLU2d))
+QAT_CONV_RELU3D = OpKind("qat_conv_relu3d", modules=(qat.ConvReLU3d, qat.ConvBnReLU3d))
+QAT_LINEAR = OpKind("qat_linear", modules=(qat.Linear, qat.LinearBn1d))
+QAT_LINEAR_RELU = OpKind("qat_linear_relu", modules=(qat.LinearReLU, qat.LinearBnReLU1d))

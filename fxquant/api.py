@@ -1,4 +1,5 @@
-"""The public entry points: ``prepare_fx``, ``convert_fx``, ``fuse_fx`` (call-compatible with torch.ao's).
+"""The public entry points: ``prepare_fx``, ``prepare_qat_fx``, ``convert_fx``, ``fuse_fx`` (call-compatible
+with torch.ao's).
 
 Example:
     >>> import torch, fxquant
@@ -25,24 +26,28 @@ from torch import fx, nn
 from fxquant.backends import BACKENDS, BackendConfig, get_backend_config, resolve_backend
 from fxquant.backends.kernels import get_kernels
 from fxquant.errors import ConvertError, EngineError, FxQuantError
+from fxquant.observers import ObserverBase
 from fxquant.passes.annotate import AnnotatePass
 from fxquant.passes.base import PassManager, PassTiming
 from fxquant.passes.cleanup import CleanupPass
 from fxquant.passes.context import FloatReason, QuantContext
 from fxquant.passes.fuse import FusePass
 from fxquant.passes.lower import LowerPass
+from fxquant.passes.normalize import NormalizePass
 from fxquant.passes.observe import ObservePass
+from fxquant.passes.qat import FreezeQATPass
 from fxquant.passes.verify import CONVERT_VERIFIERS, PREPARE_VERIFIERS
 from fxquant.qconfig import QConfigMapping
 from fxquant.tracer import PrepareCustomConfig, trace
 
-__all__ = ["prepare_fx", "convert_fx", "fuse_fx", "QuantState", "prepare_pipeline", "convert_pipeline",
+__all__ = ["prepare_fx", "prepare_qat_fx", "convert_fx", "fuse_fx", "QuantState", "prepare_pipeline", "convert_pipeline",
+           "freeze_qat_pipeline",
            "STATE_KEY"]
 
 #: the GraphModule.meta key holding the :class:`QuantState` of a prepared or converted model
 STATE_KEY = "fxquant_state"
 
-PREPARE_ORDER = [("fuse", "annotate"), ("annotate", "observe")]
+PREPARE_ORDER = [("normalize", "fuse"), ("fuse", "annotate"), ("annotate", "observe")]
 CONVERT_ORDER = [("lower", "cleanup")]
 
 
@@ -55,6 +60,7 @@ class QuantState:
     stage: str  # "prepared" or "converted"
     float_reasons: list[FloatReason]
     timings: list[PassTiming]
+    is_qat: bool = False  # prepared by prepare_qat_fx: convert_fx first freezes the QAT modules
 
     def __getstate__(self) -> dict[str, Any]:
         # a table holds functions that cannot be pickled (F.max_pool2d is a local closure of torch's
@@ -73,7 +79,8 @@ class QuantState:
 
 def prepare_pipeline(verify: bool = True) -> PassManager:
     """The passes of ``prepare_fx``, as a PassManager a user can extend (insert/replace by name)."""
-    return PassManager([FusePass(), AnnotatePass(), ObservePass()], PREPARE_ORDER, PREPARE_VERIFIERS, verify)
+    return PassManager([NormalizePass(), FusePass(), AnnotatePass(), ObservePass()], PREPARE_ORDER,
+                       PREPARE_VERIFIERS, verify)
 
 
 def convert_pipeline(verify: bool = True) -> PassManager:
@@ -81,13 +88,26 @@ def convert_pipeline(verify: bool = True) -> PassManager:
     return PassManager([LowerPass(), CleanupPass()], CONVERT_ORDER, CONVERT_VERIFIERS, verify)
 
 
-def _check_model(model: Any, fn: str) -> None:
+def freeze_qat_pipeline(verify: bool = True) -> PassManager:
+    """What ``convert_fx`` runs first on a model from ``prepare_qat_fx``: QAT modules back to fused float ones.
+
+    Its result is still an observed graph (fake quantizers in place), so it is checked with the prepare
+    invariants; the convert pipeline then lowers it like a calibrated ``prepare_fx`` model.
+    """
+    return PassManager([FreezeQATPass()], (), PREPARE_VERIFIERS, verify)
+
+
+def _check_model(model: Any, fn: str, any_device: bool = False) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn} expects a torch.nn.Module, got {type(model).__name__}")
-    devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
-    if devices - {"cpu"}:
-        raise FxQuantError(f"{fn}: the model has parameters on {sorted(devices - {'cpu'})}; int8 kernels run on the "
-                           "CPU: call model.cpu() first (QAT on other devices arrives with prepare_qat_fx)")
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if any_device and len(devices) > 1:
+        raise FxQuantError(f"{fn}: the model's parameters and buffers are on several devices "
+                           f"({sorted(map(str, devices))}); move it to one device first, e.g. model.to('cuda')")
+    off_cpu = {d.type for d in devices} - {"cpu"}
+    if off_cpu and not any_device:
+        raise FxQuantError(f"{fn}: the model has parameters on {sorted(off_cpu)}; int8 kernels run on the "
+                           "CPU: call model.cpu() first (prepare_qat_fx trains on any device)")
 
 
 def _example_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -154,19 +174,90 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     backend = _default_backend(backend_config)
     config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
     gm = _trace_with_shapes(copy.deepcopy(model), inputs, config)
-    ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs)
+    return _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs), verify)
+
+
+def _prepare(gm: fx.GraphModule, ctx: QuantContext, verify: bool) -> fx.GraphModule:
+    """Run the prepare pipeline on a traced copy, report its warnings, attach the QuantState."""
     pm = prepare_pipeline(verify)
     gm = pm.run(gm, ctx)
     for msg in ctx.warnings:
-        warnings.warn(msg, stacklevel=2)
-    gm.meta[STATE_KEY] = QuantState(backend, mapping, "prepared", list(ctx.float_reasons), pm.timings)
+        warnings.warn(msg, stacklevel=3)
+    gm.meta[STATE_KEY] = QuantState(ctx.backend, ctx.qconfig_mapping, "prepared", list(ctx.float_reasons),
+                                    pm.timings, is_qat=ctx.is_qat)
     return gm
+
+
+def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
+                   prepare_custom_config: Union[PrepareCustomConfig, dict, None] = None,
+                   backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True) -> fx.GraphModule:
+    """Trace, fuse into QAT modules, annotate and insert fake quantizers: the model to train.
+
+    As :func:`prepare_fx`, except that conv / linear (+ batch norm) (+ ReLU) become :mod:`fxquant.qat` modules
+    (fake-quantized weights, batch norm folding simulated, see :mod:`fxquant.qat`) and activations get the
+    qconfig's FakeQuantize modules. Train the result like the float model (any optimizer, ``train()`` /
+    ``eval()`` as usual, on the model's device), optionally :func:`fxquant.qat.freeze_bn_stats` and
+    :func:`fxquant.disable_observer` for the last steps, then ``convert_fx`` it (on the CPU).
+
+    Args:
+        model: a float model in train mode, on any one device (not modified).
+        qconfig_mapping: e.g. ``fxquant.get_default_qat_qconfig_mapping("x86")`` (``None`` = stay float).
+        example_inputs: a tuple of positional inputs on the model's device (shape propagation runs in eval
+            mode, so batch norm statistics are not touched).
+        prepare_custom_config: non-traceable module names/classes.
+        backend_config: as for :func:`prepare_fx`.
+        verify: lint and check invariants between passes.
+
+    Returns:
+        The GraphModule to train, in train mode (modules the user had in eval mode stay so), on the model's device.
+
+    Example:
+        >>> import torch, fxquant
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        >>> x = torch.randn(8, 1, 8, 8)
+        >>> qat_model = fxquant.prepare_qat_fx(model.train(), fxquant.get_default_qat_qconfig_mapping("x86"), (x,),
+        ...                                    backend_config="x86")
+        >>> type(qat_model.get_submodule("0")).__name__
+        'ConvBnReLU2d'
+    """
+    _check_model(model, "prepare_qat_fx", any_device=True)
+    if not model.training:
+        raise FxQuantError("prepare_qat_fx is for quantization-aware training and needs the model in train mode: "
+                           "call model.train() first (to quantize an eval-mode model without training, use "
+                           "prepare_fx)")
+    inputs = _example_inputs(example_inputs)
+    mapping = _mapping(qconfig_mapping)
+    backend = _default_backend(backend_config)
+    config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
+    modes = {name: m.training for name, m in model.named_modules()}
+    gm = _trace_with_shapes(copy.deepcopy(model).eval(), inputs, config)
+    ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs, is_qat=True)
+    gm = _prepare(gm, ctx, verify)
+    gm.train()
+    for name, module in gm.named_modules():
+        if modes.get(name) is False:
+            module.eval()
+    device = next(iter({p.device for p in model.parameters()} | {b.device for b in model.buffers()}), None)
+    if device is not None:
+        gm.to(device)
+    _warn_without_fake_quant(gm)
+    return gm
+
+
+def _warn_without_fake_quant(gm: fx.GraphModule) -> None:
+    plain = [str(n.target) for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), ObserverBase)]
+    if plain:
+        warnings.warn(f"prepare_qat_fx: {len(plain)} activation(s) get plain observers, not FakeQuantize (e.g. "
+                      f"'{plain[0]}'), so training does not simulate their quantization; use a QAT qconfig such as "
+                      "fxquant.get_default_qat_qconfig_mapping(backend)", stacklevel=3)
 
 
 def _state(model: Any, fn: str) -> QuantState:
     state = model.meta.get(STATE_KEY) if isinstance(model, fx.GraphModule) else None
     if state is None:
-        raise ConvertError(f"{fn} expects the model returned by fxquant.prepare_fx (got {type(model).__name__}); "
+        raise ConvertError(f"{fn} expects the model returned by fxquant.prepare_fx or prepare_qat_fx (got "
+                           f"{type(model).__name__}); "
                            "prepare it first")
     if state.stage == "converted":
         raise ConvertError(f"{fn}: this model is already converted; convert the prepared model, not its result")
@@ -178,7 +269,8 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
     """Lower a calibrated prepared model to quantized kernels.
 
     Args:
-        graph_module: the result of :func:`prepare_fx` after calibration (not modified).
+        graph_module: the result of :func:`prepare_fx` after calibration, or of :func:`prepare_qat_fx` after
+            training (on any device; not modified).
         convert_custom_config: accepted for torch.ao compatibility; no options are used yet.
         backend_config: must match the one used to prepare, if given.
         verify: lint and check invariants between passes.
@@ -196,12 +288,18 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
         raise EngineError(f"backend '{backend.name}': {missing}; choose one of the available engines")
     ctx = QuantContext(backend=backend, qconfig_mapping=state.qconfig_mapping,
                        float_reasons=list(state.float_reasons))
+    gm = copy.deepcopy(graph_module).cpu()  # int8 kernels run on the CPU (QAT may train elsewhere)
+    timings = list(state.timings)
+    if state.is_qat:
+        freeze = freeze_qat_pipeline(verify)
+        gm = freeze.run(gm, ctx)
+        timings += freeze.timings
     pm = convert_pipeline(verify)
-    gm = pm.run(copy.deepcopy(graph_module), ctx)
+    gm = pm.run(gm, ctx)
     torch.backends.quantized.engine = backend.engine
     gm.register_forward_pre_hook(EngineCheck(backend.engine))
     gm.meta[STATE_KEY] = QuantState(backend, state.qconfig_mapping, "converted", ctx.float_reasons,
-                                    state.timings + pm.timings)
+                                    timings + pm.timings, is_qat=state.is_qat)
     return gm
 
 
@@ -235,4 +333,4 @@ def fuse_fx(model: nn.Module, fuse_custom_config: Union[PrepareCustomConfig, dic
         raise FxQuantError("fuse_fx folds batch norm and needs the model in eval mode: call model.eval() first")
     gm = trace(copy.deepcopy(model), PrepareCustomConfig.from_dict(fuse_custom_config))  # type: ignore[arg-type]
     ctx = QuantContext(backend=_default_backend(backend_config))
-    return PassManager([FusePass()], verify=True).run(gm, ctx)
+    return PassManager([NormalizePass(), FusePass()], PREPARE_ORDER, verify=True).run(gm, ctx)

@@ -447,7 +447,28 @@ def get_default_qconfig_mapping(backend: Union[str, BackendConfig] = "x86") -> Q
         >>> get_default_qconfig_mapping("fbgemm").global_qconfig == get_default_qconfig("fbgemm")
         True
     """
-    return QConfigMapping().set_global(get_default_qconfig(backend))
+    return _with_table_weight_rules(QConfigMapping().set_global(get_default_qconfig(backend)), _backend(backend), False)
+
+
+def _with_table_weight_rules(mapping: QConfigMapping, cfg: BackendConfig, qat: bool) -> QConfigMapping:
+    """Give ops whose kernels reject the backend's default weight scheme (ConvTranspose: per tensor only) an
+    object-type qconfig with the first scheme their table entry accepts, as the table says."""
+    eps = _min_scale(cfg)
+    base = mapping.global_qconfig
+    for entry in cfg.entries:
+        if entry.weight is None or cfg.weight.qscheme in entry.weight.qschemes or not entry.weight.qschemes:
+            continue
+        grid = _grid(dataclasses.replace(cfg.weight, qscheme=entry.weight.qschemes[0]), eps)
+        per_channel = entry.weight.qschemes[0] in PER_CHANNEL_SCHEMES
+        if qat:
+            obs = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+            weight = FakeQuantize.with_args(observer=obs, **grid)
+        else:
+            weight = (PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(**grid)
+        for pattern in entry.patterns:
+            for module_type in pattern[0].modules:
+                mapping.set_object_type(module_type, QConfig(activation=base.activation, weight=weight))
+    return mapping
 
 
 def get_default_qat_qconfig_mapping(backend: Union[str, BackendConfig] = "x86") -> QConfigMapping:
@@ -457,7 +478,8 @@ def get_default_qat_qconfig_mapping(backend: Union[str, BackendConfig] = "x86") 
         >>> get_default_qat_qconfig_mapping("qnnpack").global_qconfig is not None
         True
     """
-    return QConfigMapping().set_global(get_default_qat_qconfig(backend))
+    return _with_table_weight_rules(QConfigMapping().set_global(get_default_qat_qconfig(backend)), _backend(backend),
+                                    True)
 
 
 def _backend(backend: Union[str, BackendConfig]) -> BackendConfig:

@@ -12,6 +12,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 from collections import Counter
 from typing import Any, Optional
@@ -115,7 +116,10 @@ class AnnotatePass:
         for node in gm.graph.nodes:
             rec = record(node)
             rec.entry, rec.qconfig, rec.float_reason = None, None, None
-            rec.is_tensor = _is_float_tensor(node.meta.get("tensor_meta"))
+            meta = node.meta.get("tensor_meta")
+            rec.is_tensor = _is_float_tensor(meta)
+            rec.is_tensor_tuple = isinstance(meta, (list, tuple)) and not rec.is_tensor and bool(meta) and all(
+                _is_float_tensor(m) for m in meta)
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
             module_name, scope_type = _scope(node)
@@ -138,7 +142,9 @@ class AnnotatePass:
         if entry is None or rec.qconfig is None:
             return
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not rec.is_tensor:
+        tuple_ok = rec.is_tensor_tuple and entry.observation is Observation.SHARES_INPUT and all(
+            u.op == "call_function" and u.target is operator.getitem for u in node.users)
+        if not rec.is_tensor and not tuple_ok:
             rec.float_reason = "output is not a floating-point tensor"
             return
         check_qconfig(node, entry, rec.qconfig, ctx.backend.name)

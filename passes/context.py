@@ -12,6 +12,7 @@ from typing import Any, Optional
 from torch import fx, nn
 
 from fxquant.backends.config import BackendConfig, OpEntry
+from fxquant.qparams import QParams
 
 __all__ = ["RECORD_KEY", "NodeRecord", "QuantContext", "record", "modules_of", "FloatReason"]
 
@@ -40,8 +41,11 @@ class NodeRecord:
         float_reason: why the node stays float, if it does (annotate / lower passes).
         observer: name of the observer module that observes this node's output (observe pass).
         is_tensor: whether the node's output is a floating-point tensor (annotate pass, from shapes).
+        is_tensor_tuple: whether it is a tuple of floating-point tensors (chunk, split) (annotate pass).
         quantized_output: in a converted graph, the node produces a quantized tensor (lower pass).
         quantized_inputs: in a converted graph, the node consumes quantized tensors (lower pass).
+        weight_qparams: the weight qparams a QAT module trained with (freeze_qat pass); lowering quantizes
+            the weight with them instead of observing it again.
     """
 
     fused_from: tuple[Any, ...] = ()
@@ -51,8 +55,10 @@ class NodeRecord:
     float_reason: Optional[str] = None
     observer: Optional[str] = None
     is_tensor: bool = False
+    is_tensor_tuple: bool = False
     quantized_output: bool = False
     quantized_inputs: bool = False
+    weight_qparams: Optional[QParams] = None
 
     @property
     def quantizable(self) -> bool:

@@ -6,7 +6,9 @@ Contract:
       kernel (or the same op natively on quantized tensors for shares-input / fixed-qparams ops), a
       ``Quantize`` where float enters a quantized region, ``.dequantize()`` where it leaves; every tensor
       is quantized at most once and dequantized at most once, so dequantize -> quantize pairs never appear;
-    * observers that saw nothing make it raise :class:`ConvertError` listing them all.
+    * observers that saw nothing make it raise :class:`ConvertError` listing them all;
+    * weights are quantized with ``NodeRecord.weight_qparams`` where a QAT model's freeze pass set them (the
+      trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
 
 The graph is rebuilt in one forward walk. Each old value has up to two views in the new graph, a float
 one and a quantized one, made on first use and cached.
@@ -24,10 +26,10 @@ from torch import fx, nn
 from fxquant.backends.config import Observation, OpEntry
 from fxquant.backends.kernels import LoweringSpec, get_kernels
 from fxquant.errors import ConvertError
-from fxquant.observers import NoDataError, ObserverBase
+from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
-from fxquant.passes.observe import is_observer_node, tensor_inputs
+from fxquant.passes.observe import is_observer_node, tensor_inputs, weight_observer
 from fxquant.qparams import QParams
 
 __all__ = ["LowerPass"]
@@ -101,7 +103,7 @@ def _observer_qparams(builder: _Builder) -> None:
     missing: list[str] = []
     for node in builder.old.graph.nodes:
         if is_observer_node(node, builder.modules):
-            obs: ObserverBase = builder.modules[str(node.target)]
+            obs = builder.modules[str(node.target)]
             try:
                 builder.qparams[builder.source(node)] = obs.qparams()
             except NoDataError:
@@ -180,6 +182,11 @@ class LowerPass:
         if entry.lowering is None:
             self._emit(b, node, node.op, node.target, qargs, b.map_float(node.kwargs))
             return True
+        module = b.modules.get(str(node.target)) if node.op == "call_module" else None
+        reason = _static_args_reason(entry, node, module)
+        if reason:
+            b.ctx.keep_float(node, entry.name, reason)
+            return False
         spec = self._spec(b, node, rec, out_qp)
         name = str(node.target) if node.op == "call_module" else b._module_name(node.name)
         b.new_modules[name] = b.kernels.build(spec)
@@ -198,34 +205,40 @@ class LowerPass:
         module = b.modules.get(str(node.target)) if node.op == "call_module" else None
         weight_qp = None
         if rec.entry.weight is not None and module is not None:
-            op = getattr(module, "op", module)
-            w_obs = _weight_observer(rec, op)
-            w_obs(op.weight.detach())
-            weight_qp = w_obs.qparams()
-        kwargs: dict[str, Any] = {}
-        if rec.entry.lowering == "cat":
-            kwargs["dim"] = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, kwargs)
+            weight_qp = rec.weight_qparams  # a QAT model's trained weight qparams (freeze_qat pass)
+            if weight_qp is None:
+                op = getattr(module, "op", module)
+                w_obs = weight_observer(rec, op)
+                w_obs(op.weight.detach())
+                weight_qp = w_obs.qparams()
+        return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, _op_args(rec.entry, node, module))
 
 
-def _weight_observer(rec: NodeRecord, op: nn.Module) -> ObserverBase:
-    """The weight observer of ``rec``'s qconfig, narrowed to the table's depthwise weight range if one applies."""
-    factory = rec.qconfig.weight
-    limit = rec.entry.constraints.depthwise_weight_range
-    groups = getattr(op, "groups", 1)
-    if limit is not None and groups > 1 and groups == getattr(op, "in_channels", 0):
-        obs = factory()
-        lo, hi = obs.quant_min, obs.quant_max
-        if lo < limit[0] or hi > limit[1]:
-            if not hasattr(factory, "with_overrides"):
-                raise ConvertError(f"depthwise conv weights need the range {list(limit)} on this backend; give the "
-                                   "qconfig a weight factory made with Observer.with_args(...)")
-            return factory.with_overrides(quant_min=max(lo, limit[0]), quant_max=min(hi, limit[1]))()
-    return factory()
+def _op_args(entry: OpEntry, node: fx.Node, module: Optional[nn.Module]) -> dict[str, Any]:
+    """The entry's ``op_args`` read from the module (module form) or the call's arguments (functional form)."""
+    out: dict[str, Any] = {}
+    for name, pos, default in entry.op_args:
+        if module is not None and hasattr(getattr(module, "op", module), name):
+            out[name] = getattr(getattr(module, "op", module), name)
+        elif name in node.kwargs:
+            out[name] = node.kwargs[name]
+        elif node.op != "call_module" and len(node.args) > pos:
+            out[name] = node.args[pos]
+        else:
+            out[name] = default
+    return out
+
+
+def _static_args_reason(entry: OpEntry, node: fx.Node, module: Optional[nn.Module]) -> Optional[str]:
+    """Why the kernel cannot take this call's arguments (computed at run time, or missing), if it cannot."""
+    for name, value in _op_args(entry, node, module).items():
+        if isinstance(value, fx.Node) or value is None:
+            return f"its argument '{name}' is {'computed at run time' if value is not None else 'not given'}"
+    return None
 
 
 def _kernel_args(entry: OpEntry, qargs: tuple) -> tuple:
-    if entry.lowering == "cat":
+    if entry.lowering in ("cat", "stack"):
         return (qargs[0],)
     if entry.quantized_args is not None:
         return tuple(qargs[i] for i in entry.quantized_args)

@@ -492,11 +492,18 @@ def test_default_qat_qconfig_uses_fake_quant_on_the_same_grids(backend: str) -> 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_default_mappings_are_just_the_global_qconfig(backend: str) -> None:
+def test_default_mappings_are_the_global_qconfig_plus_the_tables_weight_rules(backend: str) -> None:
     for mapping, qconfig in ((get_default_qconfig_mapping(backend), get_default_qconfig(backend)),
                              (get_default_qat_qconfig_mapping(backend), get_default_qat_qconfig(backend))):
         assert mapping.global_qconfig == qconfig
-        assert mapping.to_dict() == QConfigMapping().set_global(qconfig).to_dict()
+        assert not mapping.module_name_qconfigs and not mapping.module_name_regex_qconfigs
+        # only ops whose kernels reject the default (per-channel) weight get an object-type setting
+        assert set(mapping.object_type_qconfigs) == {nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d}
+        for module_type, qc in mapping.object_type_qconfigs.items():
+            w = qc.weight()
+            w = getattr(w, "activation_post_process", w)
+            assert w.qscheme in (torch.per_tensor_symmetric, torch.per_tensor_affine)
+            assert qc.activation == qconfig.activation
 
 
 def test_default_backend_is_x86_and_unknown_backend_says_which_exist() -> None:

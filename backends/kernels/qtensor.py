@@ -314,6 +314,9 @@ class QTensorKernels:
                 return f"padding_mode='{conv.padding_mode}' (the quantized conv kernels pad with zeros only)"
             if isinstance(conv.padding, str):
                 return f"padding='{conv.padding}' (give explicit integer padding)"
+        if target == "prelu" and module is not None and module.weight.numel() != 1:
+            return ("PReLU with one slope per channel: torch's quantized prelu kernel returns wrong values "
+                    "(6 dB against float on a test tensor); single-slope PReLU runs as leaky_relu")
         return None
 
     def needs_contiguous_input(self, op_name: str) -> bool:
@@ -325,25 +328,16 @@ class QTensorKernels:
         """The module that quantizes a float tensor at the start of a quantized region."""
         return Quantize(qp)
 
+    def targets(self) -> frozenset[str]:
+        """Every lowering target this layer builds (a table naming another one is a mistake)."""
+        from fxquant.backends.kernels.qtensor_ops import BUILDERS
+
+        return frozenset(BUILDERS)
+
     def build(self, spec: LoweringSpec) -> nn.Module:
         """The quantized module that computes ``spec.target``."""
-        t = spec.target
-        if t in _CONV_TARGETS:
-            dims, relu = _CONV_TARGETS[t]
-            conv = spec.module.op if relu else spec.module
-            with engine(self.engine):
-                return QuantizedConv(conv, spec.weight, spec.output, relu, self.engine)
-        if t in ("linear", "linear_relu"):
-            lin = spec.module.op if t == "linear_relu" else spec.module
-            with engine(self.engine):
-                return QuantizedLinear(lin, spec.weight, spec.output, t == "linear_relu", self.engine)
-        if t in _BN_TARGETS:
-            dims, relu = _BN_TARGETS[t]
-            return QuantizedBatchNorm(spec.module.op if relu else spec.module, spec.output, relu, dims)
-        if t in ("add", "add_relu", "mul", "mul_relu"):
-            return QuantizedBinary(t, spec.output)
-        if t == "cat":
-            return QuantizedCat(int(spec.kwargs.get("dim", 0)), spec.output)
-        if t == "hardswish":
-            return QuantizedHardswish(spec.output)
-        raise KeyError(f"kernel layer '{self.name}' has no lowering for target '{t}'")
+        from fxquant.backends.kernels.qtensor_ops import BUILDERS
+
+        if spec.target not in BUILDERS:
+            raise KeyError(f"kernel layer '{self.name}' has no lowering for target '{spec.target}'")
+        return BUILDERS[spec.target](spec, self.engine)

@@ -1,0 +1,102 @@
+"""Normalization pass: put a traced eval-mode graph into the forms the backend tables are written for.
+
+Contract:
+    * input: a traced float GraphModule in eval mode;
+    * output: the same function, with identity ops removed (``nn.Dropout*``, ``nn.Identity``,
+      ``F.dropout(..., training=False)``) and functional ``F.linear`` / ``F.conv1d/2d/3d`` calls whose weight
+      and bias are module attributes turned into ``nn.Linear`` / ``nn.ConvNd`` modules sharing those
+      parameters (so fusion, observers and lowering treat them like module calls);
+    * idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.passes.base import PassResult
+from fxquant.passes.context import modules_of
+
+__all__ = ["NormalizePass"]
+
+_IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+_CONV_FUNCTIONS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+
+
+def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _IDENTITY_MODULES)
+    if node.op == "call_function" and node.target is F.dropout:
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return training is False
+    return False
+
+
+def _attr(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _module_for(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    """An nn.Linear / nn.ConvNd equivalent to a functional call with attribute weights, if it is one."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    weight, bias = _attr(gm, args.get("weight")), _attr(gm, args.get("bias"))
+    if weight is None or (args.get("bias") is not None and bias is None):
+        return None
+    if node.target is F.linear:
+        mod: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        extra = {k: args[k] for k in ("stride", "padding", "dilation", "groups") if k in args}
+        if any(isinstance(v, fx.Node) for v in extra.values()):
+            return None
+        groups = int(extra.get("groups", 1))
+        cls = _CONV_FUNCTIONS[node.target]
+        mod = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), bias=bias is not None,
+                  device="meta", **extra)
+    mod.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        mod.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return mod
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizePass:
+    """Remove identities, turn functional conv/linear with attribute weights into modules."""
+
+    name: str = "normalize"
+
+    def run(self, gm: fx.GraphModule, ctx: object) -> PassResult:
+        modules = modules_of(gm)
+        modified = False
+        for node in list(gm.graph.nodes):
+            if _is_identity(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                modified = True
+            elif node.op == "call_function" and (node.target is F.linear or node.target in _CONV_FUNCTIONS):
+                mod = _module_for(gm, node)
+                if mod is None:
+                    continue
+                name = f"{node.name}_module"
+                gm.add_submodule(name, mod)
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_module(name, (node.args[0],))
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, modified)
