@@ -37,6 +37,8 @@ __all__ = [
     "disable_fake_quant",
     "enable_observer",
     "disable_observer",
+    "OBSERVER_TYPES",
+    "is_observer",
 ]
 
 ObserverSpec = Union[type, ObserverFactory, Callable[..., ObserverBase]]
@@ -299,3 +301,13 @@ def disable_observer(model: nn.Module) -> nn.Module:
     for fq in _fake_quants(model):
         fq.disable_observer()
     return model
+
+
+#: the module types the pipeline treats as observers: inserted by the observe pass, skipped over and read
+#: through ``qparams()`` by lowering, counted by the verifiers (FakeQuantize subclasses included)
+OBSERVER_TYPES: tuple[type, ...] = (ObserverBase, FakeQuantize)
+
+
+def is_observer(module: object) -> bool:
+    """Whether ``module`` is an observer or a fake quantizer (see :data:`OBSERVER_TYPES`)."""
+    return isinstance(module, OBSERVER_TYPES)

@@ -5,6 +5,10 @@ Contract:
     * output: the same function (batch norm folded, op+ReLU grouped), with fewer nodes; every fused node
       records the op types it replaced in ``NodeRecord.fused_from``;
     * patterns come only from the backend table (``OpEntry.patterns`` with more than one op), longest first;
+    * quantization-aware training (``ctx.is_qat``, the model may be in train mode): the entry's ``qat_fuser``
+      builds the node's module instead of ``fuser`` (no batch norm is folded: QAT modules simulate the fold),
+      and after the multi-op patterns the single-module patterns of entries with a ``qat_fuser`` swap each
+      remaining conv / linear for its QAT module; entries without a ``qat_fuser`` are left unfused;
     * idempotent: a second run finds nothing to fuse.
 """
 
@@ -16,7 +20,7 @@ from typing import Any, Optional
 
 from torch import fx, nn
 
-from fxquant.backends.config import OpEntry
+from fxquant.backends.config import OpEntry, OpKind
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY, QuantContext, modules_of, record
 from fxquant.passes.matching import match_chains, to_networkx
@@ -41,6 +45,16 @@ def _op_type(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
     return type(modules[str(node.target)]) if node.op == "call_module" else node.target
 
 
+def _patterns(ctx: QuantContext) -> list[tuple[tuple[OpKind, ...], OpEntry]]:
+    """(pattern, entry) in matching order: multi-op patterns longest first, then (QAT only) single-module swaps."""
+    order = [(p, e) for e in ctx.backend.fusion_entries() for p in sorted(e.patterns, key=len, reverse=True)
+             if len(p) > 1]
+    if ctx.is_qat:
+        order += [(p, e) for e in ctx.backend.entries if e.qat_fuser is not None for p in e.patterns
+                  if len(p) == 1 and p[0].modules]
+    return order
+
+
 @dataclasses.dataclass(frozen=True)
 class FusePass:
     """Fuse conv/linear + bn (+ relu), bn + relu, add/mul + relu, as the backend table says."""
@@ -52,17 +66,14 @@ class FusePass:
         uses = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         consumed: set[fx.Node] = set()
         modified = False
-        for entry in ctx.backend.fusion_entries():
-            for pattern in sorted(entry.patterns, key=len, reverse=True):
-                if len(pattern) < 2:
+        for pattern, entry in _patterns(ctx):
+            g = to_networkx(gm.graph)
+            for nodes in list(match_chains(g, pattern, modules)):
+                if consumed.intersection(nodes) or any(_shared_stateful(n, modules, uses) for n in nodes):
                     continue
-                g = to_networkx(gm.graph)
-                for nodes in list(match_chains(g, pattern, modules)):
-                    if consumed.intersection(nodes) or any(_shared_stateful(n, modules, uses) for n in nodes):
-                        continue
-                    if self._fuse(gm, entry, nodes, modules):
-                        consumed.update(nodes)
-                        modified = True
+                if self._fuse(gm, entry, nodes, modules, ctx.is_qat):
+                    consumed.update(nodes)
+                    modified = True
         if modified:
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
@@ -70,17 +81,19 @@ class FusePass:
         return PassResult(gm, modified)
 
     @staticmethod
-    def _fuse(gm: fx.GraphModule, entry: OpEntry, nodes: list[fx.Node], modules: dict[str, nn.Module]) -> bool:
+    def _fuse(gm: fx.GraphModule, entry: OpEntry, nodes: list[fx.Node], modules: dict[str, nn.Module],
+              is_qat: bool) -> bool:
         first, last = nodes[0], nodes[-1]
         fused_from = tuple(_op_type(n, modules) for n in nodes)
         if first.op == "call_module":
-            if entry.fuser is None:
+            fuser = entry.qat_fuser if is_qat else entry.fuser
+            if fuser is None:
                 return False
             mods: list[Optional[nn.Module]] = [modules[str(n.target)] if n.op == "call_module" else None
                                                for n in nodes]
-            if any(m is not None and m.training for m in mods):
+            if not is_qat and any(m is not None and m.training for m in mods):
                 return False
-            _set_module(gm, str(first.target), entry.fuser(mods))
+            _set_module(gm, str(first.target), fuser(mods))
             new = first
         else:
             if first.kwargs or len(first.args) != 2 or not entry.op.functions:

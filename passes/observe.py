@@ -6,7 +6,11 @@ Contract:
       op; all users of an observed tensor read it through its observer; ops that share their input's
       qparams get none of their own; fixed-qparams ops get a fixed observer; the float function is unchanged;
     * each node's record names the observer of its output (``NodeRecord.observer``);
-    * never two observers on one tensor; idempotent (observed tensors are not observed again).
+    * never two observers on one tensor; idempotent (observed tensors are not observed again);
+    * quantization-aware training (``ctx.is_qat``): the qconfig's activation factory gives FakeQuantize
+      modules, which count as observers (:data:`fxquant.fake_quantize.OBSERVER_TYPES`); fixed-qparams ops
+      get a FakeQuantize around their fixed observer; each QAT module (:mod:`fxquant.qat`) of a quantized
+      node gets its ``weight_fake_quant`` from ``qconfig.weight`` (narrowed as :func:`weight_observer` says).
 """
 
 from __future__ import annotations
@@ -17,16 +21,36 @@ from typing import Any, Optional
 from torch import fx, nn
 
 from fxquant.backends.config import Observation
-from fxquant.observers import FixedQParamsObserver, ObserverBase
+from fxquant.errors import ConvertError
+from fxquant.fake_quantize import FakeQuantize, is_observer
+from fxquant.observers import FixedQParamsObserver
 from fxquant.passes.base import PassResult
-from fxquant.passes.context import QuantContext, modules_of, record
+from fxquant.passes.context import NodeRecord, QuantContext, modules_of, record
+from fxquant.qat import QATModule
 
-__all__ = ["ObservePass", "tensor_inputs", "is_observer_node"]
+__all__ = ["ObservePass", "tensor_inputs", "is_observer_node", "weight_observer"]
 
 
 def is_observer_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` calls an observer module."""
-    return node.op == "call_module" and isinstance(modules.get(str(node.target)), ObserverBase)
+    """Whether ``node`` calls an observer module (an observer or a fake quantizer)."""
+    return node.op == "call_module" and is_observer(modules.get(str(node.target)))
+
+
+def weight_observer(rec: NodeRecord, op: nn.Module) -> nn.Module:
+    """The weight observer (or fake quantizer) of ``rec``'s qconfig for the weighted module ``op``, narrowed to
+    the table's depthwise weight range where one applies (fbgemm's 7-bit depthwise weights)."""
+    factory = rec.qconfig.weight
+    limit = rec.entry.constraints.depthwise_weight_range
+    groups = getattr(op, "groups", 1)
+    if limit is not None and groups > 1 and groups == getattr(op, "in_channels", 0):
+        obs = factory()
+        lo, hi = obs.quant_min, obs.quant_max
+        if lo < limit[0] or hi > limit[1]:
+            if not hasattr(factory, "with_overrides"):
+                raise ConvertError(f"depthwise conv weights need the range {list(limit)} on this backend; give the "
+                                   "qconfig a weight factory made with Observer.with_args(...)")
+            return factory.with_overrides(quant_min=max(lo, limit[0]), quant_max=min(hi, limit[1]))()
+    return factory()
 
 
 def tensor_inputs(node: fx.Node) -> Optional[list[Any]]:
@@ -73,12 +97,21 @@ class ObservePass:
                     self._insert(gm, t, rec.qconfig.activation(), modules)
             if entry.observation is Observation.FIXED:
                 scale, zp = entry.constraints.fixed_qparams
-                obs: nn.Module = FixedQParamsObserver(scale=scale, zero_point=zp)
+                obs: nn.Module = (FakeQuantize(observer=FixedQParamsObserver, scale=scale, zero_point=zp)
+                                  if ctx.is_qat else FixedQParamsObserver(scale=scale, zero_point=zp))
             else:
                 obs = rec.qconfig.activation()
             rec.observer = self._observer_of(node, modules) or self._insert(gm, node, obs, modules)
+            self._attach_weight_fake_quant(node, rec, modules)
         gm.recompile()
         return PassResult(gm, len(modules) != before)
+
+    @staticmethod
+    def _attach_weight_fake_quant(node: fx.Node, rec: NodeRecord, modules: dict[str, nn.Module]) -> None:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, QATModule) and module.weight_fake_quant is None and rec.qconfig.weight is not None:
+            module.set_weight_fake_quant(weight_observer(rec, module))
+            module.weight_fake_quant.where = f"weight of node '{node.name}' ({type(module).__name__})"
 
     @staticmethod
     def _observer_of(t: fx.Node, modules: dict[str, nn.Module]) -> Optional[str]:

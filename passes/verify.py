@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import fx
 
-from fxquant.observers import ObserverBase
+from fxquant.fake_quantize import is_observer
 from fxquant.passes.context import RECORD_KEY, modules_of
 
 __all__ = ["one_observer_per_tensor", "quantized_flow", "no_dead_nodes", "PREPARE_VERIFIERS", "CONVERT_VERIFIERS"]
@@ -20,7 +20,7 @@ __all__ = ["one_observer_per_tensor", "quantized_flow", "no_dead_nodes", "PREPAR
 
 def _observer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     modules = modules_of(gm)
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), ObserverBase)]
+    return [n for n in gm.graph.nodes if n.op == "call_module" and is_observer(modules.get(str(n.target)))]
 
 
 def one_observer_per_tensor(gm: fx.GraphModule, ctx: Any = None) -> None:
