@@ -13,7 +13,7 @@ from fxquant import fused, qat
 from fxquant.backends import ops
 from fxquant.backends.config import Constraints, DTypeConfig, Observation, OpEntry, OpKind, WeightRule
 
-__all__ = ["cnn_entries", "SHARES_INPUT_KINDS", "FIXED_QPARAMS"]
+__all__ = ["cnn_entries", "dynamic_entries", "SHARES_INPUT_KINDS", "FIXED_QPARAMS"]
 
 _U8 = DTypeConfig(input=torch.quint8, output=torch.quint8)
 _U8_WEIGHTED = DTypeConfig(input=torch.quint8, output=torch.quint8, weight=torch.qint8, bias=torch.float32)
@@ -31,7 +31,6 @@ FIXED_QPARAMS: dict[str, tuple[float, int]] = {
     "sigmoid": (1.0 / 256.0, 0),
     "hardsigmoid": (1.0 / 256.0, 0),
     "tanh": (2.0 / 256.0, 128),
-    "softmax": (1.0 / 256.0, 0),
 }
 
 
@@ -123,9 +122,11 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
     entries.extend(_norm_and_activation_entries())
     entries.append(OpEntry("hardswish", ops.HARDSWISH, Observation.OWN, (_U8,), ((ops.HARDSWISH,),),
                            lowering="hardswish", quantized_args=(0,), doc="hardswish"))
-    entries.append(OpEntry("softmax", ops.SOFTMAX, Observation.FIXED, (_U8,), ((ops.SOFTMAX,),), lowering="softmax",
-                           constraints=Constraints(fixed_qparams=FIXED_QPARAMS["softmax"]), quantized_args=(0,),
-                           op_args=(("dim", 1, None),), doc="softmax along dim, fixed output range [0, 1]"))
+    # softmax gets its own calibrated observer, not the fixed [0, 1] grid: attention probabilities over ~200
+    # tokens sit near 1/200, below one 1/256 step (vit_b_16: 14.9 dB with the fixed grid, 26+ dB observed)
+    entries.append(OpEntry("softmax", ops.SOFTMAX, Observation.OWN, (_U8,), ((ops.SOFTMAX,),), lowering="softmax",
+                           quantized_args=(0,), op_args=(("dim", 1, None),),
+                           doc="softmax along dim, calibrated output range"))
     for kind in (ops.SIGMOID, ops.HARDSIGMOID, ops.TANH):
         entries.append(OpEntry(kind.name, kind, Observation.FIXED, (_U8,), ((kind,),),
                                constraints=Constraints(fixed_qparams=FIXED_QPARAMS[kind.name]), quantized_args=(0,),
@@ -135,4 +136,65 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
                                doc=f"{kind.name} on the quantized tensor, same qparams as its input"))
     entries.append(OpEntry("size", ops.SIZE, Observation.NONE, (_U8,), ((ops.SIZE,),), quantized_args=(0,),
                            doc="shape queries: no quantized output"))
+    return tuple(entries)
+
+
+# ------------------------------------------------------------------------------- dynamic and weight-only
+_FLOAT = torch.float32
+_DYNAMIC_U8 = DTypeConfig(input=torch.quint8, output=_FLOAT, weight=torch.qint8, bias=_FLOAT, dynamic=True,
+                          input_qscheme=torch.per_tensor_affine)
+_PER_TOKEN_S8 = DTypeConfig(input=torch.qint8, output=_FLOAT, weight=torch.qint8, bias=_FLOAT, dynamic=True,
+                            input_qscheme=torch.per_channel_symmetric)
+_DYNAMIC_FP16 = DTypeConfig(input=torch.float16, output=_FLOAT, weight=torch.float16, bias=_FLOAT, dynamic=True)
+_FP16_WEIGHT = WeightRule(dtype=torch.float16, qschemes=(torch.per_tensor_affine,))
+#: the per-token kernel multiplies int8 by int8 with no zero points: symmetric weights only
+_SYMMETRIC_S8 = WeightRule(dtype=torch.qint8, qschemes=(torch.per_channel_symmetric, torch.per_tensor_symmetric))
+
+
+def _dynamic(name: str, op: OpKind, dtypes: DTypeConfig, weight: WeightRule, limits: Constraints, doc: str,
+             lowering: Optional[str] = None) -> OpEntry:
+    return OpEntry(name=name, op=op, observation=Observation.NONE, dtypes=(dtypes,), patterns=((op,),), weight=weight,
+                   constraints=limits, lowering=lowering or name, doc=doc)
+
+
+def dynamic_entries(weight: WeightRule, limits: Constraints, fp16: bool = True) -> tuple[OpEntry, ...]:
+    """Dynamic and weight-only entries: weights quantized ahead of time, activations at run time (or not at
+    all), output float. Chosen only for dynamic / weight-only qconfigs (``DTypeConfig.dynamic``).
+
+    Args:
+        weight: the weight rule of the backend's int8 linear kernels (also used by the recurrent layers).
+        limits: their constraints (qnnpack's weight range).
+        fp16: whether the backend has float16-weight linear kernels (fbgemm does, qnnpack does not).
+
+    Returns:
+        The entries, in table order (for one op, the first whose dtypes accept the qconfig is chosen).
+    """
+    entries = [
+        _dynamic("linear_dynamic", ops.LINEAR, _DYNAMIC_U8, weight, limits,
+                 "Linear: int8 weights, activations quantized per tensor at run time"),
+        _dynamic("linear_relu_dynamic", ops.LINEAR_RELU, _DYNAMIC_U8, weight, limits, "Linear + ReLU, dynamic int8"),
+        _dynamic("linear_per_token", ops.LINEAR, _PER_TOKEN_S8, _SYMMETRIC_S8, Constraints(),
+                 "Linear: int8 weights, int8 activations with one scale per row (token) at run time; "
+                 "torch._int_mm / oneDNN on plain int8 tensors"),
+        _dynamic("linear_relu_per_token", ops.LINEAR_RELU, _PER_TOKEN_S8, _SYMMETRIC_S8, Constraints(),
+                 "Linear + ReLU, per-token dynamic int8"),
+    ]
+    if fp16:
+        entries += [_dynamic("linear_dynamic_fp16", ops.LINEAR, _DYNAMIC_FP16, _FP16_WEIGHT, Constraints(),
+                             "Linear with float16 weights"),
+                    _dynamic("linear_relu_dynamic_fp16", ops.LINEAR_RELU, _DYNAMIC_FP16, _FP16_WEIGHT, Constraints(),
+                             "Linear + ReLU with float16 weights")]
+    for name, kind, what in (("lstm_dynamic", ops.LSTM, "LSTM"), ("gru_dynamic", ops.GRU, "GRU"),
+                             ("lstm_cell_dynamic", ops.LSTM_CELL, "LSTMCell"),
+                             ("gru_cell_dynamic", ops.GRU_CELL, "GRUCell"),
+                             ("rnn_cell_dynamic", ops.RNN_CELL, "RNNCell (tanh or relu)")):
+        entries.append(_dynamic(name, kind, _DYNAMIC_U8, weight, limits,
+                                f"{what}: int8 weights, activations quantized per tensor at run time"))
+    for bits, dtype in ((8, torch.quint8), (4, torch.quint4x2)):
+        rowwise = WeightRule(dtype=dtype, qschemes=(torch.per_channel_affine_float_qparams,))
+        only = DTypeConfig(input=_FLOAT, output=_FLOAT, weight=dtype, dynamic=True)
+        entries += [_dynamic(f"embedding_{bits}bit", ops.EMBEDDING, only, rowwise, Constraints(),
+                             f"Embedding: {bits}-bit row-wise weights (float scale and offset per row)"),
+                    _dynamic(f"embedding_bag_{bits}bit", ops.EMBEDDING_BAG, only, rowwise, Constraints(),
+                             f"EmbeddingBag (sum, mean): {bits}-bit row-wise weights")]
     return tuple(entries)

@@ -68,7 +68,7 @@ def _weight(e: OpEntry) -> str:
     if e.weight is None:
         return ""
     schemes = ", ".join(str(s).replace("torch.", "") for s in e.weight.qschemes)
-    return f"{_DTYPE[e.weight.dtype]} ({schemes}), axis {e.weight.axis}"
+    return f"{_DTYPE.get(e.weight.dtype, str(e.weight.dtype).replace('torch.', ''))} ({schemes}), axis {e.weight.axis}"
 
 
 def _dtypes(e: OpEntry) -> str:

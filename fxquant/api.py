@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from fxquant.backends import BACKENDS, BackendConfig, get_backend_config, resolve_backend
 from fxquant.backends.kernels import get_kernels
+from fxquant.decomposed import decompose_attention
 from fxquant.errors import ConvertError, EngineError, FxQuantError
 from fxquant.observers import ObserverBase
 from fxquant.passes.annotate import AnnotatePass
@@ -34,6 +35,7 @@ from fxquant.passes.context import FloatReason, QuantContext
 from fxquant.passes.fuse import FusePass
 from fxquant.passes.lower import LowerPass
 from fxquant.passes.normalize import NormalizePass
+from fxquant.passes.residual import FloatResidualStreamPass
 from fxquant.passes.observe import ObservePass
 from fxquant.passes.qat import FreezeQATPass
 from fxquant.passes.verify import CONVERT_VERIFIERS, PREPARE_VERIFIERS
@@ -47,7 +49,8 @@ __all__ = ["prepare_fx", "prepare_qat_fx", "convert_fx", "fuse_fx", "QuantState"
 #: the GraphModule.meta key holding the :class:`QuantState` of a prepared or converted model
 STATE_KEY = "fxquant_state"
 
-PREPARE_ORDER = [("normalize", "fuse"), ("fuse", "annotate"), ("annotate", "observe")]
+PREPARE_ORDER = [("normalize", "fuse"), ("fuse", "annotate"), ("annotate", "observe"), ("annotate", "residual_stream"),
+                 ("residual_stream", "observe")]
 CONVERT_ORDER = [("lower", "cleanup")]
 
 
@@ -79,7 +82,7 @@ class QuantState:
 
 def prepare_pipeline(verify: bool = True) -> PassManager:
     """The passes of ``prepare_fx``, as a PassManager a user can extend (insert/replace by name)."""
-    return PassManager([NormalizePass(), FusePass(), AnnotatePass(), ObservePass()], PREPARE_ORDER,
+    return PassManager([NormalizePass(), FusePass(), AnnotatePass(), FloatResidualStreamPass(), ObservePass()], PREPARE_ORDER,
                        PREPARE_VERIFIERS, verify)
 
 
@@ -137,8 +140,11 @@ def _default_backend(backend_config: Union[str, BackendConfig, None]) -> Backend
     return resolve_backend(backend_config)
 
 
-def _trace_with_shapes(model: nn.Module, inputs: tuple[Any, ...], config: PrepareCustomConfig) -> fx.GraphModule:
+def _trace_with_shapes(model: nn.Module, inputs: tuple[Any, ...], config: PrepareCustomConfig,
+                       run_in_eval: bool = False) -> fx.GraphModule:
     gm = trace(model, config)
+    if run_in_eval:  # traced as it trains; run (here and in the passes) without touching BN statistics
+        gm.eval()
     try:
         with torch.no_grad():
             gm(*inputs)
@@ -173,7 +179,9 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     mapping = _mapping(qconfig_mapping)
     backend = _default_backend(backend_config)
     config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
-    gm = _trace_with_shapes(copy.deepcopy(model), inputs, config)
+    model = copy.deepcopy(model)
+    decompose_attention(model)
+    gm = _trace_with_shapes(model, inputs, config)
     return _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs), verify)
 
 
@@ -202,8 +210,9 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     Args:
         model: a float model in train mode, on any one device (not modified).
         qconfig_mapping: e.g. ``fxquant.get_default_qat_qconfig_mapping("x86")`` (``None`` = stay float).
-        example_inputs: a tuple of positional inputs on the model's device (shape propagation runs in eval
-            mode, so batch norm statistics are not touched).
+        example_inputs: a tuple of positional inputs on the model's device. The model is traced in train mode
+            (``self.training`` branches as in training) and the example runs with its modules in eval mode,
+            so batch norm statistics are not touched.
         prepare_custom_config: non-traceable module names/classes.
         backend_config: as for :func:`prepare_fx`.
         verify: lint and check invariants between passes.
@@ -230,7 +239,7 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     backend = _default_backend(backend_config)
     config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
     modes = {name: m.training for name, m in model.named_modules()}
-    gm = _trace_with_shapes(copy.deepcopy(model).eval(), inputs, config)
+    gm = _trace_with_shapes(copy.deepcopy(model), inputs, config, run_in_eval=True)
     ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs, is_qat=True)
     gm = _prepare(gm, ctx, verify)
     gm.train()

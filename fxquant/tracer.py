@@ -73,7 +73,7 @@ class QuantTracer(fx.Tracer):
         if module_qualified_name in self._skip_names or (self._skip_classes and isinstance(m, self._skip_classes)):
             return True
         if type(m).__module__.startswith("fxquant."):
-            return True
+            return not getattr(m, "_fxquant_traceable", False)
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -26,6 +26,14 @@ def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
+def _reinit_zero_linears(model: nn.Module) -> None:
+    """torchvision zero-initialises some classifier heads (vit_b_16): their output would be all zeros, which
+    makes any accuracy measurement meaningless. They get PyTorch's default Linear initialisation instead."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not bool(m.weight.detach().any()):
+            m.reset_parameters()
+
+
 def torchvision_model(name: str, *, image_size: int = 224, seed: int = 0, bn_batches: int = 8,
                       batch_size: int = 8) -> nn.Module:
     """A torchvision classification model with random weights and re-estimated BN statistics, in eval mode.
@@ -47,6 +55,7 @@ def torchvision_model(name: str, *, image_size: int = 224, seed: int = 0, bn_bat
     torch.manual_seed(seed)
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
+    _reinit_zero_linears(model)
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randn(batch_size, 3, image_size, image_size, generator=gen) for _ in range(bn_batches)]
     return reestimate_bn(model, batches)

@@ -6,6 +6,8 @@ Contract:
       ``qconfig``, ``is_tensor`` and possibly ``float_reason``;
     * a qconfig that the backend table forbids for a node raises :class:`QConfigError` naming the node
       and the rule (never silently ignored);
+    * a dynamic or weight-only qconfig gets one of the table's dynamic entries (:mod:`fxquant.passes.dynamic`);
+      with ``example_inputs=None`` (dynamic-only quantization) shapes are not propagated;
     * idempotent.
 """
 
@@ -26,6 +28,7 @@ from fxquant.backends.kernels import get_kernels
 from fxquant.errors import QConfigError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
+from fxquant.passes.dynamic import dynamic_request, select_dynamic_entry
 from fxquant.qparams import dtype_range
 
 __all__ = ["AnnotatePass", "check_qconfig"]
@@ -107,8 +110,9 @@ class AnnotatePass:
     name: str = "annotate"
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*ctx.example_inputs)
+        if ctx.example_inputs is not None:  # None: dynamic-only quantization, which needs no shapes
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*ctx.example_inputs)
         modules = modules_of(gm)
         kernels = get_kernels(ctx.backend)
         order: Counter = Counter()
@@ -132,9 +136,30 @@ class AnnotatePass:
             rec.module_name = module_name
             rec.qconfig = ctx.qconfig_mapping.qconfig_for(module_name, obj, order_index, scope_type=scope_type)
             rec.entry = ctx.backend.entry_for(node, modules)
-            self._check(node, rec, modules, kernels, ctx)
+            if not self._check_dynamic(node, rec, modules, kernels, ctx):
+                self._check(node, rec, modules, kernels, ctx)
         self._warn_unused_names(ctx, modules)
         return PassResult(gm, False)
+
+    @staticmethod
+    def _check_dynamic(node: fx.Node, rec: Any, modules: dict[str, nn.Module], kernels: Any,
+                       ctx: QuantContext) -> bool:
+        """The dynamic / weight-only branch (see :mod:`fxquant.passes.dynamic`): a dynamic qconfig on a module
+        with dynamic entries gets one of them, checked like a static one; returns whether it took the node."""
+        request = dynamic_request(rec.qconfig)
+        if request is None or node.op != "call_module":
+            return False
+        module = modules[str(node.target)]
+        entry, reason = select_dynamic_entry(ctx.backend, type(module), request)
+        if entry is None:  # no dynamic kernel for this op: its static entry, if any, says why it stays float
+            return False
+        rec.entry = entry
+        if reason is None:
+            check_qconfig(node, entry, rec.qconfig, ctx.backend.name)
+            reason = kernels.supports(entry.lowering, module)
+        if reason is not None:
+            ctx.keep_float(node, entry.name, reason)
+        return True
 
     @staticmethod
     def _check(node: fx.Node, rec: Any, modules: dict[str, nn.Module], kernels: Any, ctx: QuantContext) -> None:
@@ -144,6 +169,8 @@ class AnnotatePass:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         tuple_ok = rec.is_tensor_tuple and entry.observation is Observation.SHARES_INPUT and all(
             u.op == "call_function" and u.target is operator.getitem for u in node.users)
+        if entry.observation is Observation.NONE:
+            return
         if not rec.is_tensor and not tuple_ok:
             rec.float_reason = "output is not a floating-point tensor"
             return

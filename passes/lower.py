@@ -9,6 +9,8 @@ Contract:
     * observers that saw nothing make it raise :class:`ConvertError` listing them all;
     * weights are quantized with ``NodeRecord.weight_qparams`` where a QAT model's freeze pass set them (the
       trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
+    * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
+      output, built from the float module and the qconfig's weight observer (no calibration data needed).
 
 The graph is rebuilt in one forward walk. Each old value has up to two views in the new graph, a float
 one and a quantized one, made on first use and cached.
@@ -29,6 +31,7 @@ from fxquant.errors import ConvertError
 from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
+from fxquant.passes.dynamic import dynamic_spec
 from fxquant.passes.observe import is_observer_node, tensor_inputs, weight_observer
 from fxquant.qparams import QParams
 
@@ -55,6 +58,7 @@ class _Builder:
         self.as_float: dict[fx.Node, fx.Node] = {}
         self.as_quant: dict[fx.Node, fx.Node] = {}
         self.qparams: dict[fx.Node, QParams] = {}
+        self.constants: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ values
     def source(self, n: fx.Node) -> fx.Node:
@@ -78,6 +82,12 @@ class _Builder:
     def qnt(self, n: fx.Node) -> fx.Node:
         """The quantized view of an old value (quantizing once with its observed qparams)."""
         n = self.source(n)
+        if n not in self.as_quant and n.op == "get_attr":  # a constant: quantize it once, now
+            name = self._module_name(f"{n.name}_quantized")
+            self.constants[name] = self.kernels.quantize(self.qparams[n])(_get_attr(self.old, str(n.target)))
+            node = self.graph.get_attr(name)
+            _tag(node, True, False)
+            self.as_quant[n] = node
         if n not in self.as_quant:
             name = self._module_name(f"{n.name}_quantize")
             self.new_modules[name] = self.kernels.quantize(self.qparams[n])
@@ -85,6 +95,12 @@ class _Builder:
             _tag(node, True, False)
             self.as_quant[n] = node
         return self.as_quant[n]
+
+    def any_view(self, n: Any) -> Any:
+        """The float view if there is one, else the quantized one (for shape queries, which agree on both)."""
+        if isinstance(n, fx.Node) and self.source(n) not in self.as_float and self.source(n) in self.as_quant:
+            return self.as_quant[self.source(n)]
+        return self.flt(n)
 
     def has_quant(self, n: Any) -> bool:
         return isinstance(n, fx.Node) and (self.source(n) in self.as_quant or self.source(n) in self.qparams)
@@ -143,6 +159,7 @@ class LowerPass:
         root.update({k: v for k, v in b.new_modules.items() if v is not None})
         for name in (n for n, v in b.new_modules.items() if v is None):
             root[name] = _get_attr(gm, name)
+        root.update(b.constants)
         new_gm = fx.GraphModule(root, b.graph, class_name=type(gm).__name__)
         return PassResult(new_gm, True)
 
@@ -158,9 +175,17 @@ class LowerPass:
         if not rec.quantizable:
             return False
         entry = rec.entry
+        if entry.is_dynamic:
+            return self._lower_dynamic(b, node, rec)
         inputs = tensor_inputs(node) or []
         if entry.observation is Observation.NONE:
-            return False
+            if not _is_shape_query(node):
+                return False
+            new = b.graph.create_node(node.op, node.target, fx.node.map_arg(node.args, b.any_view),
+                                      b.map_float(node.kwargs), node.name)
+            _tag(new, False, True, like=node)
+            b.as_float[node] = new
+            return True
         if entry.observation is Observation.SHARES_INPUT:
             if not inputs or not b.has_quant(inputs[0]):
                 return False
@@ -192,6 +217,18 @@ class LowerPass:
         b.new_modules[name] = b.kernels.build(spec)
         args = _kernel_args(entry, qargs)
         self._emit(b, node, "call_module", name, args, {})
+        return True
+
+    @staticmethod
+    def _lower_dynamic(b: _Builder, node: fx.Node, rec: NodeRecord) -> bool:
+        """Dynamic / weight-only branch: the kernel module takes and returns float (activations are quantized
+        inside it at run time, or not at all), so no quantize / dequantize surrounds it."""
+        name = str(node.target)
+        b.new_modules[name] = b.kernels.build(dynamic_spec(rec.entry, rec.qconfig, b.modules[name], b.ctx.backend))
+        new = b.graph.create_node("call_module", name, b.map_float(node.args), b.map_float(node.kwargs), node.name)
+        new.meta = dict(node.meta)
+        _tag(new, False, False, like=node)
+        b.as_float[node] = new
         return True
 
     @staticmethod
@@ -235,6 +272,13 @@ def _static_args_reason(entry: OpEntry, node: fx.Node, module: Optional[nn.Modul
         if isinstance(value, fx.Node) or value is None:
             return f"its argument '{name}' is {'computed at run time' if value is not None else 'not given'}"
     return None
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``: the same answer on the quantized view."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
 
 
 def _kernel_args(entry: OpEntry, qargs: tuple) -> tuple:
