@@ -26,7 +26,8 @@ from torch import fx, nn
 from fxquant.backends import BACKENDS, BackendConfig, get_backend_config, resolve_backend
 from fxquant.backends.kernels import get_kernels
 from fxquant.decomposed import decompose_attention
-from fxquant.errors import ConvertError, EngineError, FxQuantError
+from fxquant.partial import PARTIAL_ATTR, convert_partial, prepare_partial
+from fxquant.errors import ConvertError, EngineError, FxQuantError, TraceError
 from fxquant.observers import ObserverBase
 from fxquant.passes.annotate import AnnotatePass
 from fxquant.passes.base import PassManager, PassTiming
@@ -156,7 +157,8 @@ def _trace_with_shapes(model: nn.Module, inputs: tuple[Any, ...], config: Prepar
 
 def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
                prepare_custom_config: Union[PrepareCustomConfig, dict, None] = None,
-               backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True) -> fx.GraphModule:
+               backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True,
+               partial: bool = True) -> fx.GraphModule:
     """Trace, fuse, annotate and insert observers: the model to calibrate.
 
     Args:
@@ -167,9 +169,12 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
         backend_config: ``"fbgemm"``, ``"x86"``, ``"qnnpack"`` or a BackendConfig (default: the current
             ``torch.backends.quantized.engine``).
         verify: lint and check invariants between passes.
+        partial: when torch.fx cannot trace the model whole, quantize its largest traceable pieces and keep
+            the rest float (with a warning naming them) instead of raising :class:`TraceError`.
 
     Returns:
-        The observed GraphModule.
+        The observed GraphModule (an ``nn.Module`` holding prepared pieces when the model was not traceable
+        whole; see :mod:`fxquant.partial`).
     """
     _check_model(model, "prepare_fx")
     if model.training:
@@ -181,8 +186,35 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
     model = copy.deepcopy(model)
     decompose_attention(model)
-    gm = _trace_with_shapes(model, inputs, config)
+    try:
+        gm = _trace_with_shapes(model, inputs, config)
+    except TraceError as exc:
+        if not partial:
+            raise
+        return _prepare_partially(model, inputs, mapping, backend, verify, exc)
     return _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs), verify)
+
+
+def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConfigMapping, backend: BackendConfig,
+                       verify: bool, exc: TraceError) -> nn.Module:
+    """Quantize the traceable pieces of a model torch.fx cannot trace whole (see fxquant.partial)."""
+    entries_modules = {t for e in backend.entries for p in e.patterns for k in p for t in k.modules}
+
+    def quantizable(module: nn.Module) -> bool:
+        return any(type(m) in entries_modules for m in module.modules())
+
+    def prepare_piece(gm: fx.GraphModule, example: tuple[Any, ...], name: str) -> fx.GraphModule:
+        ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=example, scope=name)
+        return _prepare(gm, ctx, verify)
+
+    result = prepare_partial(model, inputs, {}, prepare_piece, quantizable)
+    state = getattr(result, PARTIAL_ATTR)
+    shown = "; ".join(f"'{s.name or type(model).__name__}': {s.reason}" for s in state.skipped[:5])
+    warnings.warn(f"torch.fx cannot trace {type(model).__name__} whole ({exc.cause}); quantized {len(state.units)} "
+                  f"traceable piece(s) and kept the code of {len(state.skipped)} module(s) float: {shown}"
+                  f"{' ...' if len(state.skipped) > 5 else ''}. Pass partial=False to get the error instead.",
+                  stacklevel=3)
+    return result
 
 
 def _prepare(gm: fx.GraphModule, ctx: QuantContext, verify: bool) -> fx.GraphModule:
@@ -265,9 +297,8 @@ def _warn_without_fake_quant(gm: fx.GraphModule) -> None:
 def _state(model: Any, fn: str) -> QuantState:
     state = model.meta.get(STATE_KEY) if isinstance(model, fx.GraphModule) else None
     if state is None:
-        raise ConvertError(f"{fn} expects the model returned by fxquant.prepare_fx or prepare_qat_fx (got "
-                           f"{type(model).__name__}); "
-                           "prepare it first")
+        raise ConvertError(f"{fn} expects the model returned by fxquant.prepare_fx (got {type(model).__name__}); "
+                           "prepare it first (or, to train it, with fxquant.prepare_qat_fx)")
     if state.stage == "converted":
         raise ConvertError(f"{fn}: this model is already converted; convert the prepared model, not its result")
     return state
@@ -287,6 +318,14 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
     Returns:
         The quantized GraphModule; it runs under the backend's quantized engine, which this call selects.
     """
+    partial_state = getattr(graph_module, PARTIAL_ATTR, None)
+    if partial_state is not None:
+        if partial_state.converted:
+            raise ConvertError("convert_fx: this model is already converted; convert the prepared model, not its result")
+        out = convert_partial(copy.deepcopy(graph_module),
+                              lambda gm: convert_fx(gm, convert_custom_config, backend_config, verify=verify))
+        getattr(out, PARTIAL_ATTR).converted = True
+        return out
     state = _state(graph_module, "convert_fx")
     backend = state.backend if backend_config is None else resolve_backend(backend_config)
     if backend.name != state.backend.name:

@@ -10,7 +10,17 @@ class FxQuantError(RuntimeError):
 
 
 class TraceError(FxQuantError):
-    """The model could not be symbolically traced."""
+    """The model could not be symbolically traced.
+
+    Attributes:
+        module_path: qualified name of the submodule whose code failed ("" for the traced module's own code).
+        cause: the original exception's text.
+    """
+
+    def __init__(self, message: str, module_path: str = "", cause: str = "") -> None:
+        super().__init__(message)
+        self.module_path = module_path
+        self.cause = cause
 
 
 class QConfigError(FxQuantError, ValueError):

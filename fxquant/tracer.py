@@ -84,19 +84,21 @@ class QuantTracer(fx.Tracer):
         return result
 
 
-def trace(model: nn.Module, config: Optional[PrepareCustomConfig] = None) -> fx.GraphModule:
+def trace(model: nn.Module, config: Optional[PrepareCustomConfig] = None,
+          concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule, or raise :class:`TraceError` naming the failing submodule.
 
     Args:
         model: the float model (not modified).
         config: leaves to keep untraced.
+        concrete_args: forward arguments fixed to constants while tracing (torch.fx's ``concrete_args``).
 
     Returns:
-        A ``GraphModule`` whose ``meta["fxquant_root_class"]`` names the original class.
+        The ``GraphModule``.
     """
     tracer = QuantTracer(config)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - any failure inside user code becomes a TraceError
         where = tracer.failing_stack[-1] if tracer.failing_stack else ""
         cls = type(model.get_submodule(where)).__name__ if where else type(model).__name__
@@ -106,6 +108,6 @@ def trace(model: nn.Module, config: Optional[PrepareCustomConfig] = None) -> fx.
                 "make the forward traceable (no data-dependent control flow on tensors) or move the "
                 "untraceable part into a submodule and mark it non-traceable")
         raise TraceError(f"torch.fx could not trace {shown}: {type(exc).__name__}: {exc}. "
-                         f"To keep it float and trace the rest, {hint}.") from exc
+                         f"To keep it float and trace the rest, {hint}.", where, f"{type(exc).__name__}: {exc}") from exc
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     return gm

@@ -127,6 +127,7 @@ class AnnotatePass:
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
             module_name, scope_type = _scope(node)
+            module_name = ctx.user_name(module_name)
             obj = _object_type(node, modules)
             order_index = None
             if node.op != "call_method":
@@ -138,7 +139,8 @@ class AnnotatePass:
             rec.entry = ctx.backend.entry_for(node, modules)
             if not self._check_dynamic(node, rec, modules, kernels, ctx):
                 self._check(node, rec, modules, kernels, ctx)
-        self._warn_unused_names(ctx, modules)
+        if ctx.scope is None:  # a piece of a partially traced model sees only its own modules
+            self._warn_unused_names(ctx, modules)
         return PassResult(gm, False)
 
     @staticmethod

@@ -89,6 +89,8 @@ class QuantContext:
         is_qat: preparing for quantization-aware training.
         float_reasons: why nodes stayed float, for the report.
         warnings: messages for the user (unused qconfig names, ...).
+        scope: the user-visible qualified name of the traced module ("" for the whole model); module names
+            inside the graph are looked up in the QConfigMapping under it (partial tracing).
     """
 
     backend: BackendConfig
@@ -97,6 +99,15 @@ class QuantContext:
     is_qat: bool = False
     float_reasons: list[FloatReason] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    scope: Optional[str] = None
+
+    def user_name(self, traced_name: str) -> str:
+        """The user's qualified name of a module path of the traced graph."""
+        if self.scope is None:
+            return traced_name
+        inner = traced_name[len("inner."):] if traced_name.startswith("inner.") else (
+            "" if traced_name == "inner" else traced_name)
+        return ".".join(p for p in (self.scope, inner) if p)
 
     def keep_float(self, node: fx.Node, op: str, reason: str) -> None:
         """Mark ``node`` float with ``reason`` and remember it for the report."""
