@@ -66,6 +66,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         if not isinstance(obs, _MOVING_AVERAGE):
             raise TypeError(f"FusedMovingAvgObsFakeQuantize needs a moving-average min/max observer, got "
                             f"{type(obs).__name__}; use FakeQuantize for other observers")
+        self.zero_point = self.zero_point.to(torch.int32)  # the kernel's per-channel path takes int32 only
         self.is_symmetric = obs.qscheme in SYMMETRIC_SCHEMES
         #: the native kernel computes this grid's qparams (else FakeQuantize's exact path runs)
         self.native = obs.eps <= DEFAULT_EPS and not (self.is_symmetric and obs.quant_min >= 0)
@@ -84,6 +85,11 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             x, self.observer_enabled, self.fake_quant_enabled, obs.min_val, obs.max_val, self.scale,
             self.zero_point, obs.averaging_constant, self.quant_min, self.quant_max, axis, self.is_per_channel,
             self.is_symmetric)
+
+    def _qparams(self, axis: Optional[int]) -> QParams:
+        qp = super()._qparams(axis)
+        return QParams(scale=qp.scale, zero_point=qp.zero_point.to(torch.int64), dtype=qp.dtype, qscheme=qp.qscheme,
+                       quant_min=qp.quant_min, quant_max=qp.quant_max, axis=qp.axis)
 
 
 class LearnableFakeQuantize(FakeQuantize):

@@ -6,6 +6,8 @@ Contract:
       ``F.dropout(..., training=False)``) and functional ``F.linear`` / ``F.conv1d/2d/3d`` calls whose weight
       and bias are module attributes turned into ``nn.Linear`` / ``nn.ConvNd`` modules sharing those
       parameters (so fusion, observers and lowering treat them like module calls);
+    * quantization-aware training (``ctx.is_qat``): dropout modules are kept (they act while training; the
+      graph is prepared with its modules in eval mode, see ``prepare_qat_fx``);
     * idempotent.
 """
 
@@ -23,13 +25,14 @@ from fxquant.passes.context import modules_of
 
 __all__ = ["NormalizePass"]
 
-_IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _CONV_FUNCTIONS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 
 
-def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _is_identity(node: fx.Node, modules: dict[str, nn.Module], keep_dropout: bool) -> bool:
     if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), _IDENTITY_MODULES)
+        module = modules.get(str(node.target))
+        return isinstance(module, nn.Identity) or (not keep_dropout and isinstance(module, _DROPOUT_MODULES))
     if node.op == "call_function" and node.target is F.dropout:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         return training is False
@@ -77,9 +80,10 @@ class NormalizePass:
 
     def run(self, gm: fx.GraphModule, ctx: object) -> PassResult:
         modules = modules_of(gm)
+        keep_dropout = bool(getattr(ctx, "is_qat", False))
         modified = False
         for node in list(gm.graph.nodes):
-            if _is_identity(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+            if _is_identity(node, modules, keep_dropout) and node.args and isinstance(node.args[0], fx.Node):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 modified = True

@@ -10,6 +10,9 @@ Contract:
       rounds each weight exactly as the QAT model's fake quantization did (with observers off);
       a module whose weight fake quantizer never ran (or that has none) leaves it ``None``;
     * activation fake quantizers stay in place: lowering reads their ``qparams()`` like observers';
+    * functional dropout calls are removed: the model was traced in train mode, so ``F.dropout(x, p,
+      self.training)`` holds ``training=True``, and the converted model is for inference (dropout modules
+      need nothing: they follow the module's mode);
     * idempotent (a second run finds no QAT module).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch.nn.functional as F
 from torch import fx
 
 from fxquant.passes.base import PassResult
@@ -35,7 +39,12 @@ class FreezeQATPass:
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
         modified = False
-        for node in gm.graph.nodes:
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is F.dropout and isinstance(node.args[0], fx.Node):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                modified = True
+                continue
             module = modules.get(str(node.target)) if node.op == "call_module" else None
             if not isinstance(module, QATModule):
                 continue
