@@ -143,11 +143,11 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
 _FLOAT = torch.float32
 _DYNAMIC_U8 = DTypeConfig(input=torch.quint8, output=_FLOAT, weight=torch.qint8, bias=_FLOAT, dynamic=True,
                           input_qscheme=torch.per_tensor_affine)
-_PER_TOKEN_S8 = DTypeConfig(input=torch.qint8, output=_FLOAT, weight=torch.qint8, bias=_FLOAT, dynamic=True,
-                            input_qscheme=torch.per_channel_symmetric)
+_PER_TOKEN_U8 = DTypeConfig(input=torch.quint8, output=_FLOAT, weight=torch.qint8, bias=_FLOAT, dynamic=True,
+                            input_qscheme=torch.per_channel_affine)
 _DYNAMIC_FP16 = DTypeConfig(input=torch.float16, output=_FLOAT, weight=torch.float16, bias=_FLOAT, dynamic=True)
 _FP16_WEIGHT = WeightRule(dtype=torch.float16, qschemes=(torch.per_tensor_affine,))
-#: the per-token kernel multiplies int8 by int8 with no zero points: symmetric weights only
+#: the per-token kernel takes weights without zero points: symmetric only
 _SYMMETRIC_S8 = WeightRule(dtype=torch.qint8, qschemes=(torch.per_channel_symmetric, torch.per_tensor_symmetric))
 
 
@@ -173,17 +173,21 @@ def dynamic_entries(weight: WeightRule, limits: Constraints, fp16: bool = True) 
         _dynamic("linear_dynamic", ops.LINEAR, _DYNAMIC_U8, weight, limits,
                  "Linear: int8 weights, activations quantized per tensor at run time"),
         _dynamic("linear_relu_dynamic", ops.LINEAR_RELU, _DYNAMIC_U8, weight, limits, "Linear + ReLU, dynamic int8"),
-        _dynamic("linear_per_token", ops.LINEAR, _PER_TOKEN_S8, _SYMMETRIC_S8, Constraints(),
-                 "Linear: int8 weights, int8 activations with one scale per row (token) at run time; "
-                 "torch._int_mm / oneDNN on plain int8 tensors"),
-        _dynamic("linear_relu_per_token", ops.LINEAR_RELU, _PER_TOKEN_S8, _SYMMETRIC_S8, Constraints(),
+        _dynamic("linear_per_token", ops.LINEAR, _PER_TOKEN_U8, _SYMMETRIC_S8, Constraints(),
+                 "Linear: int8 weights, uint8 activations with one scale and offset per row (token) at run "
+                 "time; oneDNN / torch._int_mm on plain int8 tensors"),
+        _dynamic("linear_relu_per_token", ops.LINEAR_RELU, _PER_TOKEN_U8, _SYMMETRIC_S8, Constraints(),
                  "Linear + ReLU, per-token dynamic int8"),
     ]
     if fp16:
         entries += [_dynamic("linear_dynamic_fp16", ops.LINEAR, _DYNAMIC_FP16, _FP16_WEIGHT, Constraints(),
                              "Linear with float16 weights"),
                     _dynamic("linear_relu_dynamic_fp16", ops.LINEAR_RELU, _DYNAMIC_FP16, _FP16_WEIGHT, Constraints(),
-                             "Linear + ReLU with float16 weights")]
+                             "Linear + ReLU with float16 weights"),
+                    _dynamic("lstm_dynamic_fp16", ops.LSTM, _DYNAMIC_FP16, _FP16_WEIGHT, Constraints(),
+                             "LSTM with float16 weights"),
+                    _dynamic("gru_dynamic_fp16", ops.GRU, _DYNAMIC_FP16, _FP16_WEIGHT, Constraints(),
+                             "GRU with float16 weights")]
     for name, kind, what in (("lstm_dynamic", ops.LSTM, "LSTM"), ("gru_dynamic", ops.GRU, "GRU"),
                              ("lstm_cell_dynamic", ops.LSTM_CELL, "LSTMCell"),
                              ("gru_cell_dynamic", ops.GRU_CELL, "GRUCell"),

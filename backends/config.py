@@ -86,7 +86,12 @@ class DTypeConfig:
     output: Optional[torch.dtype] = torch.quint8
     weight: Optional[torch.dtype] = None
     bias: Optional[torch.dtype] = None
+    #: activations are not observed ahead of time: quantized at run time from each input (``input`` is a
+    #: quantized dtype), cast (``torch.float16``) or left float (``torch.float32``, weight-only quantization)
     dynamic: bool = False
+    #: dynamic activations only: ``torch.per_tensor_affine`` (one scale per tensor, computed at run time) or
+    #: ``torch.per_channel_affine`` (one scale and offset per row of the last dimension: "per token")
+    input_qscheme: Optional[torch.qscheme] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +178,12 @@ class OpEntry:
     def static_dtypes(self) -> tuple[DTypeConfig, ...]:
         return tuple(d for d in self.dtypes if not d.dynamic)
 
+    @property
+    def is_dynamic(self) -> bool:
+        """Weights quantized ahead of time, activations at run time or not at all: no activation observers,
+        float output. Such entries are chosen only for dynamic / weight-only qconfigs."""
+        return bool(self.dtypes) and all(d.dynamic for d in self.dtypes)
+
 
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
@@ -220,11 +231,18 @@ class BackendConfig:
         raise KeyError(f"backend {self.name!r} has no entry {name!r}")
 
     def entry_for(self, node: fx.Node, modules: dict[str, nn.Module]) -> Optional[OpEntry]:
-        """The entry whose (post-fusion) op is ``node``, or ``None`` if the backend cannot quantize it."""
+        """The static entry whose (post-fusion) op is ``node``, or ``None`` if the backend cannot quantize it
+        statically (dynamic entries: :meth:`dynamic_entries_for`)."""
         for e in self.entries:
+            if e.is_dynamic:
+                continue
             if e.op.matches(node, modules) or (e.qat_op is not None and e.qat_op.matches(node, modules)):
                 return e
         return None
+
+    def dynamic_entries_for(self, module_type: type) -> list[OpEntry]:
+        """The dynamic / weight-only entries for a module class, in table order."""
+        return [e for e in self.entries if e.is_dynamic and module_type in e.op.modules]
 
     def fusion_entries(self) -> list[OpEntry]:
         """Entries with multi-op patterns, longest pattern first (so conv-bn-relu wins over conv-bn)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.backends.common import cnn_entries
+from fxquant.backends.common import cnn_entries, dynamic_entries
 from fxquant.backends.config import BackendConfig, Constraints, QSpec, WeightRule
 
 __all__ = ["make_fbgemm_config"]
@@ -26,6 +26,7 @@ def make_fbgemm_config(name: str = "fbgemm", engine: str = "fbgemm") -> BackendC
     entries = cnn_entries(weight, Constraints(), conv2d_limits=Constraints(
         depthwise_channel_multiple=8, depthwise_weight_range=(-64, 63)),
         conv3d_limits=Constraints(depthwise_weight_range=(-64, 63)))  # the 3-d depthwise kernel saturates too
+    entries += dynamic_entries(weight, Constraints())
     return BackendConfig(
         name=name, engine=engine, entries=entries,
         activation=QSpec(torch.quint8, torch.per_tensor_affine), reduce_range_without_vnni=True,

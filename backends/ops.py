@@ -112,3 +112,14 @@ QAT_CONV_RELU2D = OpKind("qat_conv_relu2d", modules=(qat.ConvReLU2d, qat.ConvBnR
 QAT_CONV_RELU3D = OpKind("qat_conv_relu3d", modules=(qat.ConvReLU3d, qat.ConvBnReLU3d))
 QAT_LINEAR = OpKind("qat_linear", modules=(qat.Linear, qat.LinearBn1d))
 QAT_LINEAR_RELU = OpKind("qat_linear_relu", modules=(qat.LinearReLU, qat.LinearBnReLU1d))
+
+# recurrent layers and embedding tables (dynamic and weight-only quantization; traced as leaf modules)
+LSTM = OpKind("lstm", modules=(nn.LSTM,))
+GRU = OpKind("gru", modules=(nn.GRU,))
+LSTM_CELL = OpKind("lstm_cell", modules=(nn.LSTMCell,))
+GRU_CELL = OpKind("gru_cell", modules=(nn.GRUCell,))
+RNN_CELL = OpKind("rnn_cell", modules=(nn.RNNCell,))
+EMBEDDING = OpKind("embedding", modules=(nn.Embedding,))
+EMBEDDING_BAG = OpKind("embedding_bag", modules=(nn.EmbeddingBag,))
+
+__all__ += ["LSTM", "GRU", "LSTM_CELL", "GRU_CELL", "RNN_CELL", "EMBEDDING", "EMBEDDING_BAG"]

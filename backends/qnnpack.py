@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.backends.common import cnn_entries
+from fxquant.backends.common import cnn_entries, dynamic_entries
 from fxquant.backends.config import BackendConfig, Constraints, QSpec, WeightRule
 
 __all__ = ["make_qnnpack_config", "QNNPACK_MIN_SCALE"]
@@ -25,6 +25,7 @@ def make_qnnpack_config() -> BackendConfig:
     weighted = Constraints(weight_range=(-127, 127), min_scale=QNNPACK_MIN_SCALE)
     binary = Constraints(min_scale=QNNPACK_MIN_SCALE, input_output_scale_ratio=(2.0 ** -14, 2.0 ** 8))
     entries = cnn_entries(weight, weighted, binary_limits=binary)
+    entries += dynamic_entries(weight, weighted, fp16=False)  # qnnpack has no float16-weight linear
     return BackendConfig(
         name="qnnpack", engine="qnnpack", entries=entries,
         activation=QSpec(torch.quint8, torch.per_tensor_affine, reduce_range=False),

@@ -10,12 +10,12 @@ from typing import Iterable
 import torch
 
 from fxquant.backends import BACKENDS, get_backend_config
-from fxquant.backends.config import BackendConfig, OpEntry, OpKind, QSpec
+from fxquant.backends.config import BackendConfig, DTypeConfig, OpEntry, OpKind, QSpec
 
 __all__ = ["render_markdown", "main"]
 
 _DTYPE = {torch.quint8: "quint8", torch.qint8: "qint8", torch.qint32: "qint32", torch.float32: "float",
-          torch.float16: "float16"}
+          torch.float16: "float16", torch.quint4x2: "quint4x2"}
 
 
 def _kind(k: OpKind) -> str:
@@ -72,7 +72,19 @@ def _weight(e: OpEntry) -> str:
 
 
 def _dtypes(e: OpEntry) -> str:
-    return "; ".join(f"{_DTYPE.get(d.input, d.input)} -> {_DTYPE.get(d.output, d.output)}" for d in e.dtypes)
+    return "; ".join(_dtype(d) for d in e.dtypes)
+
+
+def _dtype(d: DTypeConfig) -> str:
+    flow = f"{_DTYPE.get(d.input, d.input)} -> {_DTYPE.get(d.output, d.output)}"
+    if not d.dynamic:
+        return flow
+    if d.input == torch.float32:
+        return f"{flow} (weight-only)"
+    if d.input == torch.float16:
+        return f"{flow} (dynamic)"
+    per = "per token" if d.input_qscheme in (torch.per_channel_affine, torch.per_channel_symmetric) else "per tensor"
+    return f"{flow} (dynamic, {per})"
 
 
 def render_backend(cfg: BackendConfig) -> str:

@@ -43,3 +43,12 @@ from fxquant.qat import freeze_bn_stats, update_bn_stats
 from fxquant.qat_fake_quantize import FusedMovingAvgObsFakeQuantize, LearnableFakeQuantize
 
 __all__ += ["freeze_bn_stats", "update_bn_stats", "FusedMovingAvgObsFakeQuantize", "LearnableFakeQuantize"]
+
+# dynamic and weight-only quantization (Linear, LSTM/GRU and cells, 8/4-bit embeddings)
+from fxquant.dynamic import quantize_dynamic
+from fxquant.observers import FloatQParamsObserver
+from fxquant.qconfig import (float_qparams_weight_only_qconfig, float_qparams_weight_only_qconfig_4bit,
+                             per_token_dynamic_qconfig)
+
+__all__ += ["quantize_dynamic", "FloatQParamsObserver", "per_token_dynamic_qconfig",
+            "float_qparams_weight_only_qconfig", "float_qparams_weight_only_qconfig_4bit"]

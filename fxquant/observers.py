@@ -744,3 +744,84 @@ class FixedQParamsObserver(ObserverBase):
     def qparams(self) -> QParams:
         return QParams(scale=self.scale.clone(), zero_point=self.zero_point.clone(), dtype=self.dtype,
                        qscheme=self.qscheme, quant_min=self.quant_min, quant_max=self.quant_max)
+
+
+#: integer range of the row-wise weight-only dtypes (torch has no quint4x2 entry in fxquant.qparams)
+_ROWWISE_RANGES = {torch.quint8: (0, 255), torch.quint4x2: (0, 15)}
+
+
+class FloatQParamsObserver(ObserverBase):
+    """Row-wise min/max of a weight, for weight-only quantization of embedding tables.
+
+    Each row (``ch_axis=0``) gets a float scale ``(max - min) / (quant_max - quant_min)`` and a float offset
+    (``torch.per_channel_affine_float_qparams``: the zero point is a float), the grid of fbgemm's
+    ``embedding_bag_byte_prepack`` (``torch.quint8``, 8 bits) and ``embedding_bag_4bit_prepack``
+    (``torch.quint4x2``, 4 bits). Only the weight is quantized; activations stay float.
+
+    Args:
+        dtype: ``torch.quint8`` or ``torch.quint4x2``.
+        qscheme: ``torch.per_channel_affine_float_qparams`` (the only one).
+        ch_axis: the row axis (0).
+
+    Example:
+        >>> obs = FloatQParamsObserver(dtype=torch.quint4x2)
+        >>> _ = obs(torch.tensor([[0.0, 1.5], [-1.0, 1.0]]))
+        >>> obs.qparams().scale.tolist()
+        [0.10000000149011612, 0.13333334028720856]
+    """
+
+    _per_channel = None
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(self, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_channel_affine_float_qparams, ch_axis: int = 0,
+                 eps: float = DEFAULT_EPS) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, eps=eps)
+        self.ch_axis = ch_axis
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+
+    _resizable_buffers = ("min_val", "max_val")
+
+    def _check_qscheme(self) -> None:
+        if self.qscheme != torch.per_channel_affine_float_qparams:
+            raise ValueError(f"FloatQParamsObserver is row-wise with float offsets; qscheme must be "
+                             f"torch.per_channel_affine_float_qparams, got {self.qscheme}")
+
+    def _resolve_range(self, quant_min: Optional[int], quant_max: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+        if self.dtype not in _ROWWISE_RANGES:
+            raise ValueError(f"FloatQParamsObserver: dtype {self.dtype} is not supported; use torch.quint8 (8-bit "
+                             "rows) or torch.quint4x2 (4-bit rows)")
+        return _ROWWISE_RANGES[self.dtype]
+
+    def _config(self) -> dict[str, Any]:
+        return {"ch_axis": self.ch_axis, **super()._config()}
+
+    def _observe(self, x: torch.Tensor) -> None:
+        rows = x.to(torch.float32).movedim(self.ch_axis, 0).reshape(x.shape[self.ch_axis], -1)
+        mn, mx, nonfinite = _finite_aminmax(rows, dim=1)
+        self.nonfinite_count += nonfinite
+        self.batches += 1
+        if self.min_val.numel() != mn.numel():
+            self.min_val, self.max_val = mn.clone(), mx.clone()
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
+
+    @property
+    def has_data(self) -> bool:
+        return self.min_val.numel() > 0 and bool((self.min_val <= self.max_val).all())
+
+    def qparams(self) -> QParams:
+        """Per-row float scale and float zero point (``x = (q - zero_point) * scale``)."""
+        if not self.has_data:
+            raise self._no_data()
+        scale = torch.clamp((self.max_val - self.min_val) / float(self.quant_max - self.quant_min), min=self.eps)
+        return QParams(scale=scale, zero_point=-self.min_val / scale, dtype=self.dtype, qscheme=self.qscheme,
+                       quant_min=self.quant_min, quant_max=self.quant_max, axis=self.ch_axis)
+
+    def _reset_stats(self) -> None:
+        self.min_val, self.max_val = torch.empty(0), torch.empty(0)
+
+
+__all__ += ["FloatQParamsObserver"]

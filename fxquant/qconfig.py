@@ -33,6 +33,7 @@ from fxquant.fake_quantize import FakeQuantize
 from fxquant.observers import (HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
                                MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver,
                                PlaceholderObserver)
+from fxquant.observers import FloatQParamsObserver
 from fxquant.qparams import DEFAULT_EPS, PER_CHANNEL_SCHEMES
 
 __all__ = [
@@ -48,6 +49,9 @@ __all__ = [
     "default_dynamic_qconfig",
     "float16_dynamic_qconfig",
     "per_channel_dynamic_qconfig",
+    "per_token_dynamic_qconfig",
+    "float_qparams_weight_only_qconfig",
+    "float_qparams_weight_only_qconfig_4bit",
 ]
 
 #: what ``set_object_type`` keys on: a module class (call_module), a function (call_function) or a
@@ -456,7 +460,8 @@ def _with_table_weight_rules(mapping: QConfigMapping, cfg: BackendConfig, qat: b
     eps = _min_scale(cfg)
     base = mapping.global_qconfig
     for entry in cfg.entries:
-        if entry.weight is None or cfg.weight.qscheme in entry.weight.qschemes or not entry.weight.qschemes:
+        if entry.is_dynamic or entry.weight is None or cfg.weight.qscheme in entry.weight.qschemes or \
+                not entry.weight.qschemes:  # static qconfigs follow the static entries only
             continue
         grid = _grid(dataclasses.replace(cfg.weight, qscheme=entry.weight.qschemes[0]), eps)
         per_channel = entry.weight.qschemes[0] in PER_CHANNEL_SCHEMES
@@ -508,3 +513,15 @@ float16_dynamic_qconfig = QConfig(activation=PlaceholderObserver.with_args(dtype
                                   weight=PlaceholderObserver.with_args(dtype=torch.float16))
 #: dynamic quantization with per-channel qint8 weights
 per_channel_dynamic_qconfig = QConfig(activation=_act_dynamic, weight=_weight_per_channel)
+#: dynamic quantization with one uint8 grid (scale and offset) per row ("token") of each activation, computed at
+#: run time, and per-channel symmetric int8 weights: fxquant's most accurate and fastest dynamic int8 linear
+#: (oneDNN / ``torch._int_mm``); transformer activations have outlier tokens that one per-tensor scale cannot cover
+per_token_dynamic_qconfig = QConfig(
+    activation=PlaceholderObserver.with_args(dtype=torch.quint8, qscheme=torch.per_channel_affine, is_dynamic=True),
+    weight=_weight_per_channel)
+#: weight-only quantization of embedding tables: 8-bit rows with a float scale and offset each
+float_qparams_weight_only_qconfig = QConfig(activation=PlaceholderObserver.with_args(dtype=torch.float32),
+                                            weight=FloatQParamsObserver.with_args(dtype=torch.quint8))
+#: as :data:`float_qparams_weight_only_qconfig` with 4-bit rows
+float_qparams_weight_only_qconfig_4bit = QConfig(activation=PlaceholderObserver.with_args(dtype=torch.float32),
+                                                 weight=FloatQParamsObserver.with_args(dtype=torch.quint4x2))

@@ -60,6 +60,8 @@ def float_ops(quantized: fx.GraphModule) -> list[FloatReason]:
             continue
         if rec.quantized_inputs or rec.quantized_output or not rec.is_tensor:
             continue
+        if rec.entry is not None and rec.entry.is_dynamic and rec.float_reason is None:
+            continue  # a dynamic / weight-only kernel: float in and out, quantized inside
         op = (type(modules[str(node.target)]).__name__ if node.op == "call_module"
               else getattr(node.target, "__name__", str(node.target)))
         if rec.float_reason:

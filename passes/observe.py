@@ -87,6 +87,8 @@ class ObservePass:
                 if rec.observer is None:
                     rec.float_reason = "its input is float, and it takes its qparams from its input"
                 continue
+            if entry.is_dynamic:  # dynamic / weight-only: activations are quantized at run time, or never
+                continue
             if entry.observation is Observation.NONE:
                 continue
             if inputs is None or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):

@@ -40,8 +40,9 @@ def test_entries_are_consistent(name):
             assert e.fuser is not None, f"{e.name} fuses modules but has no fuser"
         if e.observation is Observation.FIXED:
             assert e.constraints.fixed_qparams is not None, e.name
-        if e.weight is not None:
-            assert e.weight.dtype == torch.qint8
+        if e.weight is not None:  # static kernels take qint8 weights; dynamic ones also float16 and 8/4-bit rows
+            allowed = {torch.qint8, torch.float16, torch.quint8, torch.quint4x2} if e.is_dynamic else {torch.qint8}
+            assert e.weight.dtype in allowed, e.name
     assert cfg.engine in ("fbgemm", "x86", "qnnpack")
 
 

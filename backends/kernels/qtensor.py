@@ -50,14 +50,14 @@ class LoweringSpec:
         target: the table entry's ``lowering`` name (``"conv2d_relu"``).
         module: the fused float module for module ops (conv, linear, bn), else ``None``.
         weight: the weight qparams for ops with weights.
-        output: the output qparams.
+        output: the output qparams (``None`` for dynamic kernels, whose output is float).
         kwargs: op arguments the kernel needs (``dim`` for cat).
     """
 
     target: str
     module: Optional[nn.Module]
     weight: Optional[QParams]
-    output: QParams
+    output: Optional[QParams]
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -317,6 +317,10 @@ class QTensorKernels:
         if target == "prelu" and module is not None and module.weight.numel() != 1:
             return ("PReLU with one slope per channel: torch's quantized prelu kernel returns wrong values "
                     "(6 dB against float on a test tensor); single-slope PReLU runs as leaky_relu")
+        from fxquant.backends.kernels import dynamic
+
+        if target in dynamic.BUILDERS:
+            return dynamic.supports(target, module)
         return None
 
     def needs_contiguous_input(self, op_name: str) -> bool:
@@ -330,14 +334,18 @@ class QTensorKernels:
 
     def targets(self) -> frozenset[str]:
         """Every lowering target this layer builds (a table naming another one is a mistake)."""
+        from fxquant.backends.kernels.dynamic import BUILDERS as DYNAMIC
         from fxquant.backends.kernels.qtensor_ops import BUILDERS
 
-        return frozenset(BUILDERS)
+        return frozenset(BUILDERS) | frozenset(DYNAMIC)
 
     def build(self, spec: LoweringSpec) -> nn.Module:
         """The quantized module that computes ``spec.target``."""
+        from fxquant.backends.kernels.dynamic import BUILDERS as DYNAMIC
         from fxquant.backends.kernels.qtensor_ops import BUILDERS
 
+        if spec.target in DYNAMIC:  # dynamic and weight-only kernels (float in, float out)
+            return DYNAMIC[spec.target](spec, self.engine)
         if spec.target not in BUILDERS:
             raise KeyError(f"kernel layer '{self.name}' has no lowering for target '{spec.target}'")
         return BUILDERS[spec.target](spec, self.engine)
