@@ -27,16 +27,37 @@ __all__ = ["NormalizePass"]
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _CONV_FUNCTIONS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+#: functions that are the identity when their ``training`` argument (at this position) is False
+_TRAINING_IDENTITIES = {"dropout": 2, "stochastic_depth": 3}
 
 
 def _is_identity(node: fx.Node, modules: dict[str, nn.Module], keep_dropout: bool) -> bool:
     if node.op == "call_module":
         module = modules.get(str(node.target))
         return isinstance(module, nn.Identity) or (not keep_dropout and isinstance(module, _DROPOUT_MODULES))
-    if node.op == "call_function" and node.target is F.dropout:
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    name = getattr(node.target, "__name__", "")
+    if node.op == "call_function" and name in _TRAINING_IDENTITIES and (
+            node.target is F.dropout or str(getattr(node.target, "__module__", "")).startswith("torchvision")):
+        pos = _TRAINING_IDENTITIES[name]
+        training = node.kwargs.get("training", node.args[pos] if len(node.args) > pos else True)
         return training is False
     return False
+
+
+def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    """An nn.LayerNorm for ``F.layer_norm(x, shape, weight, bias, eps)`` with attribute weight and bias."""
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    weight, bias = _attr(gm, args.get("weight")), _attr(gm, args.get("bias"))
+    shape = args.get("normalized_shape")
+    if weight is None or bias is None or not isinstance(shape, (list, tuple)) or any(
+            isinstance(v, fx.Node) for v in shape):
+        return None
+    mod = nn.LayerNorm(tuple(shape), eps=float(args.get("eps", 1e-5)), device="meta")
+    mod.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    mod.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return mod
 
 
 def _attr(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
@@ -87,8 +108,9 @@ class NormalizePass:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 modified = True
-            elif node.op == "call_function" and (node.target is F.linear or node.target in _CONV_FUNCTIONS):
-                mod = _module_for(gm, node)
+            elif node.op == "call_function" and (node.target in (F.linear, F.layer_norm) or
+                                                 node.target in _CONV_FUNCTIONS):
+                mod = _layer_norm_module(gm, node) if node.target is F.layer_norm else _module_for(gm, node)
                 if mod is None:
                     continue
                 name = f"{node.name}_module"
