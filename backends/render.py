@@ -23,6 +23,11 @@ def _kind(k: OpKind) -> str:
     return ", ".join(f"`{s}`" for s in spell)
 
 
+def _qat_kind(k: OpKind) -> str:
+    """The QAT modules a node becomes under ``prepare_qat_fx`` (``fxquant.qat`` classes share torch's names)."""
+    return ", ".join(f"`qat.{m.__name__}`" for m in k.modules)
+
+
 def _fn_name(f: object) -> str:
     mod = getattr(f, "__module__", None) or ""
     name = getattr(f, "__name__", str(f))
@@ -98,7 +103,8 @@ def render_backend(cfg: BackendConfig) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for e in cfg.entries:
         fused = "<br>".join(_pattern(p) for p in e.patterns if len(p) > 1)
-        lines.append(f"| {e.name} | {_kind(e.op)} | {fused} | {e.observation.value} | {_dtypes(e)} | {_weight(e)} | "
+        op = _kind(e.op) + (f"<br>QAT: {_qat_kind(e.qat_op)}" if e.qat_op is not None else "")
+        lines.append(f"| {e.name} | {op} | {fused} | {e.observation.value} | {_dtypes(e)} | {_weight(e)} | "
                      f"{_limits(e)} | {e.lowering or 'native op on quantized tensor'} |")
     return "\n".join(lines)
 
@@ -110,7 +116,9 @@ def render_markdown(names: Iterable[str] = tuple(BACKENDS)) -> str:
             "do not edit by hand (a test compares this file with the tables).\n\n"
             "One entry drives fusion (its *fused from* patterns), observer placement (*output observed by*), "
             "qconfig checks (*dtypes*, *weight*, *limits*) and lowering (*kernel*). Ops with no entry, or whose "
-            "entry's checks fail, stay float between a dequantize and a quantize, and `fxquant.report` lists them.\n")
+            "entry's checks fail, stay float between a dequantize and a quantize, and `fxquant.report` lists them. "
+            "Under `prepare_qat_fx` the same patterns build the *QAT* modules of `fxquant.qat` (a lone conv or "
+            "linear too), which `convert_fx` turns back into the fused op (see docs/qat.md).\n")
     return head + "\n" + "\n\n".join(render_backend(get_backend_config(n)) for n in names) + "\n"
 
 
