@@ -48,7 +48,7 @@ def randn(*shape: int) -> torch.Tensor:
 def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     for m in model.modules():
-        if hasattr(m, "reset_parameters") and m is not model:
+        if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     return model.eval()
 
@@ -496,3 +496,19 @@ def test_minilm_sentence_embeddings():
     cos = F.cosine_similarity(embed(model, batch), embed(q, batch), dim=1)
     assert len(SENTENCES) >= 64 and cos.mean() >= 0.99 and cos.min() >= 0.98, (cos.mean(), cos.min())
     assert state_dict_bytes(q.encoder) <= 0.35 * state_dict_bytes(model.encoder)
+
+
+def test_projections_of_one_tensor_share_its_quantization_and_changes_invalidate_it():
+    from fxquant.backends.kernels import dynamic
+    k_float = nn.Linear(16, 8)
+    q, k = PerTokenLinear.from_float(nn.Linear(16, 8)), PerTokenLinear.from_float(k_float)
+    x = randn(5, 16)
+    q(x)
+    first = dynamic._LAST_ROWS.rows
+    k(x)
+    assert dynamic._LAST_ROWS.rows is first  # quantized once for both
+    x.mul_(3)  # in place: a new version, quantized again
+    torch.testing.assert_close(k(x), simulate_per_token(k_float, x), atol=2e-4, rtol=1e-4)
+    assert dynamic._LAST_ROWS.rows is not first
+    with torch.inference_mode():  # no version counters: never cached
+        assert k(randn(2, 16)).shape == (2, 8)

@@ -30,6 +30,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -202,6 +204,33 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return packed[:, :k], scale_offset[:, :1], scale_offset[:, 1:]
 
 
+class _LastRows(threading.local):
+    """The rows most recently quantized by a :class:`PerTokenLinear` on this thread, keyed by the input tensor
+    object and its version counter: sibling projections that read the same tensor (attention's query, key and
+    value) quantize it once. A weak reference: the cache never keeps an input alive."""
+
+    key: Optional[tuple[Any, int, int]] = None
+    rows: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+
+_LAST_ROWS = _LastRows()
+
+
+def _quantize_input(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``rows`` (a 2-d view of ``x``) with ``q`` contiguous, reusing the result for the
+    same unchanged ``x`` (tensors made under ``torch.inference_mode`` have no version counter: not cached)."""
+    cacheable = not x.is_inference()
+    if cacheable:
+        key = _LAST_ROWS.key
+        if key is not None and key[0]() is x and key[1] == x._version and key[2] == rows.shape[1]:
+            return _LAST_ROWS.rows  # type: ignore[return-value]
+    q, scale, offset = quantize_rows(rows)
+    result = (q.contiguous(), scale, offset)  # a contiguous copy costs less than oneDNN's reorder of the view
+    if cacheable:
+        _LAST_ROWS.key, _LAST_ROWS.rows = (weakref.ref(x), x._version, rows.shape[1]), result
+    return result
+
+
 class PerTokenLinear(_Repacking):
     """Linear (optionally + ReLU) on uint8 x int8: each row ("token") of the input gets its own uint8 grid at run
     time (a float scale and offset from the row's min and max), the weight per-channel symmetric int8 ahead of time.
@@ -211,9 +240,10 @@ class PerTokenLinear(_Repacking):
     [CLS] or separators with huge activations) no longer flattens the resolution of all the others, which costs
     per-tensor dynamic quantization its accuracy; and the offset gives one-sided rows (after GELU) the full 8 bits.
 
-    The rows are quantized by fbgemm's fused row-wise quantizer (one pass), the GEMM runs on oneDNN's int8 kernel
-    with the column scales fused in (``kernel="onednn"``) or on ``torch._int_mm`` (``kernel="int_mm"``), and the
-    row scale, the offset term and the bias take two in-place passes over the output.
+    The rows are quantized by fbgemm's fused row-wise quantizer (one pass; once for projections that read the same
+    tensor), the GEMM runs on oneDNN's int8 kernel with the column scales fused in (``kernel="onednn"``) or on
+    ``torch._int_mm`` (``kernel="int_mm"``), and the row scale, the offset term and the bias take two in-place
+    passes over the output.
 
     Args:
         linear: the float ``nn.Linear``.
@@ -258,9 +288,9 @@ class PerTokenLinear(_Repacking):
             rows = rows.float()
         if rows.shape[0] == 0:
             return rows.new_zeros(*shape[:-1], self.out_features)
-        q, scale, offset = quantize_rows(rows)
-        if self.kernel == "onednn":  # a contiguous copy of q costs less than oneDNN's own reorder of the view
-            y = _onednn_gemm(q.contiguous(), self._packed, self.weight_scale, self._w_zp)
+        q, scale, offset = _quantize_input(x, rows)
+        if self.kernel == "onednn":
+            y = _onednn_gemm(q, self._packed, self.weight_scale, self._w_zp)
         else:  # int8 x int8: q - 128, and the 128 moves into the offset
             y = torch.mul(torch._int_mm(torch.bitwise_xor(q.view(torch.int8), -128), self._packed), self.weight_scale)
             offset = torch.addcmul(offset, scale, torch.tensor(128.0))
