@@ -146,7 +146,8 @@ def _swap(model: nn.Module, mapping: QConfigMapping, backend: BackendConfig) -> 
             return None
         entry, reason = select_dynamic_entry(backend, type(module), request)
         if entry is None:
-            if not any(True for _ in module.children()):  # a leaf the user asked for; containers are silent
+            leaf = not any(True for _ in module.children())
+            if type(module) in mapping.object_type_qconfigs or (leaf and name in mapping.module_name_qconfigs):
                 reasons.append(FloatReason(name, type(module).__name__, f"backend '{backend.name}' has no dynamic "
                                            f"kernel for {type(module).__name__}"))
             return None
