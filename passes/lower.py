@@ -194,7 +194,8 @@ class LowerPass:
                 first = b.graph.call_method("contiguous", (first,))
                 _tag(first, True, True)
             args = (first,) + tuple(b.map_float(node.args[1:]))
-            self._emit(b, node, node.op, node.target, args, b.map_float(node.kwargs))
+            target = b.kernels.native_method(node.target) if node.op == "call_method" else node.target
+            self._emit(b, node, node.op, target, args, b.map_float(node.kwargs))
             return True
         if rec.observer is None or not all(b.has_quant(t) for t in inputs):
             return False

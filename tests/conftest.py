@@ -8,3 +8,34 @@ from hypothesis import settings
 
 settings.register_profile("fxquant", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("fxquant")
+
+
+# --- slow tests: `@pytest.mark.slow` runs only with --runslow or FXQUANT_SLOW=1 (the marker is declared in
+# pyproject.toml) ---------------------------------------------------------------------------------------
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (same as FXQUANT_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("FXQUANT_SLOW", "") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or FXQUANT_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def restore_engine():
+    """convert_fx selects the backend's quantized engine globally: put the previous one back after each test."""
+    import torch
+
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine

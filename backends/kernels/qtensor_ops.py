@@ -166,7 +166,7 @@ BUILDERS: dict[str, Callable[[LoweringSpec, str], nn.Module]] = {
     "elu": lambda spec, eng: QuantizedELU(spec.kwargs.get("alpha", 1.0), spec.output),
     "leaky_relu": lambda spec, eng: QuantizedLeakyReLU(spec.kwargs.get("negative_slope", 0.01), spec.output),
     # a single-slope PReLU is a leaky ReLU (per-channel PReLU stays float: see QTensorKernels.supports)
-    "prelu": lambda spec, eng: QuantizedLeakyReLU(float(spec.module.weight), spec.output),
+    "prelu": lambda spec, eng: QuantizedLeakyReLU(float(spec.module.weight.detach()), spec.output),
     "softmax": lambda spec, eng: QuantizedSoftmax(spec.kwargs["dim"], spec.output),
     "matmul": lambda spec, eng: QuantizedMatmul(spec.output),
 }
