@@ -1,0 +1,345 @@
+"""The public API: error messages users see, the user's model left alone, and save/load of converted models."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import fx, nn
+
+import fxquant
+from models import SmallCNN, node_kinds, observer_nodes, quantize, seeded
+from fxquant.api import STATE_KEY
+from fxquant.backends.kernels.qtensor import (QuantizedBatchNorm, QuantizedBinary, QuantizedCat, QuantizedConv,
+                                              QuantizedHardswish, QuantizedLinear)
+from fxquant.errors import CalibrationError, ConvertError, EngineError, FxQuantError, TraceError
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def default_mapping(backend: str = "fbgemm") -> fxquant.QConfigMapping:
+    return fxquant.get_default_qconfig_mapping(backend)
+
+
+def prepare(model: nn.Module, backend: str = "fbgemm", **kwargs) -> fx.GraphModule:
+    return fxquant.prepare_fx(model, default_mapping(backend), (X,), backend_config=backend, **kwargs)
+
+
+# ====================================================================================================== errors
+
+@pytest.mark.parametrize("fn", [
+    lambda m: fxquant.prepare_fx(m, default_mapping(), (X,), backend_config="fbgemm"),
+    lambda m: fxquant.fuse_fx(m),
+])
+def test_not_a_module(fn):
+    with pytest.raises(TypeError, match=r"expects a torch.nn.Module, got function"):
+        fn(lambda x: x)
+
+
+def test_training_model_points_to_prepare_qat_fx():
+    model = SmallCNN().train()
+    with pytest.raises(FxQuantError, match=r"needs the model in eval mode: call model.eval\(\) first.*prepare_qat_fx"):
+        prepare(model)
+    assert model.training  # the error did not flip the flag
+
+
+def test_convert_of_uncalibrated_model_lists_every_observer():
+    prepared = prepare(seeded(SmallCNN()))
+    names = [str(n.target) for n in observer_nodes(prepared)]
+    assert len(names) == 6
+    with pytest.raises(ConvertError) as info:
+        fxquant.convert_fx(prepared)
+    msg = str(info.value)
+    assert msg.startswith("6 observer(s) saw no calibration data")
+    assert all(f"'{name}'" in msg for name in names), msg
+    assert "output of node 'conv1'" in msg and "fxquant.calibrate(prepared, batches)" in msg
+
+
+def test_convert_twice():
+    prepared = prepare(seeded(SmallCNN()))
+    fxquant.calibrate(prepared, [X], progress=False)
+    converted = fxquant.convert_fx(prepared)
+    with pytest.raises(ConvertError, match="this model is already converted; convert the prepared model"):
+        fxquant.convert_fx(converted)
+    # converting the same prepared model again is fine (convert does not consume it) and gives the same model
+    again = fxquant.convert_fx(prepared)
+    with torch.no_grad():
+        assert torch.equal(again(X), converted(X))
+    assert not observer_nodes(converted) and len(observer_nodes(prepared)) == 6
+
+
+@pytest.mark.parametrize("model", [seeded(SmallCNN()), fx.symbolic_trace(seeded(SmallCNN()))],
+                         ids=["module", "plain_graph_module"])
+def test_convert_of_a_model_that_was_not_prepared(model):
+    with pytest.raises(ConvertError, match=r"convert_fx expects the model returned by fxquant.prepare_fx \(got "
+                                           r"(SmallCNN|GraphModule)\); prepare it first"):
+        fxquant.convert_fx(model)
+
+
+def test_convert_with_another_backend_than_prepare():
+    prepared = prepare(seeded(SmallCNN()))
+    fxquant.calibrate(prepared, [X], progress=False)
+    with pytest.raises(ConvertError, match="prepared for backend 'fbgemm' but backend_config='qnnpack'"):
+        fxquant.convert_fx(prepared, backend_config="qnnpack")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; use one of \['fbgemm', 'qnnpack', 'x86'\]"):
+        fxquant.prepare_fx(seeded(SmallCNN()), default_mapping(), (X,), backend_config="tpu")
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        fxquant.get_default_qconfig_mapping("tpu")
+
+
+def test_example_inputs_of_the_wrong_shape():
+    with pytest.raises(FxQuantError, match=r"the model fails on example_inputs \(RuntimeError: .*\); pass inputs of "
+                                           r"the shape and dtype the model takes"):
+        fxquant.prepare_fx(seeded(SmallCNN()), default_mapping(), (torch.randn(2, 3, 8, 8),), backend_config="fbgemm")
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return x
+
+
+class WithGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.ReLU(), Gate())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_untraceable_submodule_is_named_and_can_be_kept_float():
+    model = seeded(WithGate())
+    with pytest.raises(TraceError) as info:
+        prepare(model, partial=False)
+    msg = str(info.value)
+    assert "submodule 'block.1' (Gate)" in msg and "control flow" in msg
+    assert "prepare_custom_config={'non_traceable_module_name': ['block.1']}" in msg
+    assert "set_non_traceable_module_names(['block.1'])" in msg
+    prepared = prepare(model, prepare_custom_config={"non_traceable_module_name": ["block.1"]})
+    assert "Gate" in node_kinds(prepared)  # kept as one opaque call
+    fxquant.calibrate(prepared, [X], progress=False)
+    converted = fxquant.convert_fx(prepared)
+    assert type(converted.get_submodule("block.1")) is Gate  # runs in float, between a dequantize and a quantize
+    assert isinstance(converted.stem, QuantizedConv) and isinstance(converted.head, QuantizedConv)
+    assert 'getattr(self.block, "1")(dequantize)' in converted.code  # float in ...
+    assert "self.head(block_1_quantize)" in converted.code  # ... quantized again after it
+    with torch.no_grad():
+        assert fxquant.sqnr(model(X), converted(X)) > 25
+        assert fxquant.sqnr(model(-X), converted(-X)) > 20  # the other branch of the gate still works
+
+
+def test_untraceable_submodule_by_default_quantizes_the_traceable_pieces_with_a_warning():
+    model = seeded(WithGate())
+    with pytest.warns(UserWarning, match=r"torch.fx cannot trace WithGate whole .* kept the code of 1 module\(s\) "
+                                         r"float: 'block.1': .*Pass partial=False to get the error instead"):
+        prepared = prepare(model)
+    fxquant.calibrate(prepared, [X, -X], progress=False)
+    converted = fxquant.convert_fx(prepared)
+    with torch.no_grad():
+        assert fxquant.sqnr(model(X), converted(X)) > 25
+        assert fxquant.sqnr(model(-X), converted(-X)) > 20
+
+
+def test_running_under_the_wrong_engine_raises_engine_error():
+    prepared = prepare(seeded(SmallCNN()), backend="qnnpack")
+    fxquant.calibrate(prepared, [X], progress=False)
+    converted = fxquant.convert_fx(prepared)
+    assert torch.backends.quantized.engine == "qnnpack"  # convert_fx selected it
+    torch.backends.quantized.engine = "fbgemm"
+    with pytest.raises(EngineError, match="converted for the 'qnnpack' quantized engine but the current engine is "
+                                          "'fbgemm'; set torch.backends.quantized.engine = 'qnnpack'"):
+        converted(X)
+    torch.backends.quantized.engine = "qnnpack"
+    with torch.no_grad():
+        assert converted(X).shape == (2, 10)
+
+
+def test_calibrate_on_empty_data():
+    prepared = prepare(seeded(SmallCNN()))
+    with pytest.raises(CalibrationError, match="calibration data was empty: pass at least one batch"):
+        fxquant.calibrate(prepared, [], progress=False)
+    with pytest.raises(CalibrationError, match="empty"):
+        fxquant.calibrate(prepared, iter(()), progress=False)
+
+
+def test_calibrate_with_a_bad_batch_names_its_index():
+    prepared = prepare(seeded(SmallCNN()))
+    with pytest.raises(CalibrationError, match=r"calibration batch 1 \(\(2, 3, 8, 8\)\) failed in the model"):
+        fxquant.calibrate(prepared, [X, torch.randn(2, 3, 8, 8)], progress=False)
+
+
+def test_qconfig_mapping_naming_a_missing_module_warns():
+    mapping = default_mapping().set_module_name("encoder.layer9", None).set_module_name("conv2", None)
+    with pytest.warns(UserWarning) as record:
+        prepare_model = fxquant.prepare_fx(seeded(SmallCNN()), mapping, (X,), backend_config="fbgemm")
+    messages = [str(w.message) for w in record]
+    assert any("'encoder.layer9', which matches no module" in m for m in messages), messages
+    assert not any(m.startswith("QConfigMapping names 'conv2'") for m in messages)  # it exists: no warning
+    assert prepare_model is not None
+
+
+# ======================================================================================== user's model untouched
+
+def _snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()],
+            [m.training for m in model.modules()])
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_prepare_and_convert_do_not_mutate_the_users_model(backend):
+    model = seeded(SmallCNN())
+    with torch.no_grad():
+        before_out = model(X)
+    state, types, training = _snapshot(model)
+    prepared = prepare(model, backend)
+    fxquant.calibrate(prepared, [X, 2 * X], progress=False)
+    prepared_state = {k: v.clone() for k, v in prepared.state_dict().items()}
+    converted = fxquant.convert_fx(prepared)
+    after_state, after_types, after_training = _snapshot(model)
+    assert after_types == types and after_training == training
+    assert state.keys() == after_state.keys() and all(torch.equal(state[k], after_state[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(model(X), before_out)
+    # no module object is shared between the user's model, the prepared and the converted model
+    ids = {id(m) for m in model.modules()}
+    assert not ids & {id(m) for m in prepared.modules()} and not ids & {id(m) for m in converted.modules()}
+    # convert leaves the prepared model (and its observers' statistics) as they were
+    assert all(torch.equal(v, prepared.state_dict()[k]) for k, v in prepared_state.items())
+    assert prepared.meta[STATE_KEY].stage == "prepared" and converted.meta[STATE_KEY].stage == "converted"
+
+
+# ================================================================================================== save / load
+
+class KitchenSink(nn.Module):
+    """Every quantized module kind: conv (+relu, depthwise), standalone bn, add, mul, cat, hardswish, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.hs = nn.Hardswish()
+        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = self.conv2(a)
+        c = self.bn(a + b)
+        d = torch.cat([self.hs(c), c * torch.sigmoid(b)], 1)
+        e = self.conv3(d)
+        return self.fc(F.adaptive_avg_pool2d(e, 1).flatten(1))
+
+
+KINDS = (QuantizedConv, QuantizedLinear, QuantizedBatchNorm, QuantizedBinary, QuantizedCat, QuantizedHardswish)
+
+
+def _converted(backend: str, scale: float = 1.0, model: nn.Module = None) -> fx.GraphModule:
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    model = seeded(KitchenSink()) if model is None else model
+    calib = [scale * torch.randn(2, 3, 16, 16, generator=gen) for _ in range(2)]
+    return quantize(model, X, backend, calib)[1]
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_torch_save_of_the_whole_converted_model_round_trips_exactly(backend):
+    converted = _converted(backend)
+    assert {type(m) for m in converted.modules()} >= set(KINDS)
+    loaded = _roundtrip(converted)
+    with torch.no_grad():
+        assert torch.equal(loaded(X), converted(X))
+    assert loaded.code == converted.code
+    assert [type(m) for m in loaded.modules()][1:] == [type(m) for m in converted.modules()][1:]
+
+
+@pytest.mark.xfail(strict=True, reason="torch.fx's unpickler re-traces the code into a fresh GraphModule and keeps "
+                                       "only attributes that one lacks: gm.meta (the QuantState) and forward hooks "
+                                       "(the EngineCheck) are dropped")
+def test_torch_save_keeps_the_quant_state_and_the_engine_check():
+    loaded = _roundtrip(_converted("qnnpack"))
+    assert loaded.meta[STATE_KEY].stage == "converted"
+    torch.backends.quantized.engine = "fbgemm"
+    with pytest.raises(EngineError):
+        loaded(X)
+
+
+def test_torch_save_of_a_prepared_model_keeps_its_observers():
+    prepared = prepare(seeded(KitchenSink()))
+    fxquant.calibrate(prepared, [X], progress=False)
+    loaded = _roundtrip(prepared)
+    assert len(observer_nodes(loaded)) == len(observer_nodes(prepared))
+    assert loaded.state_dict().keys() == prepared.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in prepared.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(loaded(X), prepared(X))
+
+
+@pytest.mark.xfail(strict=True, reason="a re-traced prepared model has lost gm.meta and the per-node records "
+                                       "convert_fx needs (see test_torch_save_keeps_the_quant_state_...)")
+def test_a_loaded_prepared_model_can_be_converted():
+    prepared = prepare(seeded(KitchenSink()))
+    fxquant.calibrate(prepared, [X], progress=False)
+    with torch.no_grad():
+        assert torch.equal(fxquant.convert_fx(_roundtrip(prepared))(X), fxquant.convert_fx(prepared)(X))
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_state_dict_into_a_freshly_converted_twin_reproduces_outputs_exactly(backend):
+    model = seeded(KitchenSink())
+    source = _converted(backend, 1.0, model)
+    twin = _converted(backend, 3.0, model)  # other calibration data: other qparams everywhere
+    with torch.no_grad():
+        assert not torch.equal(source(X), twin(X))
+        assert source.fc._scale != twin.fc._scale
+    result = twin.load_state_dict(source.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert twin.fc._scale == source.fc._scale and twin.x_quantize._zp == source.x_quantize._zp  # mirrors updated
+    with torch.no_grad():
+        assert torch.equal(twin(X), source(X))
+    # and through bytes, as a checkpoint would travel
+    fresh = _converted(backend, 3.0, model)
+    fresh.load_state_dict(_roundtrip(source.state_dict()))
+    with torch.no_grad():
+        assert torch.equal(fresh(X), source(X))
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2 ** 16), backend=st.sampled_from(["fbgemm", "qnnpack"]),
+       calib_scale=st.floats(0.1, 10.0))
+def test_property_save_load_round_trips_exactly(seed, backend, calib_scale):
+    model = seeded(SmallCNN(), seed)
+    gen = torch.Generator().manual_seed(seed)
+    calib = [calib_scale * torch.randn(2, 3, 16, 16, generator=gen) for _ in range(2)]
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    _, converted = quantize(model, x, backend, calib)
+    with torch.no_grad():
+        expected = converted(x)
+        assert torch.equal(_roundtrip(converted)(x), expected)
+        _, twin = quantize(model, x, backend, [x])
+        twin.load_state_dict(converted.state_dict())
+        assert torch.equal(twin(x), expected)

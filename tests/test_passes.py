@@ -1,0 +1,598 @@
+"""Per pass (annotate, observe, lower, cleanup) and the graph verifiers: a tiny model, the graph before and
+after as readable text (checked by property: which op kinds appear, what ``gm.code`` calls), and the numbers.
+
+The fuse pass has its own file, tests/test_fusion.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import fx, nn
+
+import fxquant
+from models import (DepthwiseBlock, Residual, SingleConv, SingleLinear, SmallCNN, node_kinds, observer_nodes,
+                    quantize, seeded)
+from fxquant.api import STATE_KEY, convert_pipeline, prepare_pipeline
+from fxquant.backends import get_backend_config
+from fxquant.backends.kernels.qtensor import (Quantize, QuantizedBinary, QuantizedConv, QuantizedLinear)
+from fxquant.errors import QConfigError
+from fxquant.observers import HistogramObserver, ObserverBase, PerChannelMinMaxObserver
+from fxquant.passes.annotate import AnnotatePass
+from fxquant.passes.base import PassResult
+from fxquant.passes.context import RECORD_KEY, QuantContext
+from fxquant.passes.fuse import FusePass
+from fxquant.passes.observe import ObservePass
+from fxquant.passes.verify import no_dead_nodes, one_observer_per_tensor, quantized_flow
+from fxquant.qparams import dequantize, fake_quantize
+from fxquant.qparams import quantize as quantize_tensor
+from fxquant.report import float_ops
+from fxquant.tracer import trace
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def records(gm: fx.GraphModule) -> dict[str, object]:
+    return {n.name: n.meta[RECORD_KEY] for n in gm.graph.nodes if RECORD_KEY in n.meta}
+
+
+def annotated(model: nn.Module, x: torch.Tensor, backend: str = "fbgemm", mapping=None) -> fx.GraphModule:
+    """trace -> fuse -> annotate, by hand."""
+    mapping = fxquant.get_default_qconfig_mapping(backend) if mapping is None else mapping
+    ctx = QuantContext(backend=get_backend_config(backend), qconfig_mapping=mapping, example_inputs=(x,))
+    gm = FusePass().run(trace(copy.deepcopy(model)), ctx).graph_module
+    return AnnotatePass().run(gm, ctx).graph_module
+
+
+# =================================================================================================== annotate
+
+def test_annotate_gives_every_op_its_entry_and_qconfig_and_changes_nothing():
+    model = seeded(SmallCNN())
+    gm = annotated(model, X)
+    recs = records(gm)
+    assert recs["conv1"].entry.name == "conv2d_relu" and recs["add_relu"].entry.name == "add_relu"
+    assert recs["fc1"].entry.name == "linear_relu" and recs["pool"].entry.name == "max_pool"
+    assert all(recs[n].qconfig is not None and recs[n].qconfig.weight is not None and recs[n].quantizable
+               for n in ("conv1", "conv2", "fc1", "fc2"))
+    assert recs["add_relu"].qconfig == fxquant.get_default_qconfig("fbgemm")  # the global one
+    assert recs["x"].is_tensor and recs["flatten"].is_tensor
+    assert not observer_nodes(gm)  # annotate only writes records
+    code = gm.code
+    again = AnnotatePass().run(gm, QuantContext(get_backend_config("fbgemm"), fxquant.get_default_qconfig_mapping(
+        "fbgemm"), (X,)))
+    assert not again.modified and again.graph_module.code == code  # idempotent
+    with torch.no_grad():
+        assert torch.allclose(gm(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_qconfig_none_for_a_module_name_leaves_it_float_and_report_says_why():
+    model = seeded(SmallCNN())
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("conv2", None)
+    gm = annotated(model, X, mapping=mapping)
+    assert records(gm)["conv2"].qconfig is None and not records(gm)["conv2"].quantizable
+    prepared, converted = quantize(model, X, "fbgemm", mapping=mapping)
+    assert "conv2_observer" in dict(prepared.named_modules())  # its output feeds a quantized add: observed there
+    assert isinstance(converted.conv2, nn.Conv2d)  # the float module, not QuantizedConv
+    assert isinstance(converted.conv1, QuantizedConv) and isinstance(converted.fc1, QuantizedLinear)
+    reasons = {f.node: f for f in float_ops(converted)}
+    assert set(reasons) == {"conv2"}
+    assert reasons["conv2"].op == "Conv2d" and "qconfig is None" in reasons["conv2"].reason
+    # float conv2 sits between a dequantize and a quantize
+    assert "dequantize = pool.dequantize()" in converted.code and "self.conv2(dequantize)" in converted.code
+    with torch.no_grad():
+        assert fxquant.sqnr(model(X), converted(X)) > 25
+
+
+def test_object_type_setting_applies_to_fused_nodes_by_their_first_op():
+    model = seeded(SmallCNN())
+    per_tensor = fxquant.default_qconfig
+    mapping = (fxquant.get_default_qconfig_mapping("fbgemm")
+               .set_object_type(nn.Conv2d, per_tensor)   # conv1 became ConvReLU2d: still an nn.Conv2d for this
+               .set_object_type(nn.Linear, None))
+    recs = records(annotated(model, X, mapping=mapping))
+    assert recs["conv1"].qconfig is per_tensor and recs["conv2"].qconfig is per_tensor
+    assert recs["fc1"].qconfig is None and recs["fc2"].qconfig is None
+    assert recs["add_relu"].qconfig == fxquant.get_default_qconfig("fbgemm")
+    _, converted = quantize(model, X, "fbgemm", mapping=mapping)
+    # per-tensor symmetric: one scale, zero point 0 (torch stores it as a per-tensor affine qtensor)
+    assert converted.conv1.weight.qscheme() == torch.per_tensor_affine and converted.conv1.weight.q_zero_point() == 0
+    assert converted.add_relu.__class__ is QuantizedBinary
+    assert {f.node for f in float_ops(converted)} == {"fc1", "fc2"}
+    assert isinstance(converted.fc1, nn.Module) and not isinstance(converted.fc1, QuantizedLinear)
+
+
+def _qnnpack_qconfig(**changes):
+    qc = fxquant.get_default_qconfig("qnnpack")
+    return fxquant.QConfigMapping().set_global(qc.replace(**changes))
+
+
+@pytest.mark.parametrize("mapping, rule", [
+    (_qnnpack_qconfig(weight=PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127, eps=2 ** -12)),
+     r"weights must stay in \[-127, 127\].*allows \[-128, 127\].*quant_min=-127"),
+    (_qnnpack_qconfig(activation=HistogramObserver.with_args(dtype=torch.quint8, eps=2 ** -14)),
+     r"activation scales must be >= 0.000244141.*eps"),
+])
+def test_qconfig_violating_qnnpack_table_raises_naming_the_node(mapping, rule):
+    with pytest.raises(QConfigError, match=rule) as info:
+        fxquant.prepare_fx(seeded(SmallCNN()), mapping, (X,), backend_config="qnnpack")
+    assert "node 'conv1' (conv2d_relu) on backend 'qnnpack'" in str(info.value)
+    # the same qconfig is fine where the table has no such limit
+    fxquant.prepare_fx(seeded(SmallCNN()), mapping, (X,), backend_config="fbgemm")
+
+
+@pytest.mark.parametrize("channels, quantized", [(58, False), (64, True)])
+def test_fbgemm_depthwise_conv_off_the_fast_path_stays_float(channels, quantized):
+    model = seeded(DepthwiseBlock(channels))
+    x = torch.randn(1, 3, 8, 8)
+    prepared, converted = quantize(model, x, "fbgemm")
+    assert isinstance(converted.pw, QuantizedConv)
+    assert isinstance(converted.dw, QuantizedConv) is quantized
+    reasons = float_ops(converted)
+    if quantized:
+        assert reasons == []
+        assert converted.code.count(".dequantize()") == 1  # only at the output
+    else:
+        assert [(f.node, f.op) for f in reasons] == [("dw", "ConvReLU2d")]
+        assert f"depthwise conv with {channels} channels (not a multiple of 8)" in reasons[0].reason
+        state_reasons = converted.meta[STATE_KEY].float_reasons  # the state names the table entry, not the class
+        assert [(f.node, f.reason) for f in state_reasons] == [("dw", reasons[0].reason)]
+        assert "dw_observer" not in dict(prepared.named_modules())
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), converted(x)) > 20
+    # qnnpack has no such limit: the 58-channel depthwise conv is quantized there
+    _, on_qnnpack = quantize(model, x, "qnnpack")
+    assert isinstance(on_qnnpack.dw, QuantizedConv)
+
+
+def test_unused_qconfig_name_is_a_warning():
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("conv_typo", None)
+    with pytest.warns(UserWarning, match="'conv_typo', which matches no module"):
+        fxquant.prepare_fx(seeded(SmallCNN()), mapping, (X,), backend_config="fbgemm")
+
+
+# ===================================================================================================== observe
+
+class PoolChain(nn.Module):
+    """conv -> maxpool -> relu -> flatten -> linear: the middle three take their qparams from the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4 * 7 * 7, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.relu(self.pool(self.conv(x))), 1))
+
+
+def _observed_sources(gm: fx.GraphModule) -> list[str]:
+    return [n.args[0].name for n in observer_nodes(gm)]
+
+
+def test_observe_pool_relu_flatten_share_the_convs_observer():
+    model = seeded(PoolChain())
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (X,), backend_config="fbgemm")
+    assert node_kinds(prepared) == ["HistogramObserver", "Conv2d", "HistogramObserver", "MaxPool2d", "ReLU",
+                                    "flatten", "Linear", "HistogramObserver"]
+    assert sorted(_observed_sources(prepared)) == ["conv", "fc", "x"]
+    recs = records(prepared)
+    assert recs["pool"].observer == recs["relu"].observer == recs["flatten"].observer == "conv_observer"
+    assert "pool = self.pool(conv_observer)" in prepared.code  # pool reads the conv's output through its observer
+    with torch.no_grad():
+        assert torch.equal(prepared(X), model(X))  # no bn: nothing folded, so prepare is the identity exactly
+
+
+def test_observe_exactly_one_observer_per_tensor_and_float_output_unchanged():
+    model = seeded(SmallCNN())
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (X,), backend_config="fbgemm")
+    sources = _observed_sources(prepared)
+    assert len(sources) == len(set(sources))
+    # input, conv1 (pool shares it), conv2, add_relu (flatten shares it), fc1, fc2
+    assert sorted(sources) == ["add_relu", "conv1", "conv2", "fc1", "fc2", "x"]
+    # every user of an observed tensor reads it through the observer
+    for obs in observer_nodes(prepared):
+        assert list(obs.args[0].users) == [obs]
+    one_observer_per_tensor(prepared)
+    fused_float = fxquant.fuse_fx(model, backend_config="fbgemm")
+    with torch.no_grad():
+        assert torch.equal(prepared(X), fused_float(X))  # observers are identities
+        assert torch.allclose(prepared(X), model(X), rtol=1e-5, atol=1e-5)  # bn folding: float rounding only
+
+
+def test_observe_is_idempotent():
+    gm = annotated(seeded(SmallCNN()), X)
+    ctx = QuantContext(get_backend_config("fbgemm"), fxquant.get_default_qconfig_mapping("fbgemm"), (X,))
+    first = ObservePass().run(gm, ctx)
+    code, count = first.graph_module.code, len(observer_nodes(first.graph_module))
+    second = ObservePass().run(first.graph_module, ctx)
+    assert first.modified and not second.modified
+    assert second.graph_module.code == code and len(observer_nodes(second.graph_module)) == count
+
+
+def test_observe_fixed_qparams_op_gets_a_fixed_observer():
+    model = seeded(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid()))
+    prepared, converted = quantize(model, X, "fbgemm")
+    obs = dict(prepared.named_modules())["_1_observer"]
+    assert type(obs).__name__ == "FixedQParamsObserver"
+    assert obs.qparams().scalar() == (1.0 / 256.0, 0)
+    with torch.no_grad():
+        out = converted(X)
+        assert (out - model(X)).abs().max() <= 1.0 / 256 + 0.01  # one output step plus the conv's error
+
+
+# ======================================================================================================= lower
+
+def test_lower_builds_quantized_modules_and_quantizes_once_per_boundary():
+    model = seeded(SmallCNN())
+    prepared, converted = quantize(model, X, "fbgemm")
+    kinds = node_kinds(converted)
+    assert kinds == ["Quantize", "QuantizedConv", "MaxPool2d", "QuantizedConv", "QuantizedBinary", "flatten",
+                     "QuantizedLinear", "QuantizedLinear", ".dequantize"]
+    assert converted.add_relu.target == "add_relu"
+    assert not any(isinstance(m, ObserverBase) for m in converted.modules())
+    assert not observer_nodes(converted)
+    quantized_flow(converted)
+    no_dead_nodes(converted)
+    with torch.no_grad():
+        assert fxquant.sqnr(model(X), converted(X)) > 25
+
+
+def test_quantize_once_per_float_to_int8_boundary():
+    class TwoBranches(nn.Module):
+        """x feeds two quantized convs (one boundary); a float conv in the middle makes a second one."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(3, 4, 3, padding=1)
+            self.mid = nn.Conv2d(4, 4, 3, padding=1)
+            self.c = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x) + self.b(x)
+            return self.c(self.mid(y))
+
+    model = seeded(TwoBranches())
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("mid", None)
+    _, converted = quantize(model, X, "fbgemm", mapping=mapping)
+    kinds = node_kinds(converted)
+    assert kinds.count("Quantize") == 2 and kinds.count(".dequantize") == 2, converted.code
+    assert "x_quantize = self.x_quantize(x)" in converted.code
+    assert "self.a(x_quantize)" in converted.code and "self.b(x_quantize)" in converted.code
+    assert "mid_quantize = self.mid_quantize(mid)" in converted.code
+    assert [n for n, m in converted.named_modules() if isinstance(m, Quantize)] == ["x_quantize", "mid_quantize"]
+    with torch.no_grad():
+        assert fxquant.sqnr(model(X), converted(X)) > 25
+
+
+def _simulate(prepared: fx.GraphModule, converted: fx.GraphModule, name: str, x: torch.Tensor,
+              relu: bool = False) -> tuple[torch.Tensor, float]:
+    """Fake-quant simulation of the one conv/linear ``name``: activations from the prepared model's observers,
+    weights from the qconfig's weight observer (checked against the converted module's integer weights)."""
+    module = prepared.get_submodule(name)
+    op = getattr(module, "op", module)
+    placeholder = next(n for n in prepared.graph.nodes if n.op == "placeholder")
+    rec = next(n for n in prepared.graph.nodes if n.op == "call_module" and n.target == name).meta[RECORD_KEY]
+    in_qp = prepared.get_submodule(placeholder.meta[RECORD_KEY].observer).qparams()
+    out_qp = prepared.get_submodule(rec.observer).qparams()
+    w_obs = rec.qconfig.weight()
+    kernel_weight = converted.get_submodule(name).weight
+    narrow = rec.entry.constraints.depthwise_weight_range
+    if narrow is not None and op.groups > 1 and op.groups == op.in_channels:
+        # fbgemm's depthwise kernels need 7-bit weights: the table's depthwise_weight_range
+        lo, hi = max(w_obs.quant_min, narrow[0]), min(w_obs.quant_max, narrow[1])
+        w_obs = rec.qconfig.weight.with_overrides(quant_min=lo, quant_max=hi)()
+        assert lo <= int(kernel_weight.int_repr().min()) and int(kernel_weight.int_repr().max()) <= hi
+    w_obs(op.weight.detach())
+    wq = fake_quantize(op.weight.detach(), w_obs.qparams())
+    assert torch.equal(kernel_weight.dequantize(), wq)  # the kernel's weight is the observer's grid
+    xq = fake_quantize(x, in_qp)
+    if isinstance(op, nn.Linear):
+        y = F.linear(xq, wq, op.bias)
+    else:
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[op.weight.dim() - 2]
+        y = conv(xq, wq, op.bias, op.stride, op.padding, op.dilation, op.groups)
+    y = torch.relu(y) if relu else y
+    return dequantize(quantize_tensor(y, out_qp)), float(out_qp.scale)
+
+
+# The kernels compute the int32 accumulation exactly, like the simulation; they differ only in the bias (quantized
+# to int32 with scale in_scale * w_scale, error <= half of that, far below one output step) and in the
+# requantization (a float32 multiplier and the kernel's own rounding), which moves a value that lies within a
+# hair of a rounding boundary to the neighbouring integer. So each output is allowed k = 1 step (measured:
+# fbgemm 0 steps, qnnpack and x86 exactly 1 step on a few elements).
+K_STEPS = 1
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
+@pytest.mark.parametrize("model_fn, shape, name", [(SingleConv, (4, 3, 16, 16), "conv"),
+                                                   (SingleLinear, (32, 16), "fc")])
+def test_lower_matches_fake_quant_simulation_within_k_steps(backend, model_fn, shape, name):
+    gen = torch.Generator().manual_seed(1)
+    model = seeded(model_fn(), 1)
+    calib = [2 * torch.randn(*shape, generator=gen) for _ in range(2)]
+    x = 2 * torch.randn(*shape, generator=gen)
+    prepared, converted = quantize(model, calib[0], backend, calib)
+    expected, step = _simulate(prepared, converted, name, x)
+    with torch.no_grad():
+        out = converted(x)
+    assert ((out - expected).abs() / step).max() <= K_STEPS + 1e-4
+    assert (out != expected).float().mean() < 0.05  # off-by-one is the exception, not the rule
+
+
+@settings(max_examples=30)
+@given(cin=st.integers(1, 6), cout=st.integers(1, 6), kernel=st.integers(1, 3), stride=st.integers(1, 2),
+       padding=st.integers(0, 1), bias=st.booleans(), relu=st.booleans(), dims=st.sampled_from([1, 2, 3]),
+       depthwise=st.sampled_from([0, 8, 16]), backend=st.sampled_from(["fbgemm", "qnnpack", "x86"]),
+       seed=st.integers(0, 2 ** 16))
+def test_property_convert_stays_within_k_steps_of_fake_quant(cin, cout, kernel, stride, padding, bias, relu, dims,
+                                                             depthwise, backend, seed):
+    # depthwise: that many channels, groups == channels (multiples of 8: fbgemm keeps other counts float)
+    groups = 1
+    if depthwise:
+        cin = cout = groups = depthwise
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](cin, cout, kernel, stride, padding, bias=bias,
+                                                            groups=groups)
+    model = seeded(nn.Sequential(conv, nn.ReLU()) if relu else nn.Sequential(conv), seed)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, cin) + (6,) * dims
+    calib = [torch.randn(*shape, generator=gen) for _ in range(2)]
+    x = torch.randn(*shape, generator=gen)
+    prepared, converted = quantize(model, calib[0], backend, calib)
+    assert isinstance(converted.get_submodule("0"), QuantizedConv)
+    expected, step = _simulate(prepared, converted, "0", x, relu=relu)
+    with torch.no_grad():
+        out = converted(x)
+    assert ((out - expected).abs() / step).max() <= K_STEPS + 1e-4
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
+def test_depthwise_conv_matches_fake_quant_simulation(dims, backend):
+    """fbgemm's 2-d and 3-d depthwise kernels sum u8 x s8 pairs in int16: with 8-bit weights they saturated
+    (outputs up to 70 steps off, 14-17 dB); the table's 7-bit depthwise weights keep them within k steps."""
+    conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(16, 16, 3, padding=1, groups=16)
+    model = seeded(nn.Sequential(conv), 3)
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 16) + (8,) * dims
+    calib = [torch.randn(*shape, generator=gen) for _ in range(2)]
+    x = torch.randn(*shape, generator=gen)
+    prepared, converted = quantize(model, calib[0], backend, calib)
+    expected, step = _simulate(prepared, converted, "0", x)
+    with torch.no_grad():
+        out = converted(x)
+        assert ((out - expected).abs() / step).max() <= K_STEPS + 1e-4
+        assert fxquant.sqnr(model(x), out) > 30
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_quantized_add_runs_QuantizedBinary_close_to_float(backend):
+    model = seeded(Residual("module"))
+    prepared, converted = quantize(model, X, backend)
+    assert "QuantizedBinary" in node_kinds(converted) and converted.add_relu.target == "add_relu"
+    # simulate the add from the converted convs' quantized outputs and the add observer's qparams
+    with torch.no_grad():
+        qa = converted.conv1(converted.x_quantize(X))
+        qb = converted.conv2(torch.relu(qa))
+        out = converted.add_relu(qa, qb)
+        out_qp = prepared.add_relu_observer.qparams()
+        expected = dequantize(quantize_tensor(torch.relu(qa.dequantize() + qb.dequantize()), out_qp))
+        assert ((out.dequantize() - expected).abs() / float(out_qp.scale)).max() <= K_STEPS + 1e-4
+        assert torch.equal(converted(X), out.dequantize())
+        assert fxquant.sqnr(model(X), converted(X)) > 25
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-1.0, 1.0), "clamp"])
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_clamp_family_after_conv_is_exact_on_every_engine(act, backend):
+    """torch's qnnpack hardtanh/clamp mis-handle the channels_last tensors qnnpack convs return (relu6 after a
+    conv gave SQNR < 0 dB); lowering hands them a contiguous input there."""
+
+    class ConvAct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.act = act if isinstance(act, nn.Module) else nn.Identity()
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.clamp(y, 0.0, 6.0) if act == "clamp" else self.act(y)
+
+    model = seeded(ConvAct())
+    _, converted = quantize(model, X, backend)
+    with torch.no_grad():
+        q_conv = converted.conv(converted.x_quantize(X))
+        out = converted(X)
+    lo, hi = (-1.0, 1.0) if isinstance(act, nn.Hardtanh) and not isinstance(act, nn.ReLU6) else (0.0, 6.0)
+    # the quantized clamp clamps to the grid points nearest lo and hi: clamp, then round back onto the grid
+    expected = torch.fake_quantize_per_tensor_affine(torch.clamp(q_conv.dequantize(), lo, hi), q_conv.q_scale(),
+                                                     q_conv.q_zero_point(), 0, 255)
+    assert torch.equal(out, expected)
+    assert ("contiguous" in converted.code) is (backend == "qnnpack")
+
+
+# ===================================================================================================== cleanup
+
+def test_convert_pipeline_leaves_no_dead_nodes_or_unused_modules():
+    model = seeded(SmallCNN())
+    prepared, converted = quantize(model, X, "fbgemm")
+    used = {str(n.target) for n in converted.graph.nodes if n.op == "call_module"}
+    assert {name for name, _ in converted.named_children()} == used
+    names = [t.name for t in converted.meta[STATE_KEY].timings]
+    core = ["fuse", "annotate", "observe", "lower", "cleanup"]
+    assert [name for name in names if name in core] == core  # other passes may sit between them
+
+
+# ===================================================================================================== verify
+
+def _prepared():
+    return fxquant.prepare_fx(seeded(SmallCNN()), fxquant.get_default_qconfig_mapping("fbgemm"), (X,),
+                              backend_config="fbgemm")
+
+
+def test_verify_one_observer_per_tensor_catches_a_second_observer():
+    gm = _prepared()
+    one_observer_per_tensor(gm)
+    conv2 = next(n for n in gm.graph.nodes if n.name == "conv2")
+    add_relu = next(n for n in gm.graph.nodes if n.name == "add_relu")
+    gm.add_submodule("extra_observer", HistogramObserver())
+    with gm.graph.inserting_after(conv2):
+        extra = gm.graph.call_module("extra_observer", (conv2,))
+    add_relu.replace_input_with(next(iter(add_relu.all_input_nodes[1:])), extra)  # conv2 -> two observers
+    assert sorted(u.name for u in conv2.users) == ["conv2_observer", "extra_observer"]
+    with pytest.raises(AssertionError, match="tensor 'conv2' has more than one observer"):
+        one_observer_per_tensor(gm)
+
+
+def test_verify_one_observer_per_tensor_catches_an_observer_of_an_observer():
+    gm = _prepared()
+    obs = next(n for n in gm.graph.nodes if n.name == "conv2_observer")
+    gm.add_submodule("obs_of_obs", HistogramObserver())
+    with gm.graph.inserting_after(obs):
+        extra = gm.graph.call_module("obs_of_obs", (obs,))
+    obs.replace_all_uses_with(extra, delete_user_cb=lambda u: u is not extra)
+    with pytest.raises(AssertionError, match="observer 'obs_of_obs' observes another observer 'conv2_observer'"):
+        one_observer_per_tensor(gm)
+
+
+def test_verify_quantized_flow_catches_a_quantized_tensor_reaching_a_float_op():
+    prepared = _prepared()
+    fxquant.calibrate(prepared, [X], progress=False)
+    gm = fxquant.convert_fx(prepared)
+    fc2 = next(n for n in gm.graph.nodes if n.name == "fc2")
+    deq = next(iter(fc2.users))
+    deq.replace_input_with(fc2, fc2)  # no-op: the graph is still valid
+    quantized_flow(gm)
+    with gm.graph.inserting_after(fc2):
+        bad = gm.graph.call_function(torch.sigmoid, (fc2,))  # a float op fed a quantized tensor
+    deq.replace_input_with(fc2, bad)
+    with pytest.raises(AssertionError, match="quantized tensor 'fc2' flows into 'sigmoid', which takes float"):
+        quantized_flow(gm)
+
+
+def test_verify_quantized_flow_catches_a_leftover_observer():
+    prepared = _prepared()
+    with pytest.raises(AssertionError, match=r"observers left after convert: \['x_observer'"):
+        quantized_flow(prepared)
+
+
+def test_verify_no_dead_nodes():
+    gm = _prepared()
+    no_dead_nodes(gm)
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(x):
+        gm.graph.call_function(torch.relu, (x,))
+    with pytest.raises(AssertionError, match=r"dead nodes: \['relu(_\d+)?'\]"):
+        no_dead_nodes(gm)
+
+
+class _DuplicateObserverPass:
+    """A broken pass: observes conv2 a second time."""
+
+    name = "break"
+
+    def run(self, gm, ctx):
+        conv2 = next(n for n in gm.graph.nodes if n.name == "conv2")
+        gm.add_submodule("dup_observer", HistogramObserver())
+        with gm.graph.inserting_after(conv2):
+            gm.graph.call_module("dup_observer", (conv2,))
+        return PassResult(gm, True)
+
+
+def test_pass_manager_verifies_between_passes_and_names_the_pass():
+    pm = prepare_pipeline(verify=True)
+    pm.insert_after("observe", _DuplicateObserverPass())
+    model = seeded(SmallCNN())
+    gm = trace(model)
+    ctx = QuantContext(get_backend_config("fbgemm"), fxquant.get_default_qconfig_mapping("fbgemm"), (X,))
+    with pytest.raises(AssertionError, match="graph verification failed after pass 'break'.*more than one observer"):
+        pm.run(gm, ctx)
+    # verification off: the same broken pipeline runs through
+    pm = prepare_pipeline(verify=False)
+    pm.insert_after("observe", _DuplicateObserverPass())
+    pm.run(trace(model), QuantContext(get_backend_config("fbgemm"), fxquant.get_default_qconfig_mapping("fbgemm"),
+                                      (X,)))
+
+
+def test_pass_manager_rejects_an_order_that_breaks_a_constraint():
+    from fxquant.passes.base import PassOrderError
+    pm = prepare_pipeline()
+    pm.passes.reverse()
+    with pytest.raises(PassOrderError, match="pass '(normalize|fuse|annotate)' must run before pass "
+                                             "'(fuse|annotate|observe)'"):
+        pm.run(trace(seeded(SmallCNN())), QuantContext(get_backend_config("fbgemm")))
+    assert convert_pipeline().names == ["lower", "cleanup"]
+
+
+# =============================================================================== property: lint after every pass
+
+_BLOCK = st.sampled_from(["conv_bn_relu", "conv", "pool", "residual", "sigmoid", "float_conv", "hardswish", "cat"])
+
+
+class _Random(nn.Module):
+    def __init__(self, blocks: list[str]) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in blocks)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in blocks)
+        self.squeeze = nn.ModuleList(nn.Conv2d(16, 8, 1) for _ in blocks)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, kind in enumerate(self.blocks):
+            conv, bn = self.convs[i], self.bns[i]
+            if kind == "conv_bn_relu":
+                x = F.relu(bn(conv(x)))
+            elif kind in ("conv", "float_conv"):
+                x = conv(x)
+            elif kind == "pool":
+                x = F.max_pool2d(x, 3, 1, 1)
+            elif kind == "residual":
+                x = x + conv(x)
+            elif kind == "sigmoid":
+                x = torch.sigmoid(conv(x))
+            elif kind == "hardswish":
+                x = F.hardswish(conv(x))
+            elif kind == "cat":
+                x = self.squeeze[i](torch.cat([x, conv(x)], 1))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@settings(max_examples=15)
+@given(blocks=st.lists(_BLOCK, min_size=1, max_size=4), backend=st.sampled_from(["fbgemm", "qnnpack"]),
+       seed=st.integers(0, 2 ** 16))
+def test_property_pipeline_verifies_after_every_pass_and_prepare_keeps_float_outputs(blocks, backend, seed):
+    model = seeded(_Random(blocks), seed)
+    mapping = fxquant.get_default_qconfig_mapping(backend)
+    for i, kind in enumerate(blocks):
+        if kind == "float_conv":
+            mapping.set_module_name(f"convs.{i}", None)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    # verify=True (the default) lints and checks the invariants after every pass, prepare and convert
+    prepared = fxquant.prepare_fx(model, mapping, (x,), backend_config=backend)
+    one_observer_per_tensor(prepared)
+    fused_float = fxquant.fuse_fx(model, backend_config=backend)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), fused_float(x))
+    fxquant.calibrate(prepared, [torch.randn(2, 3, 8, 8, generator=gen) for _ in range(2)] + [x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = fxquant.convert_fx(prepared)
+    converted.graph.lint()
+    quantized_flow(converted)
+    no_dead_nodes(converted)
+    with torch.no_grad():
+        out = converted(x)
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+    assert fxquant.sqnr(model(x), out) > 10
