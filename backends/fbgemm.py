@@ -7,7 +7,10 @@ Facts encoded here:
   4.2 ms int8 vs 0.15 ms fp32), so they stay float;
 * the depthwise kernels (2-d and 3-d) accumulate u8 x s8 pairs in int16 even on VNNI CPUs: with 8-bit
   activations and 8-bit weights they saturate (a 3x3 depthwise conv: 18.6 dB against its own simulation), so depthwise
-  weights use 7 bits, [-64, 63] (38.3 dB), which costs less than 7-bit activations everywhere.
+  weights use 7 bits, [-64, 63] (38.3 dB), which costs less than 7-bit activations everywhere;
+* dynamic: ``linear_dynamic`` (per-tensor activations, computed by the kernel), float16-weight linear and LSTM/GRU
+  (``linear_prepack_fp16``, fbgemm only), quantized LSTM/GRU and cells, 8/4-bit row-wise embedding tables; the
+  per-token linear runs on oneDNN / ``torch._int_mm`` (see ``backends/kernels/dynamic.py``).
 """
 
 from __future__ import annotations

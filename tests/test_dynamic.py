@@ -512,3 +512,15 @@ def test_projections_of_one_tensor_share_its_quantization_and_changes_invalidate
     assert dynamic._LAST_ROWS.rows is not first
     with torch.inference_mode():  # no version counters: never cached
         assert k(randn(2, 16)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
+def test_per_token_activations_with_per_tensor_weights(kernel):
+    from fxquant.backends.kernels.dynamic import per_token_kernel
+    if kernel == "onednn" and per_token_kernel() != "onednn":
+        pytest.skip("oneDNN's int8 GEMM is not usable on this machine")
+    lin, x = seeded(nn.Linear(24, 40)), randn(50, 24)
+    obs = fxquant.MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    obs(lin.weight.detach())
+    q = PerTokenLinear(lin, obs.qparams(), kernel=kernel)
+    assert q.weight_scale.dim() == 0 and sqnr(lin(x), q(x)) > 30

@@ -56,22 +56,22 @@ def _observe(factory: WeightFactory, w: torch.Tensor) -> QParams:
 
 
 def _register_qweight(m: nn.Module, name: str, w: torch.Tensor, qp: QParams) -> None:
-    """Keep ``w`` quantized with ``qp`` as compact buffers: ``{name}_int`` (int8), ``{name}_scale`` (float32 per
-    row), ``{name}_zero_point`` (int32, only where some zero point is not 0)."""
-    q = quantize_int(w.detach().float(), qp)
-    rows = w.shape[0]
-    scale = qp.scale.to(torch.float32).reshape(-1).expand(rows) if not qp.is_per_channel else qp.scale
-    zp = qp.zero_point.reshape(-1).expand(rows) if not qp.is_per_channel else qp.zero_point
-    m.register_buffer(f"{name}_int", q)
-    m.register_buffer(f"{name}_scale", scale.to(torch.float32).clone())
-    if bool((zp != 0).any()):
-        m.register_buffer(f"{name}_zero_point", zp.to(torch.int32).clone())
+    """Keep ``w`` quantized with ``qp`` as compact buffers: ``{name}_int`` (int8), ``{name}_scale`` (float32, one
+    per row or one in all), ``{name}_zero_point`` (int32, only where some zero point is not 0)."""
+    if qp.is_per_channel and qp.axis not in (0, None):
+        raise ValueError(f"{name}: per-channel weight qparams must be along the output rows (axis 0), got {qp.axis}")
+    m.register_buffer(f"{name}_int", quantize_int(w.detach().float(), qp))
+    m.register_buffer(f"{name}_scale", qp.scale.to(torch.float32).reshape(-1 if qp.is_per_channel else ()).clone())
+    if bool((qp.zero_point != 0).any()):
+        m.register_buffer(f"{name}_zero_point", qp.zero_point.to(torch.int32).clone())
 
 
 def _qweight(m: nn.Module, name: str) -> torch.Tensor:
-    """The quantized tensor (per row) that the kernels' prepack functions take, rebuilt from the buffers."""
+    """The quantized tensor that the kernels' prepack functions take, rebuilt from the buffers."""
     ints, scale = getattr(m, f"{name}_int"), getattr(m, f"{name}_scale")
     zp = getattr(m, f"{name}_zero_point", None)
+    if scale.dim() == 0:
+        return torch._make_per_tensor_quantized_tensor(ints, float(scale), 0 if zp is None else int(zp))
     zp = torch.zeros_like(scale, dtype=torch.int64) if zp is None else zp.to(torch.int64)
     return torch._make_per_channel_quantized_tensor(ints, scale.to(torch.float64), zp, 0)
 
@@ -279,7 +279,8 @@ class PerTokenLinear(_Repacking):
 
     def _repack(self) -> None:
         w = self.weight_int
-        self._colsum = self.weight_scale * w.sum(1, dtype=torch.int32).to(torch.float32)
+        self._col_scale = self.weight_scale.expand(self.out_features).contiguous()  # per-tensor weights: one for all
+        self._colsum = self._col_scale * w.sum(1, dtype=torch.int32).to(torch.float32)
         self._w_t = w.t()  # _int_mm takes the transposed view as it is, no copy
         if self.kernel == "onednn":
             self._packed = torch.ops.onednn.qlinear_prepack(w, None)
@@ -294,9 +295,9 @@ class PerTokenLinear(_Repacking):
             return rows.new_zeros(*shape[:-1], self.out_features)
         q, scale, offset = _quantize_input(x, rows)
         if self.kernel == "onednn" and rows.shape[0] >= ONEDNN_MIN_ROWS:
-            y = _onednn_gemm(q, self._packed, self.weight_scale, self._w_zp)
+            y = _onednn_gemm(q, self._packed, self._col_scale, self._w_zp)
         else:  # int8 x int8: q - 128, and the 128 moves into the offset
-            y = torch.mul(torch._int_mm(torch.bitwise_xor(q.view(torch.int8), -128), self._w_t), self.weight_scale)
+            y = torch.mul(torch._int_mm(torch.bitwise_xor(q.view(torch.int8), -128), self._w_t), self._col_scale)
             offset = torch.addcmul(offset, scale, torch.tensor(128.0))
         if self.bias is not None:
             torch.addcmul(self.bias, y, scale, out=y)
