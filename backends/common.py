@@ -13,7 +13,7 @@ from fxquant import fused, qat
 from fxquant.backends import ops
 from fxquant.backends.config import Constraints, DTypeConfig, Observation, OpEntry, OpKind, WeightRule
 
-__all__ = ["cnn_entries", "dynamic_entries", "SHARES_INPUT_KINDS", "FIXED_QPARAMS"]
+__all__ = ["cnn_entries", "dynamic_entries", "SHARES_INPUT_KINDS", "LEAVES_GRID_KINDS", "FIXED_QPARAMS"]
 
 _U8 = DTypeConfig(input=torch.quint8, output=torch.quint8)
 _U8_WEIGHTED = DTypeConfig(input=torch.quint8, output=torch.quint8, weight=torch.qint8, bias=torch.float32)
@@ -25,6 +25,10 @@ SHARES_INPUT_KINDS: tuple[OpKind, ...] = (
     ops.CHUNK, ops.GETITEM, ops.MEAN, ops.DROPOUT, ops.IDENTITY, ops.CHANNEL_SHUFFLE, ops.INTERPOLATE,
     ops.SPLIT, ops.PIXEL_SHUFFLE, ops.PIXEL_UNSHUFFLE, ops.PAD, ops.EXPAND, ops.REPEAT, ops.GELU,
 )
+
+#: shares-input ops whose result can leave the input's integer grid (the quantized op rounds it back)
+LEAVES_GRID_KINDS: tuple[OpKind, ...] = (ops.RELU6, ops.HARDTANH, ops.CLAMP, ops.AVGPOOL, ops.ADAPTIVE_AVGPOOL,
+                                         ops.MEAN, ops.INTERPOLATE, ops.GELU)
 
 #: fixed output ranges of bounded functions on quint8: (scale, zero_point)
 FIXED_QPARAMS: dict[str, tuple[float, int]] = {
@@ -133,6 +137,7 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
                                doc=f"{kind.name}, fixed output range"))
     for kind in SHARES_INPUT_KINDS:
         entries.append(OpEntry(kind.name, kind, Observation.SHARES_INPUT, (_U8,), ((kind,),), quantized_args=(0,),
+                               leaves_grid=kind in LEAVES_GRID_KINDS,
                                doc=f"{kind.name} on the quantized tensor, same qparams as its input"))
     entries.append(OpEntry("size", ops.SIZE, Observation.NONE, (_U8,), ((ops.SIZE,),), quantized_args=(0,),
                            doc="shape queries: no quantized output"))

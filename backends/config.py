@@ -127,7 +127,8 @@ class Constraints:
 
     Attributes:
         weight_range: inclusive integer range the weights must stay in (qnnpack: ``(-127, 127)``).
-        min_scale: smallest activation/weight scale the kernel handles (qnnpack: ``2**-12``).
+        min_scale: smallest activation scale the kernel handles (qnnpack: ``2**-12``).
+        weight_min_scale: smallest weight scale the kernel handles.
         input_output_scale_ratio: allowed ``[lo, hi)`` of input scale / output scale (qnnpack add/mul).
         fixed_qparams: ``(scale, zero_point)`` for :attr:`Observation.FIXED` outputs.
         depthwise_channel_multiple: depthwise convs whose channel count is not a multiple of this leave
@@ -139,6 +140,7 @@ class Constraints:
 
     weight_range: Optional[tuple[int, int]] = None
     min_scale: Optional[float] = None
+    weight_min_scale: Optional[float] = None
     input_output_scale_ratio: Optional[tuple[float, float]] = None
     fixed_qparams: Optional[tuple[float, int]] = None
     depthwise_channel_multiple: Optional[int] = None
@@ -172,6 +174,10 @@ class OpEntry:
     #: op arguments the kernel needs: (name, position in the functional call, default); read from the
     #: module attribute of that name for module forms (``("dim", 1, 0)`` for cat, softmax, stack)
     op_args: tuple[tuple[str, int, Any], ...] = ()
+    #: shares-input ops whose float result can fall between the input's grid points (averages, interpolation,
+    #: clamps at off-grid bounds, gelu): the quantized op rounds its result to that grid, so quantization-aware
+    #: training fake-quantizes the output too (with the input's fake quantizer, see ``SharedFakeQuantize``)
+    leaves_grid: bool = False
     doc: str = ""
 
     @property

@@ -56,7 +56,9 @@ def _limits(e: OpEntry) -> str:
     if c.weight_range:
         parts.append(f"weights in [{c.weight_range[0]}, {c.weight_range[1]}]")
     if c.min_scale:
-        parts.append(f"scale >= 2^{round(torch.log2(torch.tensor(c.min_scale)).item())}")
+        parts.append(f"activation scale >= 2^{round(torch.log2(torch.tensor(c.min_scale)).item())}")
+    if c.weight_min_scale:
+        parts.append(f"weight scale >= 2^{round(torch.log2(torch.tensor(c.weight_min_scale)).item())}")
     if c.input_output_scale_ratio:
         lo, hi = (round(torch.log2(torch.tensor(v)).item()) for v in c.input_output_scale_ratio)
         parts.append(f"in/out scale ratio in [2^{lo}, 2^{hi})")

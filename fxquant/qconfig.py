@@ -373,9 +373,10 @@ def _key_repr(key: Any) -> str:
 
 # -------------------------------------------------------------------------------------------- defaults
 
-def _min_scale(cfg: BackendConfig) -> float:
-    """The largest ``min_scale`` any entry of the table demands (float32 eps when none does)."""
-    scales = [e.constraints.min_scale for e in cfg.entries if e.constraints.min_scale is not None]
+def _min_scale(cfg: BackendConfig, field: str = "min_scale") -> float:
+    """The largest ``min_scale`` (or ``weight_min_scale``) any entry of the table demands (float32 eps when
+    none does)."""
+    scales = [getattr(e.constraints, field) for e in cfg.entries if getattr(e.constraints, field) is not None]
     return max(scales) if scales else DEFAULT_EPS
 
 
@@ -391,9 +392,9 @@ def get_default_qconfig(backend: Union[str, BackendConfig] = "x86") -> QConfig:
     """The post-training QConfig of a backend, built from its table's default grids.
 
     Activations get a :class:`HistogramObserver`; weights a :class:`PerChannelMinMaxObserver` (a
-    :class:`MinMaxObserver` where the backend's weight grid is per tensor). The ``eps`` of both is the
-    largest minimum scale the table's kernels demand (qnnpack: ``2**-12``), so tiny-range data never
-    yields a scale the kernels mishandle.
+    :class:`MinMaxObserver` where the backend's weight grid is per tensor). Their ``eps`` is the largest
+    minimum activation / weight scale the table's kernels demand (qnnpack activations: ``2**-12``), so
+    tiny-range data never yields a scale the kernels mishandle.
 
     Args:
         backend: ``"x86"``, ``"fbgemm"``, ``"qnnpack"`` or a :class:`fxquant.backends.BackendConfig`.
@@ -413,7 +414,7 @@ def get_default_qconfig(backend: Union[str, BackendConfig] = "x86") -> QConfig:
     eps = _min_scale(cfg)
     weight_cls = PerChannelMinMaxObserver if cfg.weight.qscheme in PER_CHANNEL_SCHEMES else MinMaxObserver
     return QConfig(activation=HistogramObserver.with_args(**_grid(cfg.default_activation(), eps)),
-                   weight=weight_cls.with_args(**_grid(cfg.weight, eps)))
+                   weight=weight_cls.with_args(**_grid(cfg.weight, _min_scale(cfg, "weight_min_scale"))))
 
 
 def get_default_qat_qconfig(backend: Union[str, BackendConfig] = "x86") -> QConfig:
@@ -439,7 +440,7 @@ def get_default_qat_qconfig(backend: Union[str, BackendConfig] = "x86") -> QConf
                   else MovingAverageMinMaxObserver)
     return QConfig(
         activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **_grid(cfg.default_activation(), eps)),
-        weight=FakeQuantize.with_args(observer=weight_obs, **_grid(cfg.weight, eps)))
+        weight=FakeQuantize.with_args(observer=weight_obs, **_grid(cfg.weight, _min_scale(cfg, "weight_min_scale"))))
 
 
 def get_default_qconfig_mapping(backend: Union[str, BackendConfig] = "x86") -> QConfigMapping:
@@ -457,13 +458,13 @@ def get_default_qconfig_mapping(backend: Union[str, BackendConfig] = "x86") -> Q
 def _with_table_weight_rules(mapping: QConfigMapping, cfg: BackendConfig, qat: bool) -> QConfigMapping:
     """Give ops whose kernels reject the backend's default weight scheme (ConvTranspose: per tensor only) an
     object-type qconfig with the first scheme their table entry accepts, as the table says."""
-    eps = _min_scale(cfg)
+    weight_eps = _min_scale(cfg, "weight_min_scale")
     base = mapping.global_qconfig
     for entry in cfg.entries:
         if entry.is_dynamic or entry.weight is None or cfg.weight.qscheme in entry.weight.qschemes or \
                 not entry.weight.qschemes:  # static qconfigs follow the static entries only
             continue
-        grid = _grid(dataclasses.replace(cfg.weight, qscheme=entry.weight.qschemes[0]), eps)
+        grid = _grid(dataclasses.replace(cfg.weight, qscheme=entry.weight.qschemes[0]), weight_eps)
         per_channel = entry.weight.qschemes[0] in PER_CHANNEL_SCHEMES
         if qat:
             obs = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver

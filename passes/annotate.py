@@ -87,9 +87,9 @@ def check_qconfig(node: fx.Node, entry: OpEntry, qconfig: Any, backend_name: str
             raise QConfigError(f"{where}: weights must stay in {list(limits.weight_range)} but the weight observer "
                                f"allows [{lo}, {hi}]; build it with quant_min={limits.weight_range[0]}, "
                                f"quant_max={limits.weight_range[1]}.")
-    if limits.min_scale is not None and getattr(w, "eps", 0.0) < limits.min_scale:
-        raise QConfigError(f"{where}: weight scales must be >= {limits.min_scale:g}; build the weight observer with "
-                           f"eps={limits.min_scale:g}.")
+    if limits.weight_min_scale is not None and getattr(w, "eps", 0.0) < limits.weight_min_scale:
+        raise QConfigError(f"{where}: weight scales must be >= {limits.weight_min_scale:g}; build the weight observer "
+                           f"with eps={limits.weight_min_scale:g}.")
 
 
 def _depthwise_reason(entry: OpEntry, module: Optional[nn.Module], backend: str) -> Optional[str]:

@@ -116,13 +116,22 @@ def _qnnpack_qconfig(**changes):
     (_qnnpack_qconfig(weight=PerChannelMinMaxObserver.with_args(
         dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127, eps=2 ** -12)),
      r"weights must stay in \[-127, 127\].*allows \[-128, 127\].*quant_min=-127"),
-    (_qnnpack_qconfig(activation=HistogramObserver.with_args(dtype=torch.quint8, eps=2 ** -14)),
-     r"activation scales must be >= 0.000244141.*eps"),
 ])
 def test_qconfig_violating_qnnpack_table_raises_naming_the_node(mapping, rule):
     with pytest.raises(QConfigError, match=rule) as info:
         fxquant.prepare_fx(seeded(SmallCNN()), mapping, (X,), backend_config="qnnpack")
     assert "node 'conv1' (conv2d_relu) on backend 'qnnpack'" in str(info.value)
+
+
+def test_a_table_minimum_scale_rejects_a_smaller_observer_eps():
+    import dataclasses
+    base = get_backend_config("qnnpack")
+    floored = base.replace(entries=tuple(dataclasses.replace(e, constraints=dataclasses.replace(
+        e.constraints, min_scale=2 ** -12)) for e in base.entries))
+    mapping = fxquant.QConfigMapping().set_global(fxquant.get_default_qconfig("qnnpack").replace(
+        activation=HistogramObserver.with_args(dtype=torch.quint8, eps=2 ** -14)))
+    with pytest.raises(QConfigError, match=r"node 'conv1' .*activation scales must be >= 0.000244141.*eps"):
+        fxquant.prepare_fx(seeded(SmallCNN()), mapping, (X,), backend_config=floored)
     # the same qconfig is fine where the table has no such limit
     fxquant.prepare_fx(seeded(SmallCNN()), mapping, (X,), backend_config="fbgemm")
 

@@ -99,13 +99,6 @@ def _slow_params():
     for name in SLOW:
         for backend in ("fbgemm", "qnnpack"):
             marks = [pytest.mark.slow]
-            if (name, backend) == ("mobilenet_v3_large", "qnnpack"):
-                # measured 2.87 dB: this random-init model has many activations and weights whose range is below
-                # 255 * 2**-12, and qnnpack's table floors every scale at 2**-12 (its kernels' documented limit), so
-                # they get a handful of levels. Without the floor fxquant gives 33.8 dB (torch.ao, which ignores
-                # qnnpack's limits, 31.9 dB).
-                marks.append(pytest.mark.xfail(strict=True, reason="qnnpack's 2**-12 minimum scale on tiny "
-                                                                     "random-init activations"))
             yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")
 
 

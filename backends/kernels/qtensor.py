@@ -282,6 +282,10 @@ class QuantizedHardswish(_OutputQParams):
 #: native quantized ops that torch's qnnpack kernels get wrong on a channels_last input (hardtanh/clamp write
 #: the result in the wrong memory order; qnnpack convs return channels_last): they get a contiguous input
 _QNNPACK_CONTIGUOUS_INPUT = frozenset({"relu6", "hardtanh", "clamp"})
+#: on every engine: torch's quantized mean on a channels_last input (what the convs return) misrounds exact
+#: halves in ~1% of outputs; on a contiguous input it is the integer mean rounded half to even, like the
+#: pooling kernels on either layout, and what quantization-aware training simulates
+_CONTIGUOUS_INPUT = frozenset({"mean"})
 
 _CONV_TARGETS = {f"conv{n}d{r}": (n, bool(r)) for n in (1, 2, 3) for r in ("", "_relu")}
 _BN_TARGETS = {f"batch_norm{n}d{r}": (n, bool(r)) for n in (2, 3) for r in ("", "_relu")}
@@ -332,8 +336,8 @@ class QTensorKernels:
 
     def needs_contiguous_input(self, op_name: str) -> bool:
         """Whether the op ``op_name`` (a table entry name), run natively on quantized tensors, must be given a
-        contiguous input on this engine (see ``_QNNPACK_CONTIGUOUS_INPUT``)."""
-        return self.engine == "qnnpack" and op_name in _QNNPACK_CONTIGUOUS_INPUT
+        contiguous input on this engine (see ``_QNNPACK_CONTIGUOUS_INPUT`` and ``_CONTIGUOUS_INPUT``)."""
+        return op_name in _CONTIGUOUS_INPUT or (self.engine == "qnnpack" and op_name in _QNNPACK_CONTIGUOUS_INPUT)
 
     def quantize(self, qp: QParams) -> nn.Module:
         """The module that quantizes a float tensor at the start of a quantized region."""
