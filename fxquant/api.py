@@ -27,6 +27,7 @@ from fxquant.backends import BACKENDS, BackendConfig, get_backend_config, resolv
 from fxquant.backends.kernels import get_kernels
 from fxquant.decomposed import decompose_attention
 from fxquant.partial import PARTIAL_ATTR, convert_partial, prepare_partial
+from fxquant.serialization import as_quant_graph_module
 from fxquant.errors import ConvertError, EngineError, FxQuantError, TraceError
 from fxquant.observers import ObserverBase
 from fxquant.passes.annotate import AnnotatePass
@@ -220,7 +221,7 @@ def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConf
 def _prepare(gm: fx.GraphModule, ctx: QuantContext, verify: bool) -> fx.GraphModule:
     """Run the prepare pipeline on a traced copy, report its warnings, attach the QuantState."""
     pm = prepare_pipeline(verify)
-    gm = pm.run(gm, ctx)
+    gm = as_quant_graph_module(pm.run(gm, ctx))
     for msg in ctx.warnings:
         warnings.warn(msg, stacklevel=3)
     gm.meta[STATE_KEY] = QuantState(ctx.backend, ctx.qconfig_mapping, "prepared", list(ctx.float_reasons),
@@ -343,7 +344,7 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
         gm = freeze.run(gm, ctx)
         timings += freeze.timings
     pm = convert_pipeline(verify)
-    gm = pm.run(gm, ctx)
+    gm = as_quant_graph_module(pm.run(gm, ctx))
     torch.backends.quantized.engine = backend.engine
     gm.register_forward_pre_hook(EngineCheck(backend.engine))
     gm.meta[STATE_KEY] = QuantState(backend, state.qconfig_mapping, "converted", ctx.float_reasons,

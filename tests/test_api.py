@@ -277,9 +277,6 @@ def test_torch_save_of_the_whole_converted_model_round_trips_exactly(backend):
     assert [type(m) for m in loaded.modules()][1:] == [type(m) for m in converted.modules()][1:]
 
 
-@pytest.mark.xfail(strict=True, reason="torch.fx's unpickler re-traces the code into a fresh GraphModule and keeps "
-                                       "only attributes that one lacks: gm.meta (the QuantState) and forward hooks "
-                                       "(the EngineCheck) are dropped")
 def test_torch_save_keeps_the_quant_state_and_the_engine_check():
     loaded = _roundtrip(_converted("qnnpack"))
     assert loaded.meta[STATE_KEY].stage == "converted"
@@ -299,8 +296,6 @@ def test_torch_save_of_a_prepared_model_keeps_its_observers():
         assert torch.equal(loaded(X), prepared(X))
 
 
-@pytest.mark.xfail(strict=True, reason="a re-traced prepared model has lost gm.meta and the per-node records "
-                                       "convert_fx needs (see test_torch_save_keeps_the_quant_state_...)")
 def test_a_loaded_prepared_model_can_be_converted():
     prepared = prepare(seeded(KitchenSink()))
     fxquant.calibrate(prepared, [X], progress=False)
