@@ -37,6 +37,7 @@ __all__ = [
     "disable_fake_quant",
     "enable_observer",
     "disable_observer",
+    "SharedFakeQuantize",
     "OBSERVER_TYPES",
     "is_observer",
 ]
@@ -133,6 +134,15 @@ class FakeQuantize(nn.Module):
     @property
     def quant_max(self) -> int:
         return self.activation_post_process.quant_max
+
+    @property
+    def eps(self) -> float:
+        """The observer's smallest scale (the backend tables' minimum-scale checks read it)."""
+        return float(getattr(self.activation_post_process, "eps", 0.0))
+
+    @property
+    def reduce_range(self) -> bool:
+        return bool(getattr(self.activation_post_process, "reduce_range", False))
 
     @property
     def is_per_channel(self) -> bool:
@@ -237,6 +247,10 @@ class FakeQuantize(nn.Module):
                 self.activation_post_process(x.detach())
                 if self.activation_post_process.has_data:
                     self._update_qparams()
+        return self.apply_fake_quant(x)
+
+    def apply_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized with the current qparams (if fake quantization is on), without observing it."""
         if bool(self.fake_quant_enabled[0] == 1):
             x = fake_quantize(x, self._qparams(self._axis(x)))
         return x
@@ -303,9 +317,75 @@ def disable_observer(model: nn.Module) -> nn.Module:
     return model
 
 
+class SharedFakeQuantize(nn.Module):
+    """Fake quantization with another fake quantizer's qparams, which it does not update.
+
+    Quantization-aware training puts one after a shares-input op whose result can leave its input's grid
+    (average pooling, mean, interpolation, ...): the quantized op rounds that result to the input's grid, so
+    the training graph must too; observing the output as well would pull the input's range towards it.
+
+    Rounding: the quantized kernels average in integers and round exact halves to even, while the float op here
+    computes the average of grid values with float noise around such halves. The value, in integer units
+    (zero point included, as the kernels round it), is snapped to ``1/1024`` of a step before rounding half to
+    even, so exact ties break as the kernels break them (exactly so for averages of up to 512 values); the
+    gradient is straight-through inside the grid's range.
+    The source's qparams get no gradient from this use (a learnable source learns from its own call).
+
+    Args:
+        source: the input's fake quantizer (a shared submodule: its state stays under its own name too).
+
+    Example:
+        >>> fq = FakeQuantize()
+        >>> _ = fq(torch.tensor([0.0, 1.0]))
+        >>> shared = SharedFakeQuantize(fq)
+        >>> shared(torch.tensor([0.5011])).item() == fq.apply_fake_quant(torch.tensor([0.5011])).item()
+        True
+    """
+
+    def __init__(self, source: FakeQuantize) -> None:
+        super().__init__()
+        self.source = source
+
+    #: sub-step resolution that removes float noise before rounding (see the class docstring)
+    SNAP = 1024.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
+        src = self.source
+        if not bool(src.fake_quant_enabled[0] == 1):
+            return x
+        qp = src._qparams(src._axis(x))
+        shape = [1] * x.dim()
+        if qp.axis is not None:
+            shape[qp.axis] = -1
+        scale = qp.scale.to(x.dtype).reshape(shape if qp.axis is not None else ())
+        zero_point = qp.zero_point.to(x.dtype).reshape(shape if qp.axis is not None else ())
+        steps = torch.round(torch.round((x.detach() / scale + zero_point) * self.SNAP) / self.SNAP)
+        inside = ((steps >= qp.quant_min) & (steps <= qp.quant_max)).to(x.dtype)
+        out = (torch.clamp(steps, qp.quant_min, qp.quant_max) - zero_point) * scale
+        return x * inside + (out - x * inside).detach()
+
+    def qparams(self) -> QParams:
+        """The source's qparams."""
+        return self.source.qparams()
+
+    @property
+    def has_data(self) -> bool:
+        return self.source.has_data
+
+    @property
+    def where(self) -> str:
+        return self.source.where
+
+    @where.setter
+    def where(self, value: str) -> None:
+        pass  # the source describes the tensor whose grid is shared
+
+
 #: the module types the pipeline treats as observers: inserted by the observe pass, skipped over and read
 #: through ``qparams()`` by lowering, counted by the verifiers (FakeQuantize subclasses included)
-OBSERVER_TYPES: tuple[type, ...] = (ObserverBase, FakeQuantize)
+OBSERVER_TYPES: tuple[type, ...] = (ObserverBase, FakeQuantize, SharedFakeQuantize)
 
 
 def is_observer(module: object) -> bool:

@@ -10,7 +10,8 @@ a FakeQuantize.
   :func:`fxquant.qparams.qparams_from_range` up to float rounding, and for symmetric schemes the scale
   ``max|x| / ((quant_max - quant_min + 1) / 2)`` (one ``quant_min`` step wider than the observer's). It
   falls back to :class:`FakeQuantize`'s exact path where the kernel cannot honour the grid: a minimum
-  scale above float32 epsilon (qnnpack's ``2**-12``), symmetric unsigned grids, non-float inputs.
+  scale above float32 epsilon (an observer built with a larger ``eps``), symmetric unsigned grids, non-float
+  inputs.
 * :class:`LearnableFakeQuantize` learns ``scale`` (and, for affine schemes, ``zero_point``) by gradient
   descent (LSQ, Esser et al. 2020; LSQ+ for the offset), with torch's native
   ``_fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine`` kernels and the paper's gradient
@@ -123,7 +124,6 @@ class LearnableFakeQuantize(FakeQuantize):
         self.zero_point = nn.Parameter(torch.tensor([0.0]), requires_grad=self.qscheme not in SYMMETRIC_SCHEMES)
         self.register_buffer("initialized", torch.tensor([0], dtype=torch.uint8))
         self.use_grad_scaling = use_grad_scaling
-        self.eps = float(getattr(self.activation_post_process, "eps", DEFAULT_EPS))
 
     @property
     def has_data(self) -> bool:
@@ -155,6 +155,10 @@ class LearnableFakeQuantize(FakeQuantize):
             return super().forward(x)
         if bool(self.observer_enabled[0] == 1) and not self.has_data:
             self._init_from_observer(x)
+        return self.apply_fake_quant(x)
+
+    def apply_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized with the learned qparams (gradients reach them), without observing it."""
         if not bool(self.fake_quant_enabled[0] == 1):
             return x
         with torch.no_grad():

@@ -9,8 +9,11 @@ Contract:
     * never two observers on one tensor; idempotent (observed tensors are not observed again);
     * quantization-aware training (``ctx.is_qat``): the qconfig's activation factory gives FakeQuantize
       modules, which count as observers (:data:`fxquant.fake_quantize.OBSERVER_TYPES`); fixed-qparams ops
-      get a FakeQuantize around their fixed observer; each QAT module (:mod:`fxquant.qat`) of a quantized
-      node gets its ``weight_fake_quant`` from ``qconfig.weight`` (narrowed as :func:`weight_observer` says).
+      get a FakeQuantize around their fixed observer; shares-input ops that leave their input's grid
+      (``OpEntry.leaves_grid``: average pooling, mean, ...) get a ``SharedFakeQuantize`` of their input's
+      fake quantizer on their output, as their quantized kernel rounds to that grid; each QAT module
+      (:mod:`fxquant.qat`) of a quantized node gets its ``weight_fake_quant`` from ``qconfig.weight``
+      (narrowed as :func:`weight_observer` says).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import fx, nn
 
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
-from fxquant.fake_quantize import FakeQuantize, is_observer
+from fxquant.fake_quantize import FakeQuantize, SharedFakeQuantize, is_observer
 from fxquant.observers import FixedQParamsObserver
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import NodeRecord, QuantContext, modules_of, record
@@ -86,6 +89,8 @@ class ObservePass:
                 rec.observer = self._observer_of(src, modules) if isinstance(src, fx.Node) else None
                 if rec.observer is None:
                     rec.float_reason = "its input is float, and it takes its qparams from its input"
+                elif ctx.is_qat and entry.leaves_grid:
+                    self._share_fake_quant(gm, node, rec, modules)
                 continue
             if entry.is_dynamic:  # dynamic / weight-only: activations are quantized at run time, or never
                 continue
@@ -107,6 +112,14 @@ class ObservePass:
             self._attach_weight_fake_quant(node, rec, modules)
         gm.recompile()
         return PassResult(gm, len(modules) != before)
+
+    def _share_fake_quant(self, gm: fx.GraphModule, node: fx.Node, rec: NodeRecord,
+                          modules: dict[str, nn.Module]) -> None:
+        """QAT: round the output of a grid-leaving shares-input op to its input's grid, as its kernel will."""
+        source = modules.get(rec.observer or "")
+        source = source.source if isinstance(source, SharedFakeQuantize) else source
+        if isinstance(source, FakeQuantize) and not any(is_observer_node(u, modules) for u in node.users):
+            self._insert(gm, node, SharedFakeQuantize(source), modules)
 
     @staticmethod
     def _attach_weight_fake_quant(node: fx.Node, rec: NodeRecord, modules: dict[str, nn.Module]) -> None:

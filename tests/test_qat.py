@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fxquant
@@ -25,6 +27,16 @@ from models import restore_engine  # noqa: F401
 
 BACKEND = "x86"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread is faster, and immune to the machine's other load (2 threads on a busy
+    2-core machine made a training step ~15x slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -72,11 +84,11 @@ class Net(nn.Module):
 X = torch.randn(16, 3, 8, 8, generator=gen(1))
 
 
-def prepared_net(mapping=None, seed: int = 0) -> torch.fx.GraphModule:
+def prepared_net(mapping=None, seed: int = 0, backend: str = BACKEND) -> torch.fx.GraphModule:
     torch.manual_seed(seed)
     model = Net().train()
-    return fxquant.prepare_qat_fx(model, mapping or fxquant.get_default_qat_qconfig_mapping(BACKEND), (X,),
-                                  backend_config=BACKEND)
+    return fxquant.prepare_qat_fx(model, mapping or fxquant.get_default_qat_qconfig_mapping(backend), (X,),
+                                  backend_config=backend)
 
 
 def train_steps(model: nn.Module, steps: int = 8, optimizer: type = torch.optim.SGD, **kwargs) -> list[float]:
@@ -395,8 +407,9 @@ def agreement(prepared: torch.fx.GraphModule, x: torch.Tensor) -> float:
     return float((diff <= step * 1.0001).float().mean())
 
 
-def test_converted_model_agrees_with_the_qat_model(restore_engine):
-    prepared = prepared_net()
+@pytest.mark.parametrize("backend", ["x86", "fbgemm", "qnnpack"])
+def test_converted_model_agrees_with_the_qat_model(backend, restore_engine):
+    prepared = prepared_net(backend=backend)
     train_steps(prepared, 10)
     fxquant.freeze_bn_stats(prepared)
     train_steps(prepared, 3)
@@ -407,6 +420,106 @@ def test_converted_model_agrees_with_the_qat_model(restore_engine):
     assert isinstance(converted.conv1, QuantizedConv) and converted.conv1.relu
     assert isinstance(converted.fc1, QuantizedLinear) and converted.fc1.relu
     assert not any(isinstance(m, (qat.QATModule, FakeQuantize)) for m in converted.modules())
+
+
+class Stack(nn.Module):
+    """A random stack of conv (+bn) (+relu) blocks in 1-d or 2-d, then a linear head."""
+
+    def __init__(self, dims: int, blocks: list[tuple[int, bool, bool, bool]], pool: bool = False) -> None:
+        super().__init__()
+        conv_t, bn_t = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        layers, cin = [], 3
+        for cout, bn, relu, bias in blocks:
+            layers.append(conv_t(cin, cout, 3, padding=1, bias=bias))
+            layers += [bn_t(cout)] if bn else []
+            layers += [nn.ReLU()] if relu else []
+            cin = cout
+        self.body = nn.Sequential(*layers)
+        self.pool = tuple(range(2, 2 + dims)) if pool else None
+        self.head = nn.Linear(cin if pool else cin * 6 ** dims, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return self.head(y.mean(dim=self.pool) if self.pool else torch.flatten(y, 1))
+
+
+@settings(max_examples=8)
+@given(dims=st.sampled_from([1, 2]),
+       blocks=st.lists(st.tuples(st.integers(2, 6), st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=3),
+       backend=st.sampled_from(["x86", "qnnpack"]), pool=st.booleans())
+def test_property_convert_stays_within_one_step_of_the_qat_model(dims, blocks, backend, pool):
+    torch.manual_seed(0)
+    x = torch.randn(*(8, 3) + (6,) * dims, generator=gen())
+    prepared = fxquant.prepare_qat_fx(Stack(dims, blocks, pool).train(), fxquant.get_default_qat_qconfig_mapping(backend),
+                                      (x,), backend_config=backend)
+    assert not any(type(m) in (nn.Conv1d, nn.Conv2d, nn.Linear) for m in prepared.modules())  # all swapped
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = prepared(torch.randn_like(x)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    old = torch.backends.quantized.engine
+    try:
+        assert agreement(prepared, torch.randn(*(32, 3) + (6,) * dims, generator=gen(4))) >= 0.99
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def test_fusion_for_qat_is_idempotent_and_uses_the_table():
+    from fxquant.backends import get_backend_config
+    from fxquant.passes.context import QuantContext
+    from fxquant.passes.fuse import FusePass
+    from fxquant.tracer import trace
+    gm = trace(Net().train())
+    ctx = QuantContext(backend=get_backend_config(BACKEND), is_qat=True)
+    assert FusePass().run(gm, ctx).modified and not FusePass().run(gm, ctx).modified
+    # a table whose conv entries have no qat_fuser leaves conv (+ bn) float
+    cfg = get_backend_config(BACKEND)
+    import dataclasses
+    entries = tuple(dataclasses.replace(e, qat_fuser=None) if e.name.startswith("conv2d") else e for e in cfg.entries)
+    gm2 = FusePass().run(trace(Net().train()), QuantContext(backend=cfg.replace(entries=entries), is_qat=True))
+    kinds = {type(m) for m in gm2.graph_module.modules()}
+    assert nn.Conv2d in kinds and nn.BatchNorm2d in kinds and qat.LinearBnReLU1d in kinds
+
+
+def test_grid_leaving_shares_input_ops_round_to_their_inputs_grid(restore_engine):
+    """avg pooling / mean in QAT round their result to the input's grid, as the quantized ops do (without
+    observing the output: the input's range is not pulled in)."""
+    from fxquant.fake_quantize import SharedFakeQuantize
+
+    class Pool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.avg_pool2d(F.relu(self.conv(x)), 2)
+            return self.fc(x.mean(dim=(2, 3)))
+
+    prepared = fxquant.prepare_qat_fx(Pool().train(), fxquant.get_default_qat_qconfig_mapping(BACKEND), (X,),
+                                      backend_config=BACKEND)
+    shared = [m for m in prepared.modules() if isinstance(m, SharedFakeQuantize)]
+    assert len(shared) == 2 and all(m.source is prepared.conv_observer for m in shared)
+    prepared(X)
+    batches = int(prepared.conv_observer.activation_post_process.batches)
+    assert batches == 1  # observed once per forward, by its own call only
+    prepared.eval()
+    fxquant.disable_observer(prepared)
+    qp = prepared.conv_observer.qparams()
+    with torch.no_grad():
+        pooled = prepared.avg_pool2d_observer(F.avg_pool2d(prepared.conv_observer(prepared.conv(
+            prepared.x_observer(X))), 2))
+    torch.testing.assert_close(pooled, fake_quantize(pooled, qp), rtol=0, atol=0)  # on the grid
+    assert agreement(prepared, torch.randn(64, 3, 8, 8, generator=gen(5))) >= 0.99
+
+
+def test_depthwise_weight_fake_quant_gets_the_tables_narrow_range():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), nn.ReLU()).train()
+    prepared = fxquant.prepare_qat_fx(model, fxquant.get_default_qat_qconfig_mapping("fbgemm"),
+                                      (torch.randn(2, 8, 6, 6),), backend_config="fbgemm")
+    wfq = prepared.get_submodule("0").weight_fake_quant
+    assert (wfq.quant_min, wfq.quant_max) == (-64, 63)  # fbgemm's 7-bit depthwise weights, as lowering uses
 
 
 def test_convert_quantizes_weights_with_the_trained_fake_quant_qparams(restore_engine):
@@ -502,13 +615,12 @@ def test_fused_fake_quant_per_channel_gradient_and_switches():
 
 
 def test_fused_fake_quant_takes_the_exact_path_where_the_kernel_cannot():
-    qnnpack_act = fxquant.get_default_qat_qconfig("qnnpack").activation().activation_post_process
-    fast = fxquant.FusedMovingAvgObsFakeQuantize(observer=MovingAverageMinMaxObserver, dtype=torch.quint8,
-                                                 eps=qnnpack_act.eps)
-    ref = FakeQuantize(observer=MovingAverageMinMaxObserver, dtype=torch.quint8, eps=qnnpack_act.eps)
+    eps = 2.0 ** -12  # qnnpack's minimum scale
+    fast = fxquant.FusedMovingAvgObsFakeQuantize(observer=MovingAverageMinMaxObserver, dtype=torch.quint8, eps=eps)
+    ref = FakeQuantize(observer=MovingAverageMinMaxObserver, dtype=torch.quint8, eps=eps)
     assert not fast.native
     x = torch.randn(100, generator=gen()) * 1e-3  # a range that needs the scale floor
-    assert torch.equal(fast(x), ref(x)) and float(fast.scale) == qnnpack_act.eps
+    assert torch.equal(fast(x), ref(x)) and float(fast.scale) == eps
     with pytest.raises(TypeError, match="moving-average"):
         fxquant.FusedMovingAvgObsFakeQuantize(observer=MinMaxObserver)
 
