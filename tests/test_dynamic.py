@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -190,7 +192,7 @@ def simulate_per_token(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     q = torch.round((rows - lo) * (255.0 / (hi - lo + 1e-8)))
     qp = _weight_qp(lin)
     wq = quantize_int(lin.weight.detach(), qp).double() * qp.scale.double()[:, None]
-    out = F.linear((q * ((hi - lo) / 255) + lo).double(), wq, lin.bias.double())
+    out = F.linear((q * ((hi - lo) / 255) + lo).double(), wq, None if lin.bias is None else lin.bias.double())
     return out.reshape(*x.shape[:-1], -1).float()
 
 
@@ -208,6 +210,24 @@ def test_per_token_linear_computes_its_simulation(kernel, shape):
     if x.numel():
         torch.testing.assert_close(out, simulate_per_token(lin, x), atol=2e-4, rtol=1e-4)
         assert sqnr(lin(x), out) > 30
+
+
+@settings(max_examples=25)
+@given(rows=st.integers(1, 70), k=st.integers(1, 40), n=st.integers(1, 40), scale=st.floats(1e-3, 1e3),
+       bias=st.booleans(), relu=st.booleans())
+def test_property_per_token_kernels_agree_with_the_simulation_for_any_shape(rows, k, n, scale, bias, relu):
+    torch.manual_seed(rows * 1000 + k * 40 + n)
+    lin, x = nn.Linear(k, n, bias=bias), torch.randn(rows, k) * scale
+    expected = simulate_per_token(lin, x)
+    expected = expected.relu() if relu else expected
+    for kernel in ("onednn", "int_mm") if per_token_kernel_here() == "onednn" else ("int_mm",):
+        q = PerTokenLinear(lin, _weight_qp(lin), relu=relu, kernel=kernel)
+        torch.testing.assert_close(q(x), expected, atol=1e-4 * scale + 1e-5, rtol=1e-4)
+
+
+def per_token_kernel_here() -> str:
+    from fxquant.backends.kernels.dynamic import per_token_kernel
+    return per_token_kernel()
 
 
 def test_per_token_beats_per_tensor_on_outlier_tokens():

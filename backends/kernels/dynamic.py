@@ -200,7 +200,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """
     packed = torch.ops.quantized.embedding_bag_byte_prepack(x)  # [M, K + 8]: K bytes, then float scale, offset
     k = x.shape[1]
-    scale_offset = packed[:, k:].contiguous().view(torch.float32)
+    # a fresh contiguous tensor (a one-row slice counts as contiguous and would keep the packed row stride)
+    scale_offset = packed[:, k:].clone(memory_format=torch.contiguous_format).view(torch.float32)
     return packed[:, :k], scale_offset[:, :1], scale_offset[:, 1:]
 
 
