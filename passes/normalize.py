@@ -60,6 +60,24 @@ def _layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]
     return mod
 
 
+def _is_silu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(str(node.target))) is nn.SiLU
+    return (node.op == "call_function" and node.target is F.silu) or (node.op == "call_method" and
+                                                                         node.target in ("silu", "silu_"))
+
+
+def _expand_silu(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``silu(x)`` as ``x * sigmoid(x)``: no quantized SiLU kernel exists, but sigmoid (fixed output range)
+    and mul do, so the op runs int8 instead of between a dequantize and a quantize."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    with gm.graph.inserting_before(node):
+        sig = gm.graph.call_function(torch.sigmoid, (x,))
+        mul = gm.graph.call_function(torch.mul, (x, sig))
+    node.replace_all_uses_with(mul)
+    gm.graph.erase_node(node)
+
+
 def _attr(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
@@ -107,6 +125,9 @@ class NormalizePass:
             if _is_identity(node, modules, keep_dropout) and node.args and isinstance(node.args[0], fx.Node):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
+                modified = True
+            elif _is_silu(node, modules) and not getattr(ctx, "is_qat", False):
+                _expand_silu(gm, node)
                 modified = True
             elif node.op == "call_function" and (node.target in (F.linear, F.layer_norm) or
                                                  node.target in _CONV_FUNCTIONS):
