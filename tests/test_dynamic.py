@@ -341,6 +341,15 @@ def test_embedding_bag(bits, mode):
         assert sqnr(bag(idx, offsets, per_sample_weights=w), q(idx, offsets, per_sample_weights=w)) > floor
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_last_offset_and_int32_indices(mode):
+    bag = seeded(nn.EmbeddingBag(50, 16, mode=mode, include_last_offset=True))
+    q = QuantizedEmbeddingBag(bag, 8)
+    idx, offsets = torch.randint(0, 50, (20,), generator=GEN), torch.tensor([0, 3, 3, 11, 20])
+    assert sqnr(bag(idx, offsets), q(idx, offsets)) > 35
+    assert torch.equal(q(idx.int(), offsets.int()), q(idx, offsets))
+
+
 def test_embedding_bag_max_mode_stays_float():
     model = nn.Sequential(nn.EmbeddingBag(10, 4, mode="max"))
     with pytest.warns(UserWarning, match="mode 'max'"):
