@@ -66,10 +66,12 @@ class _BoundCall(nn.Module):
         values.update(zip(self._tensor_names, (t0, t1, t2, t3, t4, t5, t6, t7)))
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
+        positional = True  # pass leading arguments positionally, as the model does (kernels' forwards differ)
         for p in self._params:
             if p.name not in values:
+                positional = positional and p.kind is p.VAR_POSITIONAL
                 continue
-            if p.kind is p.POSITIONAL_ONLY:
+            if p.kind is p.POSITIONAL_ONLY or (positional and p.kind is p.POSITIONAL_OR_KEYWORD):
                 args.append(values[p.name])
             elif p.kind is p.VAR_POSITIONAL:
                 args.extend(values[p.name])
@@ -85,10 +87,13 @@ class PreparedCall(nn.Module):
     arguments, runs the traced piece ``gm`` on the tensors."""
 
     def __init__(self, gm: nn.Module, name: str, signature: inspect.Signature, tensor_names: list[str],
-                 fixed: dict[str, Any]) -> None:
+                 fixed: dict[str, Any], output_type: Optional[type] = None) -> None:
         super().__init__()
         self.gm = gm
         self.name, self.signature, self.tensor_names, self.fixed = name, signature, tensor_names, fixed
+        # torch.fx turns a returned dict subclass (Hugging Face ModelOutput) into a plain dict: rebuild it
+        self.output_type = output_type if output_type is not None and issubclass(output_type, dict) and \
+            output_type is not dict else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs).arguments
@@ -100,7 +105,10 @@ class PreparedCall(nn.Module):
                 raise FxQuantError(f"module '{self.name}' was quantized for calls with {key}={expected!r} (as on "
                                    f"example_inputs) but was called with {key}={got!r}; prepare with example "
                                    "inputs that make the calls you will make")
-        return self.gm(*(bound[n] for n in self.tensor_names))
+        out = self.gm(*(bound[n] for n in self.tensor_names))
+        if self.output_type is not None and type(out) is dict:
+            out = self.output_type(**out)
+        return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -121,7 +129,12 @@ def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     def hook(module: nn.Module, a: tuple, kw: dict) -> None:
         calls.setdefault(module, (a, kw))
 
+    def out_hook(module: nn.Module, a: tuple, out: Any) -> None:
+        if module in calls and len(calls[module]) == 2:
+            calls[module] = calls[module] + (type(out),)
+
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    handles += [m.register_forward_hook(out_hook) for m in model.modules()]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -154,7 +167,7 @@ def _split_call(module: nn.Module, call: tuple) -> Optional[tuple[inspect.Signat
 def _prepare_unit(module: nn.Module, name: str, ctx: _Context) -> Optional[nn.Module]:
     """A PreparedCall replacing ``module``, or ``None`` if its own code cannot be traced (or it is never called)."""
     call = ctx.calls.get(module)
-    split = _split_call(module, call) if call is not None else None
+    split = _split_call(module, call[:2]) if call is not None else None
     if split is None:
         return None
     sig, tensors, fixed, example = split
@@ -169,7 +182,7 @@ def _prepare_unit(module: nn.Module, name: str, ctx: _Context) -> Optional[nn.Mo
             if exc.module_path.startswith("inner.") and exc.module_path[len("inner."):] not in skip:
                 skip.append(exc.module_path[len("inner."):])
                 continue
-            ctx.state.skipped.append(SkippedModule(name, exc.cause))
+            ctx.state.skipped.append(SkippedModule(name, exc.cause.split(". ")[0]))
             return None
         break
     else:  # pragma: no cover - a model with more than _MAX_RETRIES untraceable submodules
@@ -179,7 +192,8 @@ def _prepare_unit(module: nn.Module, name: str, ctx: _Context) -> Optional[nn.Mo
         full = f"{name}.{sub}" if name else sub
         _replace_inside(prepared, f"inner.{sub}", _prepare_or_descend(module.get_submodule(sub), full, ctx))
     ctx.state.units.append(name)
-    return PreparedCall(prepared, name or type(module).__name__, sig, tensors, fixed)
+    return PreparedCall(prepared, name or type(module).__name__, sig, tensors, fixed,
+                        call[2] if len(call) > 2 else None)
 
 
 def _drop_none_asserts(gm: fx.GraphModule) -> fx.GraphModule:

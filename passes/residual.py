@@ -44,10 +44,11 @@ class FloatResidualStreamPass:
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modified = False
         for node in gm.graph.nodes:
-            if not _is(node, "layer_norm") or not _is(node.args[0], "add"):
+            src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+            if not _is(node, "layer_norm") or not _is(src, "add"):
                 continue
             ctx.keep_float(node, "layer_norm", _STREAM_REASON)
-            stack = [node.args[0]]
+            stack = [src]
             while stack:
                 add = stack.pop()
                 if not _is(add, "add"):
