@@ -6,9 +6,9 @@ around them and no calibration. Targets (``BUILDERS`` keys are the table entries
 * ``linear_dynamic`` / ``linear_relu_dynamic``: ``torch.ops.quantized.linear_dynamic`` (fbgemm, x86, qnnpack):
   one activation scale per tensor, computed by the kernel from each input;
 * ``linear_dynamic_fp16`` / ``linear_relu_dynamic_fp16``: float16 weights (``linear_prepack_fp16``, fbgemm);
-* ``linear_per_token`` / ``linear_relu_per_token``: :class:`PerTokenLinear`, int8 activations with one scale per
-  row ("token") times per-channel int8 weights, on oneDNN's int8 GEMM (``torch.ops.onednn.qlinear_pointwise``)
-  or ``torch._int_mm`` (plain int8 tensors, no quantized tensor types);
+* ``linear_per_token`` / ``linear_relu_per_token``: :class:`PerTokenLinear`, uint8 activations with one scale and
+  offset per row ("token") times per-channel int8 weights, on oneDNN's int8 GEMM
+  (``torch.ops.onednn.qlinear_pointwise``) or ``torch._int_mm`` (plain integer tensors, no quantized tensor types);
 * ``lstm_dynamic`` / ``gru_dynamic`` (``_fp16``): ``torch.quantized_lstm`` / ``torch.quantized_gru`` over cell
   parameters from ``make_quantized_cell_params_dynamic`` (``_fp16``); ``*_cell_dynamic``: the
   ``quantized_*_cell_dynamic`` kernels;
@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fxquant.backends.kernels.qtensor import LoweringSpec, engine
-from fxquant.qparams import QParams, quantize, quantize_int
+from fxquant.qparams import QParams, quantize_int
 
 __all__ = ["BUILDERS", "DynamicLinear", "DynamicLinearFP16", "PerTokenLinear", "DynamicRNN", "DynamicRNNCell",
            "QuantizedEmbedding", "QuantizedEmbeddingBag", "supports", "per_token_kernel"]
