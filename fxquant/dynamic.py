@@ -86,8 +86,8 @@ def dynamic_qconfig(dtype: torch.dtype, backend: BackendConfig, module_type: Opt
     weight: dict[str, Any] = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
     if limits is not None and limits.weight_range is not None:
         weight.update(quant_min=limits.weight_range[0], quant_max=limits.weight_range[1])
-    if limits is not None and limits.min_scale is not None:
-        weight.update(eps=limits.min_scale)
+    if limits is not None and limits.weight_min_scale is not None:
+        weight.update(eps=limits.weight_min_scale)
     return QConfig(activation=PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255,
                                                             is_dynamic=True),
                    weight=MinMaxObserver.with_args(**weight))
