@@ -45,6 +45,19 @@ def _op_type(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
     return type(modules[str(node.target)]) if node.op == "call_module" else node.target
 
 
+def _delete_consumed(gm: fx.GraphModule, targets: list[str]) -> None:
+    """Remove the modules a fusion consumed, unless another node still calls them.
+
+    ``delete_all_unused_submodules`` cannot be relied on for this: a QAT module holds the batch norm it
+    fused (the same object), and ``named_modules`` reports a shared module under one name only, so the old
+    name would survive, and ``model.train()`` would reach the batch norm through it (unfreezing it).
+    """
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for target in targets:
+        if target not in called:
+            gm.delete_submodule(target)
+
+
 def _patterns(ctx: QuantContext) -> list[tuple[tuple[OpKind, ...], OpEntry]]:
     """(pattern, entry) in matching order: multi-op patterns longest first, then (QAT only) single-module swaps."""
     order = [(p, e) for e in ctx.backend.fusion_entries() for p in sorted(e.patterns, key=len, reverse=True)
@@ -105,6 +118,7 @@ class FusePass:
         for n in reversed(nodes):
             if n is not new:
                 gm.graph.erase_node(n)
+        _delete_consumed(gm, [str(n.target) for n in nodes[1:] if n.op == "call_module"])
         rec = record(new)
         rec.fused_from = fused_from
         return True

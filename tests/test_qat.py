@@ -267,6 +267,20 @@ def test_freeze_bn_stats_works_through_apply_and_on_prepared_models():
     prepared.apply(fxquant.freeze_bn_stats)
     bns = [m for m in prepared.modules() if isinstance(m, (qat.ConvBn2d, qat.LinearBn1d))]
     assert len(bns) == 3 and all(m.freeze_bn and not m.bn.training for m in bns)
+    # the fused batch norms live only inside their QAT modules: model.train() cannot reach them another way
+    assert not any(hasattr(prepared, name) for name in ("bn1", "bn2", "bn3"))
+    prepared.train()
+    assert all(not m.training for m in prepared.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def test_fuse_pass_removes_the_modules_it_consumed():
+    from fxquant.backends import get_backend_config
+    from fxquant.passes.context import QuantContext
+    from fxquant.passes.fuse import FusePass
+    from fxquant.tracer import trace
+    gm = FusePass().run(trace(Net().train()), QuantContext(backend=get_backend_config(BACKEND), is_qat=True)).graph_module
+    assert {name for name, _ in gm.named_children()} == {"conv1", "conv2", "fc1", "fc2"}
+    assert isinstance(gm.conv1.bn, nn.BatchNorm2d)
 
 
 def test_gamma_zero_channel_does_not_produce_nan():
