@@ -94,7 +94,7 @@ class QuantReport:
             ("state_dict size (MB)", f"{self.size_fp32 / 1e6:.2f}", f"{self.size_int8 / 1e6:.2f}",
              f"{self.size_int8 / self.size_fp32:.3f}x"),
             (f"latency ({self.threads} thread, ms)", f"{self.latency_fp32 * 1e3:.2f}", f"{self.latency_int8 * 1e3:.2f}",
-             f"{self.latency_fp32 / self.latency_int8:.2f}x faster"),
+             f"{self.latency_fp32 / self.latency_int8:.2f}x speed-up"),
             ("output SQNR vs fp32 (dB)", "", f"{self.sqnr_db:.2f}", ""),
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -103,6 +103,17 @@ class QuantReport:
         for f in self.float_ops:
             lines.append(f"  {f.node} ({f.op}): {f.reason}")
         return "\n".join(lines)
+
+
+def _output_sqnr(ref: Any, out: Any) -> float:
+    """SQNR over every floating-point tensor of the outputs (tuples, dicts and model outputs included)."""
+    from torch.utils._pytree import tree_leaves
+
+    pairs = [(r, o) for r, o in zip(tree_leaves(ref), tree_leaves(out))
+             if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    if not pairs:
+        raise ValueError("the model's outputs hold no floating-point tensor to compare")
+    return sqnr(torch.cat([r.flatten() for r, _ in pairs]), torch.cat([o.flatten().float() for _, o in pairs]))
 
 
 def report(float_model: nn.Module, quantized: fx.GraphModule, inputs: tuple[Any, ...], runs: int = 20,
@@ -124,7 +135,7 @@ def report(float_model: nn.Module, quantized: fx.GraphModule, inputs: tuple[Any,
         ref = float_model(*inputs)
         out = quantized(*inputs)
     fp32, int8 = interleaved_latency([lambda: float_model(*inputs), lambda: quantized(*inputs)], runs, threads=threads)
-    rep = QuantReport(state_dict_bytes(float_model), state_dict_bytes(quantized), fp32, int8, sqnr(ref, out),
+    rep = QuantReport(state_dict_bytes(float_model), state_dict_bytes(quantized), fp32, int8, _output_sqnr(ref, out),
                       float_ops(quantized), threads)
     if verbose:
         print(rep)
