@@ -45,7 +45,7 @@ from fxquant.qconfig import QConfigMapping
 from fxquant.tracer import PrepareCustomConfig, trace
 
 __all__ = ["prepare_fx", "prepare_qat_fx", "convert_fx", "fuse_fx", "QuantState", "prepare_pipeline", "convert_pipeline",
-           "freeze_qat_pipeline",
+           "freeze_qat_pipeline", "EngineCheck", "InputCheck",
            "STATE_KEY"]
 
 #: the GraphModule.meta key holding the :class:`QuantState` of a prepared or converted model
@@ -105,7 +105,17 @@ def freeze_qat_pipeline(verify: bool = True) -> PassManager:
 def _check_model(model: Any, fn: str, any_device: bool = False) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn} expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{fn} needs the Python nn.Module: torch.fx cannot trace a TorchScript module "
+                        f"({type(model).__name__}); pass the model as it was before torch.jit.script / torch.jit.trace")
+    stage = _stage_of(model)
+    if stage is not None:
+        raise FxQuantError(f"{fn}: this model was already {stage} by fxquant; pass the original float model (to "
+                           "quantize it again with other settings, start from the float model)")
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if any(d.type == "meta" for d in devices):
+        raise FxQuantError(f"{fn}: the model has parameters on the meta device, which hold no values; materialize "
+                           "it first (e.g. model.to_empty(device='cpu'), then load its weights)")
     if any_device and len(devices) > 1:
         raise FxQuantError(f"{fn}: the model's parameters and buffers are on several devices "
                            f"({sorted(map(str, devices))}); move it to one device first, e.g. model.to('cuda')")
@@ -113,6 +123,15 @@ def _check_model(model: Any, fn: str, any_device: bool = False) -> None:
     if off_cpu and not any_device:
         raise FxQuantError(f"{fn}: the model has parameters on {sorted(off_cpu)}; int8 kernels run on the "
                            "CPU: call model.cpu() first (prepare_qat_fx trains on any device)")
+
+
+def _stage_of(model: nn.Module) -> Optional[str]:
+    """``"prepared"`` / ``"converted"`` for a model made by fxquant, else ``None``."""
+    partial = getattr(model, PARTIAL_ATTR, None)
+    if partial is not None:
+        return "converted" if partial.converted else "prepared"
+    state = model.meta.get(STATE_KEY) if isinstance(model, fx.GraphModule) else None
+    return None if state is None else state.stage
 
 
 def _example_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -131,8 +150,12 @@ def _mapping(qconfig_mapping: Any) -> QConfigMapping:
         return qconfig_mapping
     if isinstance(qconfig_mapping, dict):
         return QConfigMapping.from_dict(qconfig_mapping)
+    kind = type(qconfig_mapping)
+    hint = ("; torch.ao.quantization's mappings are not accepted: make the same calls on fxquant.QConfigMapping "
+            "(same setters, fxquant.QConfig qconfigs)" if kind.__module__.startswith("torch.ao") else "")
     raise TypeError(f"qconfig_mapping must be a fxquant.QConfigMapping (or its dict form), got "
-                    f"{type(qconfig_mapping).__name__}; fxquant.get_default_qconfig_mapping('x86') is a good start")
+                    f"{kind.__module__}.{kind.__qualname__}{hint}; fxquant.get_default_qconfig_mapping('x86') is a "
+                    "good start")
 
 
 def _default_backend(backend_config: Union[str, BackendConfig, None]) -> BackendConfig:
@@ -145,15 +168,9 @@ def _default_backend(backend_config: Union[str, BackendConfig, None]) -> Backend
 def _trace_with_shapes(model: nn.Module, inputs: tuple[Any, ...], config: PrepareCustomConfig,
                        run_in_eval: bool = False) -> fx.GraphModule:
     gm = trace(model, config)
-    if run_in_eval:  # traced as it trains; run (here and in the passes) without touching BN statistics
+    if run_in_eval:  # traced as it trains; run (in the annotate pass) without touching BN statistics
         gm.eval()
-    try:
-        with torch.no_grad():
-            gm(*inputs)
-    except Exception as exc:  # noqa: BLE001 - reported with what to do
-        raise FxQuantError(f"the model fails on example_inputs ({type(exc).__name__}: {exc}); pass inputs of the "
-                           f"shape and dtype the model takes, as a tuple of positional arguments") from exc
-    return gm
+    return gm  # the annotate pass runs the example once (shapes) and reports inputs the model rejects
 
 
 def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
@@ -332,6 +349,13 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
     if backend.name != state.backend.name:
         raise ConvertError(f"convert_fx: the model was prepared for backend '{state.backend.name}' but "
                            f"backend_config='{backend.name}'; prepare again for '{backend.name}'")
+    if backend != state.backend:
+        raise ConvertError(f"convert_fx: backend_config is another table than the one named '{backend.name}' that "
+                           "prepared this model (lowering must follow the entries annotate chose); leave "
+                           "backend_config out, or prepare again with this table")
+    if any(t.is_meta for t in (*graph_module.parameters(), *graph_module.buffers())):
+        raise ConvertError("convert_fx: the model has tensors on the meta device, which hold no values; convert "
+                           "the calibrated (or trained) model on a real device")
     missing = get_kernels(backend).available()
     if missing:
         raise EngineError(f"backend '{backend.name}': {missing}; choose one of the available engines")
@@ -347,6 +371,7 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
     gm = as_quant_graph_module(pm.run(gm, ctx))
     torch.backends.quantized.engine = backend.engine
     gm.register_forward_pre_hook(EngineCheck(backend.engine))
+    gm.register_forward_pre_hook(InputCheck.of(gm))
     gm.meta[STATE_KEY] = QuantState(backend, state.qconfig_mapping, "converted", ctx.float_reasons,
                                     timings + pm.timings, is_qat=state.is_qat)
     return gm
@@ -363,6 +388,37 @@ class EngineCheck:
             raise EngineError(f"this model was converted for the '{self.engine}' quantized engine but the current "
                               f"engine is '{torch.backends.quantized.engine}'; set "
                               f"torch.backends.quantized.engine = '{self.engine}' before running it")
+
+
+class InputCheck:
+    """Forward pre-hook of converted models: each tensor input has the dtype of the example input it was prepared
+    with. The quantize step and the int8 kernels reject other dtypes with raw kernel errors ("Could not run
+    'aten::quantize_per_tensor' with arguments from the 'QuantizedCPU' backend" for an already quantized tensor).
+
+    Attributes:
+        inputs: ``(name, dtype)`` of the positional inputs, ``None`` where no example told the dtype.
+    """
+
+    def __init__(self, inputs: list[tuple[str, Optional[torch.dtype]]]) -> None:
+        self.inputs = inputs
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "InputCheck":
+        """The check for ``gm``'s placeholders (their dtypes as shape propagation recorded them)."""
+        return cls([(str(n.target), getattr(n.meta.get("tensor_meta"), "dtype", None))
+                    for n in gm.graph.nodes if n.op == "placeholder"])
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        for (name, dtype), arg in zip(self.inputs, args):
+            if not isinstance(arg, torch.Tensor) or dtype is None:
+                continue
+            if arg.is_quantized:
+                raise FxQuantError(f"input '{name}' is a quantized tensor ({arg.dtype}); the converted model takes "
+                                   f"{dtype} inputs and quantizes them itself: pass the float tensor "
+                                   "(x.dequantize() if you only have the quantized one)")
+            if arg.dtype != dtype:
+                raise FxQuantError(f"input '{name}' has dtype {arg.dtype}, but the model was prepared with a {dtype} "
+                                   f"example input and its kernels take {dtype}; pass x.to({dtype})")
 
 
 def fuse_fx(model: nn.Module, fuse_custom_config: Union[PrepareCustomConfig, dict, None] = None,

@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.backends.config import Observation, OpEntry
 from fxquant.backends.kernels import get_kernels
-from fxquant.errors import QConfigError
+from fxquant.errors import FxQuantError, QConfigError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
 from fxquant.passes.dynamic import dynamic_request, select_dynamic_entry
@@ -111,8 +111,16 @@ class AnnotatePass:
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         if ctx.example_inputs is not None:  # None: dynamic-only quantization, which needs no shapes
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*ctx.example_inputs)
+            try:
+                with torch.no_grad():
+                    ShapeProp(gm).propagate(*ctx.example_inputs)
+            except Exception as exc:  # noqa: BLE001 - reported with what to do
+                cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a long one
+                node = re.search(r"node=%(\w+)", str(exc))
+                where = f" at node '{node.group(1)}'" if node else ""
+                raise FxQuantError(f"the model fails on example_inputs{where} ({type(cause).__name__}: {cause}); pass "
+                                   "inputs of the shape and dtype the model takes, as a tuple of positional "
+                                   "arguments") from exc
         modules = modules_of(gm)
         kernels = get_kernels(ctx.backend)
         order: Counter = Counter()

@@ -95,8 +95,8 @@ def test_unknown_backend_name():
 
 
 def test_example_inputs_of_the_wrong_shape():
-    with pytest.raises(FxQuantError, match=r"the model fails on example_inputs \(RuntimeError: .*\); pass inputs of "
-                                           r"the shape and dtype the model takes"):
+    with pytest.raises(FxQuantError, match=r"the model fails on example_inputs at node 'fc1' \(RuntimeError: "
+                                           r"mat1 and mat2.*\); pass inputs of the shape and dtype the model takes"):
         fxquant.prepare_fx(seeded(SmallCNN()), default_mapping(), (torch.randn(2, 3, 8, 8),), backend_config="fbgemm")
 
 
