@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -75,14 +75,23 @@ class BNReLU3d(_OpReLU):
     """``relu(batch_norm3d(x))``."""
 
 
+def _traced_as_one_call(fn: Any, a: Any, b: Any) -> Optional[torch.fx.Proxy]:
+    """Under any torch.fx tracer (torch.load re-traces a saved GraphModule's code), record ``fn(a, b)`` as one
+    call_function node instead of tracing into it: the fused op must stay one node for its record to apply."""
+    proxy = a if isinstance(a, torch.fx.Proxy) else b if isinstance(b, torch.fx.Proxy) else None
+    return None if proxy is None else proxy.tracer.create_proxy("call_function", fn, (a, b), {})
+
+
 def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``relu(a + b)``: the fused form of an add followed by a ReLU."""
-    return torch.relu(a + b)
+    traced = _traced_as_one_call(add_relu, a, b)
+    return torch.relu(a + b) if traced is None else traced
 
 
 def mul_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``relu(a * b)``: the fused form of a mul followed by a ReLU."""
-    return torch.relu(a * b)
+    traced = _traced_as_one_call(mul_relu, a, b)
+    return torch.relu(a * b) if traced is None else traced
 
 
 def fold_bn(op: nn.Module, bn: nn.Module) -> nn.Module:

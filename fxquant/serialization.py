@@ -37,18 +37,32 @@ class QuantGraphModule(fx.GraphModule):
         fn, args = super().__reduce__()[:2]
         records = {n.name: _record_state(n.meta[RECORD_KEY]) for n in self.graph.nodes if RECORD_KEY in n.meta}
         hooks = list(self._forward_pre_hooks.values())
-        return (_rebuild, (fn, args, dict(self.meta), records, hooks, type(self).__name__))
+        order = [(n.name, n.op, str(n.target)) for n in self.graph.nodes]
+        return (_rebuild, (fn, args, dict(self.meta), records, hooks, type(self).__name__, order))
+
+
+def _original_names(gm: fx.GraphModule, order: Optional[list[tuple[str, str, str]]]) -> dict[fx.Node, str]:
+    """Each re-traced node's name before pickling. Re-tracing renumbers names (a graph whose ``relu`` was
+    fused away keeps a ``relu_1``, which comes back as ``relu``), so records are matched by position, where the
+    re-traced graph has the same ops in the same order (it always should), else by name."""
+    nodes = list(gm.graph.nodes)
+    if order is not None and len(order) == len(nodes) and all(
+            (n.op, str(n.target)) == (op, target) for n, (_, op, target) in zip(nodes, order)):
+        return {n: name for n, (name, _, _) in zip(nodes, order)}
+    return {n: n.name for n in nodes}
 
 
 def _rebuild(fn: Callable[..., fx.GraphModule], args: tuple, meta: dict[str, Any], records: dict[str, dict],
-             hooks: list[Any], class_name: str) -> "QuantGraphModule":
+             hooks: list[Any], class_name: str,
+             order: Optional[list[tuple[str, str, str]]] = None) -> "QuantGraphModule":
     gm = fn(*args)
     for h in list(gm._forward_pre_hooks):
         del gm._forward_pre_hooks[h]
     out = as_quant_graph_module(gm, meta, class_name)
     backend = _backend_of(meta)
+    names = _original_names(out, order)
     for node in out.graph.nodes:
-        state = records.get(node.name)
+        state = records.get(names[node])
         if state is None:
             continue
         entry_name = state.pop("entry")

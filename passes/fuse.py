@@ -9,7 +9,8 @@ Contract:
       builds the node's module instead of ``fuser`` (no batch norm is folded: QAT modules simulate the fold),
       and after the multi-op patterns the single-module patterns of entries with a ``qat_fuser`` swap each
       remaining conv / linear for its QAT module; entries without a ``qat_fuser`` are left unfused;
-    * idempotent: a second run finds nothing to fuse.
+    * idempotent: a second run finds nothing to fuse (matches are fused until none is left, so a fused node that
+      starts a new match, conv -> bn -> bn, is fused again in the same run).
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ class FusePass:
     name: str = "fuse"
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
+        modified = False
+        while self._fuse_round(gm, ctx):  # a fused node can start a new match: conv -> bn -> bn folds both
+            modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def _fuse_round(self, gm: fx.GraphModule, ctx: QuantContext) -> bool:
+        """Fuse every match of every pattern once; whether anything was fused."""
         modules = modules_of(gm)
         uses = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         consumed: set[fx.Node] = set()
@@ -87,17 +99,14 @@ class FusePass:
                 if self._fuse(gm, entry, nodes, modules, ctx.is_qat):
                     consumed.update(nodes)
                     modified = True
-        if modified:
-            gm.graph.eliminate_dead_code()
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return modified
 
     @staticmethod
     def _fuse(gm: fx.GraphModule, entry: OpEntry, nodes: list[fx.Node], modules: dict[str, nn.Module],
               is_qat: bool) -> bool:
         first, last = nodes[0], nodes[-1]
-        fused_from = tuple(_op_type(n, modules) for n in nodes)
+        earlier = first.meta[RECORD_KEY].fused_from if RECORD_KEY in first.meta else ()  # fused in an earlier round
+        fused_from = (earlier or (_op_type(first, modules),)) + tuple(_op_type(n, modules) for n in nodes[1:])
         if first.op == "call_module":
             fuser = entry.qat_fuser if is_qat else entry.fuser
             if fuser is None:

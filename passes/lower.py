@@ -10,7 +10,8 @@ Contract:
     * weights are quantized with ``NodeRecord.weight_qparams`` where a QAT model's freeze pass set them (the
       trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
     * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
-      output, built from the float module and the qconfig's weight observer (no calibration data needed).
+      output, built from the float module and the qconfig's weight observer (no calibration data needed);
+    * no dead nodes: values the model computes but never uses (a dead branch in the user's code) are dropped.
 
 The graph is rebuilt in one forward walk. Each old value has up to two views in the new graph, a float
 one and a quantized one, made on first use and cached.
@@ -161,6 +162,9 @@ class LowerPass:
             root[name] = _get_attr(gm, name)
         root.update(b.constants)
         new_gm = fx.GraphModule(root, b.graph, class_name=type(gm).__name__)
+        if new_gm.graph.eliminate_dead_code():  # the user's dead branches (no_dead_nodes runs after every pass)
+            new_gm.delete_all_unused_submodules()
+            new_gm.recompile()
         return PassResult(new_gm, True)
 
     @staticmethod

@@ -39,3 +39,13 @@ def restore_engine():
     engine = torch.backends.quantized.engine
     yield
     torch.backends.quantized.engine = engine
+
+
+# --- hypothesis: longer / fresh runs (tests/test_properties.py, fxquant.testing) -------------------------------
+# CI runs the derandomized "fxquant" profile above with each test's own max_examples. For a search beyond it:
+#   FXQUANT_HYPOTHESIS_EXAMPLES=500  -> tests that use fxquant.testing.examples(n) run 500 examples each;
+#   HYPOTHESIS_PROFILE=fxquant-random -> new random examples on every run (failures are kept in .hypothesis/ and
+#                                        replayed first next time), still without deadlines.
+settings.register_profile("fxquant-random", parent=settings.get_profile("fxquant"), derandomize=False)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
