@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fxquant.api import _stage_of
 from fxquant.errors import CalibrationError
 from fxquant.observers import ObserverBase
 
@@ -31,6 +32,17 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _check_prepared(model: Any, observers: list[ObserverBase]) -> None:
+    """Calibrating a float or a converted model would run it and change nothing: say so instead."""
+    stage = _stage_of(model) if isinstance(model, nn.Module) else None
+    if stage == "converted":
+        raise CalibrationError("calibrate: this model is already converted (its observers are gone); calibrate the "
+                               "prepared model, then call convert_fx on it again")
+    if stage is None and not observers:
+        raise CalibrationError(f"calibrate expects the model returned by fxquant.prepare_fx (got {type(model).__name__}, "
+                               "which has no observers): prepare it first, then calibrate the result")
+
+
 def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True, max_batches: Optional[int] = None) -> None:
     """Run ``data`` through ``model`` (a prepared model) under ``torch.no_grad()``.
 
@@ -41,10 +53,15 @@ def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True, max_
         max_batches: stop after this many batches.
 
     Raises:
-        CalibrationError: no batch at all, a batch the model cannot run (naming its index), or data that
+        CalibrationError: a model that is not prepared (or already converted), one tensor instead of an
+            iterable of batches, no batch at all, a batch the model cannot run (naming its index), or data that
             gave observers nothing but NaN/Inf.
     """
+    if isinstance(data, torch.Tensor):
+        raise CalibrationError(f"calibrate: data is one tensor {tuple(data.shape)}; pass an iterable of batches, e.g. "
+                               "[x] or a DataLoader (iterating a tensor would feed its rows one at a time)")
     observers = [m for m in model.modules() if isinstance(m, ObserverBase)]
+    _check_prepared(model, observers)
     total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
     count = 0
     with torch.no_grad():
@@ -62,8 +79,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True, max_
         raise CalibrationError("calibration data was empty: pass at least one batch of representative inputs")
     empty = [o.where or type(o).__name__ for o in observers if not o.has_data]
     if empty and all(not o.has_data for o in observers):
-        raise CalibrationError(f"after {count} batch(es) no observer saw a finite value (NaN/Inf-only data?): "
-                               f"{empty[:5]}; check the calibration data")
+        raise CalibrationError(f"after {count} batch(es) no observer saw a finite value (NaN/Inf-only data or empty "
+                               f"batches?): {empty[:5]}; check the calibration data")
     nonfinite = [o.where for o in observers if int(getattr(o, "nonfinite_count", 0)) > 0]
     if nonfinite:
         warnings.warn(f"calibration data produced NaN/Inf at {len(nonfinite)} observer(s), e.g. {nonfinite[:3]}; "

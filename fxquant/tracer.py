@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -97,6 +98,11 @@ def trace(model: nn.Module, config: Optional[PrepareCustomConfig] = None,
         The ``GraphModule``.
     """
     tracer = QuantTracer(config)
+    names = {name for name, _ in model.named_modules()}
+    unknown = [n for n in tracer.config.non_traceable_module_names if n not in names]
+    if unknown:
+        warnings.warn(f"non_traceable_module_name {unknown} matches no submodule of {type(model).__name__} (it has "
+                      f"{sorted(n for n in names if n)[:5]}...); check the qualified names", stacklevel=3)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - any failure inside user code becomes a TraceError

@@ -220,6 +220,7 @@ class LowerPass:
         spec = self._spec(b, node, rec, out_qp)
         name = str(node.target) if node.op == "call_module" else b._module_name(node.name)
         b.new_modules[name] = b.kernels.build(spec)
+        b.new_modules[name].where = f"node '{node.name}'"  # named in the kernel's input checks
         args = _kernel_args(entry, qargs)
         self._emit(b, node, "call_module", name, args, {})
         return True

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from fxquant.errors import FxQuantError
 from fxquant.qparams import QParams, quantize
 
 __all__ = ["LoweringSpec", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
@@ -62,7 +63,16 @@ class LoweringSpec:
 
 
 class _OutputQParams(nn.Module):
-    """Holds the output scale / zero point as buffers, mirrored as Python numbers for the hot path."""
+    """Holds the output scale / zero point as buffers, mirrored as Python numbers for the hot path.
+
+    Attributes:
+        where: the graph node the module computes (set by lowering; named in error messages).
+    """
+
+    where: str = ""
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__} at {self.where}" if self.where else type(self).__name__
 
     def __init__(self, output: QParams) -> None:
         super().__init__()
@@ -137,16 +147,32 @@ class _Packed(_OutputQParams):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[override]
         mine = {k[len(prefix):]: v for k, v in state_dict.items()
                 if k.startswith(prefix + "weight_") and "." not in k[len(prefix):]}
-        if "weight_int" in mine:
-            self._buffers["weight"] = _unpack_weight(mine)
-        if prefix + "bias" in state_dict:
-            self._buffers["bias"] = state_dict[prefix + "bias"]
+        weight = _unpack_weight(mine) if "weight_int" in mine else state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor):  # checked as load_state_dict checks parameters: no silent reshaping
+            if not weight.is_quantized:
+                errors.append(f"{prefix}weight is a float weight but this module is a quantized {type(self).__name__}: "
+                              "load float weights into the float model, then prepare, calibrate and convert it again")
+            elif weight.shape != self.weight.shape:
+                errors.append(f"size mismatch for {prefix}weight: copying a quantized weight of shape "
+                              f"{tuple(weight.shape)} from the checkpoint, the shape in this model is "
+                              f"{tuple(self.weight.shape)} (a state_dict of another model?)")
+            else:
+                self._buffers["weight"] = weight
+        bias = state_dict.get(prefix + "bias")
+        if isinstance(bias, torch.Tensor):
+            if self.bias is None or bias.shape != self.bias.shape:
+                errors.append(f"size mismatch for {prefix}bias: copying a bias of shape {tuple(bias.shape)} from the "
+                              f"checkpoint, this model has {None if self.bias is None else tuple(self.bias.shape)}")
+            else:
+                self._buffers["bias"] = bias.detach().clone()
         taken = {prefix + k for k in mine} | {prefix + "weight", prefix + "bias"}
         rest = {k: v for k, v in state_dict.items() if k not in taken}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing, unexpected, errors)
-        for key in (prefix + "weight", prefix + "bias"):
-            if key in missing:
+        for key, given in ((prefix + "weight", weight), (prefix + "bias", bias)):
+            if key in missing and given is not None:
                 missing.remove(key)
+        if prefix + "weight" in missing:  # it is saved as weight_int (+ scales): name what the checkpoint lacks
+            missing[missing.index(prefix + "weight")] = prefix + "weight_int"
         self._repack()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -186,6 +212,11 @@ class QuantizedConv(_Packed):
         return _CONV_OPS[self.dims][0](self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:  # qnnpack would read the wrong channels
+            raise FxQuantError(f"{self._describe()}: expects a batched input with {self.in_channels} channels and "
+                               f"{self.dims} spatial dims (N, C, ...), got shape {tuple(x.shape)}; pass inputs shaped "
+                               "like the example the model was prepared with (the quantized kernels take no unbatched "
+                               "input: x.unsqueeze(0))")
         op = _CONV_OPS[self.dims][2 if self.relu else 1]
         return op(x, self._packed, self._scale, self._zp)
 
@@ -210,6 +241,10 @@ class QuantizedLinear(_Packed):
         return torch.ops.quantized.linear_prepack(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # qnnpack would read it anyway, fbgemm asserts on its packed matrix
+            raise FxQuantError(f"{self._describe()}: expects inputs with {self.in_features} features in the last "
+                               f"dimension, like the float Linear, got shape {tuple(x.shape)}; pass inputs shaped like "
+                               "the example the model was prepared with")
         if self.relu:
             return torch.ops.quantized.linear_relu(x, self._packed, self._scale, self._zp)
         return torch.ops.quantized.linear(x, self._packed, self._scale, self._zp)
