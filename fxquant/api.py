@@ -361,7 +361,9 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
         raise EngineError(f"backend '{backend.name}': {missing}; choose one of the available engines")
     ctx = QuantContext(backend=backend, qconfig_mapping=state.qconfig_mapping,
                        float_reasons=list(state.float_reasons))
-    gm = copy.deepcopy(graph_module).cpu()  # int8 kernels run on the CPU (QAT may train elsewhere)
+    # lowering builds a new graph and copies what it keeps, so only QAT (whose freeze pass rewrites modules in
+    # place, and which may have trained on another device) needs a copy of the whole prepared model first
+    gm = copy.deepcopy(graph_module).cpu() if state.is_qat else graph_module
     timings = list(state.timings)
     if state.is_qat:
         freeze = freeze_qat_pipeline(verify)

@@ -19,6 +19,7 @@ one and a quantized one, made on first use and cached.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from typing import Any, Optional
@@ -156,10 +157,11 @@ class LowerPass:
                 b.new_modules.setdefault(str(node.target), None)
             elif not self._lower(b, node):
                 self._copy_float(b, node)
-        root = {name: b.modules[name] for name in _used_targets(b.graph) if name not in b.new_modules}
+        # float modules left float are copied, so the converted model shares nothing with the prepared one
+        root = {name: copy.deepcopy(b.modules[name]) for name in _used_targets(b.graph) if name not in b.new_modules}
         root.update({k: v for k, v in b.new_modules.items() if v is not None})
         for name in (n for n, v in b.new_modules.items() if v is None):
-            root[name] = _get_attr(gm, name)
+            root[name] = copy.deepcopy(_get_attr(gm, name))
         root.update(b.constants)
         new_gm = fx.GraphModule(root, b.graph, class_name=type(gm).__name__)
         if new_gm.graph.eliminate_dead_code():  # the user's dead branches (no_dead_nodes runs after every pass)
