@@ -33,7 +33,7 @@ from fxquant.observers import ObserverBase
 from fxquant.passes.annotate import AnnotatePass
 from fxquant.passes.base import PassManager, PassTiming
 from fxquant.passes.cleanup import CleanupPass
-from fxquant.passes.context import FloatReason, QuantContext
+from fxquant.passes.context import RECORD_KEY, FloatReason, QuantContext
 from fxquant.passes.fuse import FusePass
 from fxquant.passes.lower import LowerPass
 from fxquant.passes.normalize import NormalizePass
@@ -393,12 +393,13 @@ class EngineCheck:
 
 
 class InputCheck:
-    """Forward pre-hook of converted models: each tensor input has the dtype of the example input it was prepared
-    with. The quantize step and the int8 kernels reject other dtypes with raw kernel errors ("Could not run
-    'aten::quantize_per_tensor' with arguments from the 'QuantizedCPU' backend" for an already quantized tensor).
+    """Forward pre-hook of converted models: no quantized tensor as input, and inputs that the model quantizes
+    straight away have the dtype of the example input. Otherwise the quantize step raises raw kernel errors ("Could
+    not run 'aten::quantize_per_tensor' with arguments from the 'QuantizedCPU' backend", "Quantize only works on
+    Float Tensor, got Long"). Inputs that float code reads first are left to that code (it may cast them).
 
     Attributes:
-        inputs: ``(name, dtype)`` of the positional inputs, ``None`` where no example told the dtype.
+        inputs: ``(name, dtype)`` of the positional inputs; ``dtype`` is ``None`` where it is not checked.
     """
 
     def __init__(self, inputs: list[tuple[str, Optional[torch.dtype]]]) -> None:
@@ -407,20 +408,24 @@ class InputCheck:
     @classmethod
     def of(cls, gm: fx.GraphModule) -> "InputCheck":
         """The check for ``gm``'s placeholders (their dtypes as shape propagation recorded them)."""
-        return cls([(str(n.target), getattr(n.meta.get("tensor_meta"), "dtype", None))
+        def quantized_at_once(node: fx.Node) -> bool:  # a quantize step: quantized output from float input
+            return any(getattr(u.meta.get(RECORD_KEY), "quantized_output", False) and
+                       not getattr(u.meta.get(RECORD_KEY), "quantized_inputs", True) for u in node.users)
+
+        return cls([(str(n.target), getattr(n.meta.get("tensor_meta"), "dtype", None) if quantized_at_once(n) else None)
                     for n in gm.graph.nodes if n.op == "placeholder"])
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         for (name, dtype), arg in zip(self.inputs, args):
-            if not isinstance(arg, torch.Tensor) or dtype is None:
+            if not isinstance(arg, torch.Tensor):
                 continue
             if arg.is_quantized:
                 raise FxQuantError(f"input '{name}' is a quantized tensor ({arg.dtype}); the converted model takes "
-                                   f"{dtype} inputs and quantizes them itself: pass the float tensor "
+                                   f"{dtype or 'float'} inputs and quantizes them itself: pass the float tensor "
                                    "(x.dequantize() if you only have the quantized one)")
-            if arg.dtype != dtype:
+            if dtype is not None and arg.dtype != dtype:
                 raise FxQuantError(f"input '{name}' has dtype {arg.dtype}, but the model was prepared with a {dtype} "
-                                   f"example input and its kernels take {dtype}; pass x.to({dtype})")
+                                   f"example input and quantizes it with kernels that take {dtype}; pass x.to({dtype})")
 
 
 def fuse_fx(model: nn.Module, fuse_custom_config: Union[PrepareCustomConfig, dict, None] = None,

@@ -274,7 +274,7 @@ def test_input_of_another_dtype_says_which_dtype(dtype):
     model = converted("fbgemm")
     err = no_raw_kernel_error(lambda: model(X.to(dtype)))
     assert str(err) == (f"input 'x' has dtype {dtype}, but the model was prepared with a torch.float32 example input "
-                        "and its kernels take torch.float32; pass x.to(torch.float32)")
+                        "and quantizes it with kernels that take torch.float32; pass x.to(torch.float32)")
     with torch.no_grad():
         assert model(X).dtype == torch.float32  # the right dtype still runs
 
@@ -320,6 +320,23 @@ def test_a_loaded_model_checks_its_engine_too():
     with pytest.raises(FxQuantError, match="input 'x' is a quantized tensor"):  # the input check travels too
         torch.backends.quantized.engine = "qnnpack"
         loaded(torch.quantize_per_tensor(X, 0.05, 128, torch.quint8))
+
+
+def test_inputs_read_by_float_code_first_are_left_to_it():
+    """The dtype check applies where the model quantizes an input straight away; code that casts first still works."""
+    class Casts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(x.float())
+
+    model = quantize(seeded(Casts()), torch.randn(8, 16), "fbgemm")[1]
+    with torch.no_grad():
+        assert torch.equal(model(torch.ones(8, 16, dtype=torch.int64)), model(torch.ones(8, 16)))
+    with pytest.raises(FxQuantError, match="input 'x' is a quantized tensor"):
+        model(torch.quantize_per_tensor(torch.ones(8, 16), 0.1, 0, torch.quint8))
 
 
 # ==================================================================================================== state_dict
