@@ -79,8 +79,8 @@ class FusePass:
         modified = False
         while self._fuse_round(gm, ctx):  # a fused node can start a new match: conv -> bn -> bn folds both
             modified = True
+            gm.graph.eliminate_dead_code()  # and so can a dead user dropped now (a chain is private only without it)
         if modified:
-            gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
             gm.recompile()
         return PassResult(gm, modified)
