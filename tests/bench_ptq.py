@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--markdown", default="", help="also write the table to this file")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
+    torch.set_num_threads(1)  # compile times too are measured on one thread, as the latencies are
     rows = []
     for name in args.models.split(","):
         for backend in args.backends.split(","):
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write("# Benchmarks\n\nCommand: `python tests/bench_ptq.py " + " ".join(argv or sys.argv[1:])
-                    + "`\n\n1 torch thread, batch 1 latency (median of interleaved rounds), SQNR on a batch of 4, "
+                    + "`\n\n1 torch thread (compile and run), batch 1 latency (median of interleaved rounds), SQNR on a batch of 4, "
                     f"{args.calib_batches} calibration batches of 4, input {args.size}x{args.size}, "
                     "random-init torchvision models with BN statistics re-estimated.\n\n" + table + "\n")
 
