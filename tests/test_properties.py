@@ -6,7 +6,7 @@ and dead branches; QConfigMappings with global / object-type / regex / module-na
 fbgemm, qnnpack and x86 backends; calibration data with outliers.
 
 Example counts: CI runs the derandomized ``fxquant`` profile (tests/conftest.py) with the counts below (the whole
-file takes about 30 s on 2 cores); ``FXQUANT_HYPOTHESIS_EXAMPLES=500`` runs 500 examples per test, and
+file takes 10-30 s on 2 shared cores); ``FXQUANT_HYPOTHESIS_EXAMPLES=500`` runs 500 examples per test, and
 ``HYPOTHESIS_PROFILE=fxquant-random`` draws new examples on every run instead of the fixed ones.
 
 QConfigMapping precedence on its own (every pair of settings, torch.ao's choice on a traced model) is tested in
@@ -68,7 +68,7 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ============================================================================ prepare / fuse keep the float function
 
-@settings(max_examples=examples(30), **SETTINGS)
+@settings(max_examples=examples(50), **SETTINGS)
 @given(case=quant_cases())
 def test_prepare_leaves_float_outputs_unchanged(case):
     """Observers are identities: the prepared model computes exactly what the fused float model computes, before
@@ -85,7 +85,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
-@settings(max_examples=examples(30), **SETTINGS)
+@settings(max_examples=examples(50), **SETTINGS)
 @given(case=quant_cases(mapping="default"))
 def test_fuse_fx_preserves_numerics(case):
     """Batch norm folding and op+ReLU grouping re-associate float arithmetic only: relative error <= 1e-5."""
@@ -108,6 +108,10 @@ def test_fuse_fx_preserves_numerics(case):
 #    boundary to the neighbouring integer. add/mul/cat/batch norm rescale their inputs with such multipliers;
 #    hardswish/sigmoid/tanh/leaky_relu evaluate the function in float or through a lookup table and round once;
 #    avg pools divide an integer sum and round; relu6/hardtanh clamp to the grid points nearest their bounds.
+#  * qnnpack conv/linear with a bias: + r/2, r = in_scale * max(w_scale) / out_scale. qnnpack adds the bias as an int32
+#    at scale in_scale * w_scale (fbgemm adds it in float), an error of up to half that scale, r/2 output steps. r is
+#    far below 1 in practice; a calibration outlier the op never reads (a stride-2 conv skipping it) makes the input
+#    scale large and r large: 3 steps at r = 23 was found (the output of such a conv is mostly its bias).
 K_EXACT = {"relu", "max_pool", "flatten", "reshape", "permute", "dropout", "identity", "quantize"}
 K_STEPS = 1
 
@@ -152,6 +156,8 @@ class _Simulation(fx.Interpreter):
         self.kernel = kernel
         self.quantized_view: dict[fx.Node, torch.Tensor] = {}
         self.steps: dict[str, float] = defaultdict(float)
+        self.over: list[tuple[str, str, float, float]] = []  # (node, family, steps, k) beyond k
+        self.engine = converted.meta[STATE_KEY].backend.engine
 
     def _kernel_view(self, name: str) -> tuple[Optional[torch.Tensor], str]:
         """The converted model's quantized value of the prepared node ``name``, and its family."""
@@ -175,7 +181,21 @@ class _Simulation(fx.Interpreter):
             return None
         steps = float(((fake_quantize(value, qp) - kernel.dequantize()).abs() / float(qp.scale)).max())
         self.steps[family] = max(self.steps[family], steps)
+        k = _k(family) + self._int32_bias_steps(name)
+        if steps > k + 1e-3:
+            self.over.append((name, family, steps, k))
         return kernel.dequantize()
+
+    def _int32_bias_steps(self, name: str) -> float:
+        """r/2 for a qnnpack conv/linear with a bias (see K_EXACT's comment), else 0."""
+        node = self.converted_nodes.get(name)
+        module = self.converted_modules.get(str(node.target)) if node is not None and node.op == "call_module" else None
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if self.engine != "qnnpack" or bias is None or not isinstance(weight, torch.Tensor) or not weight.is_quantized:
+            return 0.0
+        w_scale = float(weight.q_per_channel_scales().max()) if weight.qscheme() in (
+            torch.per_channel_affine, torch.per_channel_symmetric) else weight.q_scale()
+        return 0.5 * self.kernel[node.args[0].name].q_scale() * w_scale / module._scale
 
     def _runs_quantized(self, n: fx.Node) -> bool:
         node = self.converted_nodes.get(n.name)
@@ -225,7 +245,7 @@ def _fake_quantize_weights(sim: fx.GraphModule, converted: fx.GraphModule) -> No
         assert torch.equal(kernel_weight, op.weight.detach()), node.name
 
 
-@settings(max_examples=examples(40), **SETTINGS)
+@settings(max_examples=examples(80), **SETTINGS)
 @given(case=quant_cases())
 def test_convert_stays_within_k_steps_of_fake_quant_simulation(case):
     prepared, converted = _quantize(case)
@@ -237,8 +257,7 @@ def test_convert_stays_within_k_steps_of_fake_quant_simulation(case):
         sim = _Simulation(sim_gm, converted, kernel.values)
         sim.run(case.inputs)
     assert torch.equal(out, _run(converted, case.inputs))
-    for family, steps in sim.steps.items():
-        assert steps <= _k(family) + 1e-3, (family, steps, dict(sim.steps))
+    assert not sim.over, (sim.over, dict(sim.steps))
 
 
 # ============================================================================ verification, idempotence, flow
@@ -248,7 +267,7 @@ def _records(gm: fx.GraphModule) -> list:
             for n in gm.graph.nodes]
 
 
-@settings(max_examples=examples(30), **SETTINGS)
+@settings(max_examples=examples(50), **SETTINGS)
 @given(case=quant_cases())
 def test_graph_lints_after_every_pass_and_every_pass_is_idempotent(case):
     """Each prepare pass, run a second time on its own output, reports ``modified=False`` and changes neither
@@ -295,7 +314,7 @@ class _FlowCheck(fx.Interpreter):
         return out
 
 
-@settings(max_examples=examples(30), **SETTINGS)
+@settings(max_examples=examples(50), **SETTINGS)
 @given(case=quant_cases())
 def test_quantized_tensors_flow_only_into_quantized_ops_and_nothing_is_left_over(case):
     _, converted = _quantize(case)
@@ -321,7 +340,7 @@ def _pointers(model: nn.Module) -> set[int]:
     return {t.data_ptr() for t in model.state_dict().values() if t.numel()}
 
 
-@settings(max_examples=examples(20), **SETTINGS)
+@settings(max_examples=examples(30), **SETTINGS)
 @given(case=quant_cases())
 def test_prepare_and_convert_leave_the_users_model_untouched(case):
     before_out = _run(case.model, case.inputs)
@@ -351,7 +370,7 @@ def _structure(gm: fx.GraphModule) -> list:
     return [(n.op, str(n.target), n.meta.get(RECORD_KEY)) for n in gm.graph.nodes]
 
 
-@settings(max_examples=examples(20), **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(case=quant_cases())
 def test_save_load_round_trips_exactly(case):
     prepared, converted = _quantize(case)
@@ -391,7 +410,7 @@ def _most_specific(mapping: fxquant.QConfigMapping, name: str, object_type: Any,
     return mapping.global_qconfig
 
 
-@settings(max_examples=examples(40), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(case=quant_cases())
 def test_every_node_gets_the_most_specific_qconfig(case):
     prepared = _prepare(case)
