@@ -77,7 +77,9 @@ def no_raw_kernel_error(fn) -> FxQuantError:
 # ================================================================================================ the model itself
 
 def test_torchscript_module_asks_for_the_python_module():
-    scripted = torch.jit.script(seeded(SmallCNN()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated in favour of torch.compile / torch.export
+        scripted = torch.jit.script(seeded(SmallCNN()))
     with pytest.raises(TypeError, match=r"prepare_fx needs the Python nn.Module: torch.fx cannot trace a TorchScript "
                                         r"module \(RecursiveScriptModule\); pass the model as it was before torch.jit"):
         prepare(scripted)
