@@ -189,8 +189,8 @@ class AnnotatePass:
         if reason is None and entry.lowering is not None:
             reason = kernels.supports(entry.lowering, module)
         if reason is None and entry.observation is Observation.OWN:
-            act = rec.qconfig.activation
-            if act is None or getattr(act(), "is_dynamic", False) or getattr(act(), "dtype", None) == torch.float16:
+            act = rec.qconfig.activation() if rec.qconfig.activation is not None else None  # built once
+            if act is None or getattr(act, "is_dynamic", False) or getattr(act, "dtype", None) == torch.float16:
                 reason = "qconfig asks for dynamic/float16 activations; static kernels need a static quint8 qconfig"
         if reason is not None:
             ctx.keep_float(node, entry.name, reason)
