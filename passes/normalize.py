@@ -6,6 +6,9 @@ Contract:
       ``F.dropout(..., training=False)``) and functional ``F.linear`` / ``F.conv1d/2d/3d`` calls whose weight
       and bias are module attributes turned into ``nn.Linear`` / ``nn.ConvNd`` modules sharing those
       parameters (so fusion, observers and lowering treat them like module calls);
+    * ``torch.einsum`` of two operands that is a (batched) matrix product becomes ``torch.matmul`` (with a
+      ``transpose`` of the second operand where the equation contracts its last axis), and
+      ``swapaxes``/``swapdims`` become ``transpose``, so attention written with them (maxvit) quantizes;
     * quantization-aware training (``ctx.is_qat``): dropout modules are kept (they act while training; the
       graph is prepared with its modules in eval mode, see ``prepare_qat_fx``);
     * idempotent.
@@ -78,6 +81,55 @@ def _expand_silu(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _matmul_form(equation: str) -> Optional[bool]:
+    """For a two-operand einsum equation, whether it is ``matmul(a, b)`` (False), ``matmul(a, b^T)`` (True)
+    over identical leading batch axes, or neither (None). ``"bgid,bgjd->bgij"`` -> True."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq or eq.count(",") != 1:
+        return None
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if len(a) < 2 or len(a) != len(b) or len(out) != len(a) or len(set(a + b)) != len(a) + 1:
+        return None
+    batch, (i, k) = a[:-2], a[-2:]
+    if b[:-2] != batch or out[:-2] != batch or out[-2] != i or i == k:
+        return None
+    if b[-2:] == k + out[-1] and out[-1] not in (i, k):
+        return False
+    if b[-2:] == out[-1] + k and out[-1] not in (i, k):
+        return True
+    return None
+
+
+def _rewrite_einsum(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if not (node.op == "call_function" and node.target is torch.einsum and len(node.args) == 3
+            and isinstance(node.args[0], str) and not node.kwargs):
+        return False
+    transposed = _matmul_form(node.args[0])
+    if transposed is None:
+        return False
+    a, b = node.args[1], node.args[2]
+    with gm.graph.inserting_before(node):
+        if transposed:
+            b = gm.graph.call_function(torch.transpose, (b, -2, -1))
+        new = gm.graph.call_function(torch.matmul, (a, b))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _rewrite_swapaxes(node: fx.Node) -> bool:
+    """``x.swapaxes(a, b)`` / ``torch.swapdims(x, a, b)`` are ``transpose``: one name for the table."""
+    if node.op == "call_method" and node.target in ("swapaxes", "swapdims"):
+        node.target = "transpose"
+        return True
+    if node.op == "call_function" and node.target in (torch.swapaxes, torch.swapdims):
+        node.target = torch.transpose
+        return True
+    return False
+
+
 def _attr(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
@@ -128,6 +180,8 @@ class NormalizePass:
                 modified = True
             elif _is_silu(node, modules) and not getattr(ctx, "is_qat", False):
                 _expand_silu(gm, node)
+                modified = True
+            elif _rewrite_einsum(gm, node) or _rewrite_swapaxes(node):
                 modified = True
             elif node.op == "call_function" and (node.target in (F.linear, F.layer_norm) or
                                                  node.target in _CONV_FUNCTIONS):
