@@ -1,6 +1,6 @@
 """fxquant: FX graph-mode int8 quantization for PyTorch."""
 
-from fxquant.api import convert_fx, fuse_fx, prepare_fx, prepare_qat_fx
+from fxquant.api import convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx, prepare_qat_fx
 from fxquant.calibrate import calibrate
 from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qat_qconfig, get_default_qat_qconfig_mapping,
                              get_default_qconfig, get_default_qconfig_mapping)
@@ -8,7 +8,7 @@ from fxquant.qparams import sqnr
 from fxquant.tracer import PrepareCustomConfig
 
 __all__ = [
-    "prepare_fx", "prepare_qat_fx", "convert_fx", "fuse_fx", "calibrate", "QConfig", "QConfigMapping", "get_default_qconfig",
+    "prepare_fx", "prepare_qat_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "calibrate", "QConfig", "QConfigMapping", "get_default_qconfig",
     "get_default_qat_qconfig", "get_default_qconfig_mapping", "get_default_qat_qconfig_mapping", "sqnr",
     "PrepareCustomConfig",
 ]

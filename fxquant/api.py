@@ -446,3 +446,9 @@ def fuse_fx(model: nn.Module, fuse_custom_config: Union[PrepareCustomConfig, dic
     gm = trace(copy.deepcopy(model), PrepareCustomConfig.from_dict(fuse_custom_config))  # type: ignore[arg-type]
     ctx = QuantContext(backend=_default_backend(backend_config))
     return PassManager([NormalizePass(), FusePass()], PREPARE_ORDER, verify=True).run(gm, ctx)
+
+
+# the reference representation: fxquant/reference.py builds on the functions above, so it is imported last
+from fxquant.reference import convert_to_reference_fx  # noqa: E402
+
+__all__ += ["convert_to_reference_fx"]
