@@ -30,17 +30,10 @@ from fxquant.partial import PARTIAL_ATTR, convert_partial, prepare_partial
 from fxquant.serialization import as_quant_graph_module
 from fxquant.errors import ConvertError, EngineError, FxQuantError, TraceError
 from fxquant.observers import ObserverBase
-from fxquant.passes.annotate import AnnotatePass
 from fxquant.passes.base import PassManager, PassTiming
-from fxquant.passes.cleanup import CleanupPass
 from fxquant.passes.context import RECORD_KEY, FloatReason, QuantContext
-from fxquant.passes.fuse import FusePass
-from fxquant.passes.lower import LowerPass
-from fxquant.passes.normalize import NormalizePass
-from fxquant.passes.residual import FloatResidualStreamPass
-from fxquant.passes.observe import ObservePass
-from fxquant.passes.qat import FreezeQATPass
-from fxquant.passes.verify import CONVERT_VERIFIERS, PREPARE_VERIFIERS
+from fxquant.passes.pipelines import (CONVERT_ORDER, PREPARE_ORDER, convert_pipeline, freeze_qat_pipeline,
+                                      fuse_pipeline, prepare_pipeline)
 from fxquant.qconfig import QConfigMapping
 from fxquant.tracer import PrepareCustomConfig, trace
 
@@ -50,10 +43,6 @@ __all__ = ["prepare_fx", "prepare_qat_fx", "convert_fx", "fuse_fx", "QuantState"
 
 #: the GraphModule.meta key holding the :class:`QuantState` of a prepared or converted model
 STATE_KEY = "fxquant_state"
-
-PREPARE_ORDER = [("normalize", "fuse"), ("fuse", "annotate"), ("annotate", "observe"), ("annotate", "residual_stream"),
-                 ("residual_stream", "observe")]
-CONVERT_ORDER = [("lower", "cleanup")]
 
 
 @dataclasses.dataclass
@@ -82,24 +71,9 @@ class QuantState:
         self.__dict__.update(state)
 
 
-def prepare_pipeline(verify: bool = True) -> PassManager:
-    """The passes of ``prepare_fx``, as a PassManager a user can extend (insert/replace by name)."""
-    return PassManager([NormalizePass(), FusePass(), AnnotatePass(), FloatResidualStreamPass(), ObservePass()], PREPARE_ORDER,
-                       PREPARE_VERIFIERS, verify)
-
-
-def convert_pipeline(verify: bool = True) -> PassManager:
-    """The passes of ``convert_fx``."""
-    return PassManager([LowerPass(), CleanupPass()], CONVERT_ORDER, CONVERT_VERIFIERS, verify)
-
-
-def freeze_qat_pipeline(verify: bool = True) -> PassManager:
-    """What ``convert_fx`` runs first on a model from ``prepare_qat_fx``: QAT modules back to fused float ones.
-
-    Its result is still an observed graph (fake quantizers in place), so it is checked with the prepare
-    invariants; the convert pipeline then lowers it like a calibrated ``prepare_fx`` model.
-    """
-    return PassManager([FreezeQATPass()], (), PREPARE_VERIFIERS, verify)
+def _pipeline(pipeline: Optional[PassManager], default: PassManager, verify: bool) -> PassManager:
+    """The user's pipeline (a copy: their object is not touched) or the default; ``verify=False`` wins."""
+    return default if pipeline is None else pipeline.copy(verify=pipeline.verify and verify)
 
 
 def _check_model(model: Any, fn: str, any_device: bool = False) -> None:
@@ -176,7 +150,7 @@ def _trace_with_shapes(model: nn.Module, inputs: tuple[Any, ...], config: Prepar
 def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
                prepare_custom_config: Union[PrepareCustomConfig, dict, None] = None,
                backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True,
-               partial: bool = True) -> fx.GraphModule:
+               partial: bool = True, pipeline: Optional[PassManager] = None) -> fx.GraphModule:
     """Trace, fuse, annotate and insert observers: the model to calibrate.
 
     Args:
@@ -189,6 +163,8 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
         verify: lint and check invariants between passes.
         partial: when torch.fx cannot trace the model whole, quantize its largest traceable pieces and keep
             the rest float (with a warning naming them) instead of raising :class:`TraceError`.
+        pipeline: the passes to run instead of :func:`fxquant.passes.prepare_pipeline` (an edited copy of it,
+            see ``docs/pass-authoring.md``); it is copied, not changed.
 
     Returns:
         The observed GraphModule (an ``nn.Module`` holding prepared pieces when the model was not traceable
@@ -209,12 +185,13 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     except TraceError as exc:
         if not partial:
             raise
-        return _prepare_partially(model, inputs, mapping, backend, verify, exc)
-    return _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs), verify)
+        return _prepare_partially(model, inputs, mapping, backend, verify, exc, pipeline)
+    return _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs), verify,
+                    pipeline)
 
 
 def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConfigMapping, backend: BackendConfig,
-                       verify: bool, exc: TraceError) -> nn.Module:
+                       verify: bool, exc: TraceError, pipeline: Optional[PassManager] = None) -> nn.Module:
     """Quantize the traceable pieces of a model torch.fx cannot trace whole (see fxquant.partial)."""
     entries_modules = {t for e in backend.entries for p in e.patterns for k in p for t in k.modules}
 
@@ -223,7 +200,7 @@ def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConf
 
     def prepare_piece(gm: fx.GraphModule, example: tuple[Any, ...], name: str) -> fx.GraphModule:
         ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=example, scope=name)
-        return _prepare(gm, ctx, verify)
+        return _prepare(gm, ctx, verify, pipeline)
 
     result = prepare_partial(model, inputs, {}, prepare_piece, quantizable)
     state = getattr(result, PARTIAL_ATTR)
@@ -235,9 +212,10 @@ def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConf
     return result
 
 
-def _prepare(gm: fx.GraphModule, ctx: QuantContext, verify: bool) -> fx.GraphModule:
+def _prepare(gm: fx.GraphModule, ctx: QuantContext, verify: bool,
+             pipeline: Optional[PassManager] = None) -> fx.GraphModule:
     """Run the prepare pipeline on a traced copy, report its warnings, attach the QuantState."""
-    pm = prepare_pipeline(verify)
+    pm = _pipeline(pipeline, prepare_pipeline(verify), verify)
     gm = as_quant_graph_module(pm.run(gm, ctx))
     for msg in ctx.warnings:
         warnings.warn(msg, stacklevel=3)
@@ -248,7 +226,8 @@ def _prepare(gm: fx.GraphModule, ctx: QuantContext, verify: bool) -> fx.GraphMod
 
 def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
                    prepare_custom_config: Union[PrepareCustomConfig, dict, None] = None,
-                   backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True) -> fx.GraphModule:
+                   backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True,
+                   pipeline: Optional[PassManager] = None) -> fx.GraphModule:
     """Trace, fuse into QAT modules, annotate and insert fake quantizers: the model to train.
 
     As :func:`prepare_fx`, except that conv / linear (+ batch norm) (+ ReLU) become :mod:`fxquant.qat` modules
@@ -266,6 +245,7 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
         prepare_custom_config: non-traceable module names/classes.
         backend_config: as for :func:`prepare_fx`.
         verify: lint and check invariants between passes.
+        pipeline: as for :func:`prepare_fx`.
 
     Returns:
         The GraphModule to train, in train mode (modules the user had in eval mode stay so), on the model's device.
@@ -291,7 +271,7 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     modes = {name: m.training for name, m in model.named_modules()}
     gm = _trace_with_shapes(copy.deepcopy(model), inputs, config, run_in_eval=True)
     ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs, is_qat=True)
-    gm = _prepare(gm, ctx, verify)
+    gm = _prepare(gm, ctx, verify, pipeline)
     gm.train()
     for name, module in gm.named_modules():
         if modes.get(name) is False:
@@ -323,7 +303,8 @@ def _state(model: Any, fn: str) -> QuantState:
 
 
 def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dict] = None,
-               backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True) -> fx.GraphModule:
+               backend_config: Union[str, BackendConfig, None] = None, *, verify: bool = True,
+               pipeline: Optional[PassManager] = None) -> fx.GraphModule:
     """Lower a calibrated prepared model to quantized kernels.
 
     Args:
@@ -332,6 +313,7 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
         convert_custom_config: accepted for torch.ao compatibility; no options are used yet.
         backend_config: must match the one used to prepare, if given.
         verify: lint and check invariants between passes.
+        pipeline: the passes to run instead of :func:`fxquant.passes.convert_pipeline` (copied, not changed).
 
     Returns:
         The quantized GraphModule; it runs under the backend's quantized engine, which this call selects.
@@ -341,7 +323,8 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
         if partial_state.converted:
             raise ConvertError("convert_fx: this model is already converted; convert the prepared model, not its result")
         out = convert_partial(copy.deepcopy(graph_module),
-                              lambda gm: convert_fx(gm, convert_custom_config, backend_config, verify=verify))
+                              lambda gm: convert_fx(gm, convert_custom_config, backend_config, verify=verify,
+                                                         pipeline=pipeline))
         getattr(out, PARTIAL_ATTR).converted = True
         return out
     state = _state(graph_module, "convert_fx")
@@ -369,7 +352,7 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config: Optional[dic
         freeze = freeze_qat_pipeline(verify)
         gm = freeze.run(gm, ctx)
         timings += freeze.timings
-    pm = convert_pipeline(verify)
+    pm = _pipeline(pipeline, convert_pipeline(verify), verify)
     gm = as_quant_graph_module(pm.run(gm, ctx))
     torch.backends.quantized.engine = backend.engine
     gm.register_forward_pre_hook(EngineCheck(backend.engine))
@@ -445,7 +428,7 @@ def fuse_fx(model: nn.Module, fuse_custom_config: Union[PrepareCustomConfig, dic
         raise FxQuantError("fuse_fx folds batch norm and needs the model in eval mode: call model.eval() first")
     gm = trace(copy.deepcopy(model), PrepareCustomConfig.from_dict(fuse_custom_config))  # type: ignore[arg-type]
     ctx = QuantContext(backend=_default_backend(backend_config))
-    return PassManager([NormalizePass(), FusePass()], PREPARE_ORDER, verify=True).run(gm, ctx)
+    return fuse_pipeline().run(gm, ctx)
 
 
 # the reference representation: fxquant/reference.py builds on the functions above, so it is imported last

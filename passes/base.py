@@ -4,9 +4,11 @@ A pass is a small object with a ``name`` and ``run(gm, ctx) -> PassResult``. Ord
 declared as constraints ``(before, after)`` and checked with networkx (cycles are reported by name); the
 graph is verified between passes unless verification is switched off.
 
+Every run records a :class:`TimingReport` (wall time per pass; ``print(pm.report)`` shows a table).
+
 Example:
     >>> from fxquant.passes.base import PassManager
-    >>> pm = PassManager([], constraints=[("fuse", "annotate")])
+    >>> pm = PassManager([], constraints=[("fuse", "annotate")], name="mine")
     >>> pm.names
     []
 """
@@ -21,7 +23,11 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 import networkx as nx
 from torch import fx
 
-__all__ = ["PassResult", "Pass", "PassManager", "PassTiming", "PassOrderError"]
+__all__ = ["PassResult", "Pass", "PassManager", "PassTiming", "TimingReport", "PassOrderError", "PassVerificationError",
+           "PRINT_AFTER_ENV"]
+
+#: environment variable naming the passes after which to print the graph (comma-separated, or ``all``)
+PRINT_AFTER_ENV = "FXQUANT_PRINT_AFTER"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +48,11 @@ class Pass(Protocol):
 
 
 class PassOrderError(ValueError):
-    """The passes of a pipeline violate its ordering constraints."""
+    """The passes of a pipeline violate its ordering constraints (or two passes share a name)."""
+
+
+class PassVerificationError(AssertionError):
+    """The graph broke an invariant after a pass (the message names the pass and the invariant)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +62,28 @@ class PassTiming:
     name: str
     seconds: float
     modified: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingReport:
+    """Per-pass wall times of one or more pipeline runs (``str()`` is a table)."""
+
+    timings: tuple[PassTiming, ...]
+
+    @property
+    def total(self) -> float:
+        return sum(t.seconds for t in self.timings)
+
+    def seconds(self, name: str) -> float:
+        """Total seconds spent in the passes called ``name``."""
+        return sum(t.seconds for t in self.timings if t.name == name)
+
+    def __str__(self) -> str:
+        total = self.total or 1.0
+        lines = [f"{'pass':<20} {'ms':>9} {'share':>6}  modified"]
+        lines += [f"{t.name:<20} {t.seconds * 1e3:>9.2f} {t.seconds / total:>6.1%}  {t.modified}" for t in self.timings]
+        lines.append(f"{'total':<20} {self.total * 1e3:>9.2f}")
+        return "\n".join(lines)
 
 
 Verifier = Callable[[fx.GraphModule, Any], None]
@@ -66,23 +98,55 @@ class PassManager:
         verifiers: checks run on the graph after every pass (default: ``Graph.lint``).
         verify: run the verifiers between passes (on by default; off for speed).
         print_after: names of passes after which to print the graph (``"all"`` for every pass); the
-            environment variable ``FXQUANT_PRINT_AFTER`` (comma-separated) adds to it.
+            environment variable ``FXQUANT_PRINT_AFTER`` (comma-separated), read at each run, adds to it.
+        name: the pipeline's name (``"prepare"``, ``"convert"``), used in messages.
+
+    A PassManager is an ordinary object: copy one (:meth:`copy`), edit it (:meth:`insert_after`,
+    :meth:`insert_before`, :meth:`replace`, :meth:`remove`, :meth:`add_constraint`) and hand it to
+    ``prepare_fx(..., pipeline=pm)`` / ``convert_fx(..., pipeline=pm)``; nothing global changes.
     """
 
     def __init__(self, passes: Sequence[Pass], constraints: Iterable[tuple[str, str]] = (),
                  verifiers: Sequence[Verifier] = (), verify: bool = True,
-                 print_after: Iterable[str] = ()) -> None:
+                 print_after: Iterable[str] = (), name: str = "") -> None:
         self.passes = list(passes)
         self.constraints = list(constraints)
         self.verifiers = list(verifiers)
         self.verify = verify
-        env = os.environ.get("FXQUANT_PRINT_AFTER", "")
-        self.print_after = set(print_after) | {s.strip() for s in env.split(",") if s.strip()}
+        self.print_after = set(print_after)
+        self.name = name
         self.timings: list[PassTiming] = []
+
+    def __repr__(self) -> str:
+        return f"PassManager({self.name or 'unnamed'}: {' -> '.join(self.names)}, verify={self.verify})"
 
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.passes]
+
+    @property
+    def report(self) -> TimingReport:
+        """Per-pass wall times of the last :meth:`run`."""
+        return TimingReport(tuple(self.timings))
+
+    def copy(self, **changes: Any) -> "PassManager":
+        """A copy (its own pass list, constraints and verifiers) with some options changed, e.g.
+        ``pm.copy(verify=False)`` or ``pm.copy(print_after={"fuse"})``."""
+        new = PassManager(self.passes, self.constraints, self.verifiers, self.verify, self.print_after, self.name)
+        for key, value in changes.items():
+            if key not in ("verify", "print_after", "name", "verifiers", "constraints"):
+                raise TypeError(f"PassManager.copy() got an unknown option {key!r}")
+            setattr(new, key, set(value) if key == "print_after" else (list(value) if key in
+                    ("verifiers", "constraints") else value))
+        return new
+
+    def add_constraint(self, before: str, after: str) -> None:
+        """Declare that pass ``before`` must run before pass ``after`` (checked at every run)."""
+        self.constraints.append((before, after))
+
+    def remove(self, name: str) -> Pass:
+        """Remove the pass called ``name`` and return it (constraints naming it are kept and ignored)."""
+        return self.passes.pop(self._index(name))
 
     def check_order(self) -> None:
         """Raise :class:`PassOrderError` if the constraints form a cycle or the pass order breaks one."""
@@ -95,6 +159,9 @@ class PassManager:
         if cycle:
             raise PassOrderError("pass ordering constraints form a cycle: "
                                  + " -> ".join(a for a, _ in cycle) + f" -> {cycle[0][0]}")
+        dup = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dup:
+            raise PassOrderError(f"several passes are named {dup}; give each pass its own name")
         position = {name: i for i, name in enumerate(self.names)}
         for a, b in self.constraints:
             if a in position and b in position and position[a] > position[b]:
@@ -122,6 +189,8 @@ class PassManager:
         """Run every pass on ``gm``; returns the final GraphModule."""
         self.check_order()
         self.timings = []
+        env = os.environ.get(PRINT_AFTER_ENV, "")
+        print_after = self.print_after | {s.strip() for s in env.split(",") if s.strip()}
         for p in self.passes:
             start = time.perf_counter()
             result = p.run(gm, ctx)
@@ -129,7 +198,7 @@ class PassManager:
             self.timings.append(PassTiming(p.name, time.perf_counter() - start, result.modified))
             if self.verify:
                 self._verify(gm, ctx, p.name)
-            if "all" in self.print_after or p.name in self.print_after:
+            if "all" in print_after or p.name in print_after:
                 print(f"# --- graph after pass '{p.name}' ---\n{gm.code}")
         return gm
 
@@ -139,4 +208,5 @@ class PassManager:
             for check in self.verifiers:
                 check(gm, ctx)
         except Exception as exc:
-            raise AssertionError(f"graph verification failed after pass '{after}': {exc}") from exc
+            raise PassVerificationError(f"graph verification failed after pass '{after}': {exc} (run with "
+                                        f"{PRINT_AFTER_ENV}={after} to see the graph)") from exc
