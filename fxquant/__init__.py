@@ -52,3 +52,8 @@ from fxquant.qconfig import (float_qparams_weight_only_qconfig, float_qparams_we
 
 __all__ += ["quantize_dynamic", "FloatQParamsObserver", "per_token_dynamic_qconfig",
             "float_qparams_weight_only_qconfig", "float_qparams_weight_only_qconfig_4bit"]
+
+# calibration and QAT across processes (torch.distributed): fxquant.calibrate(..., distributed=True) and
+from fxquant.distributed import sync_observers
+
+__all__ += ["sync_observers"]

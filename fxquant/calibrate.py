@@ -43,7 +43,8 @@ def _check_prepared(model: Any, observers: list[ObserverBase]) -> None:
                                "which has no observers): prepare it first, then calibrate the result")
 
 
-def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True, max_batches: Optional[int] = None) -> None:
+def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True, max_batches: Optional[int] = None,
+              distributed: bool = False, group: Any = None) -> None:
     """Run ``data`` through ``model`` (a prepared model) under ``torch.no_grad()``.
 
     Args:
@@ -51,12 +52,20 @@ def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True, max_
         data: an iterable of batches (tensors, tuples of tensors, or dicts), e.g. a DataLoader.
         progress: show a tqdm progress bar.
         max_batches: stop after this many batches.
+        distributed: ``data`` is this rank's shard; merge the observer statistics of all ranks of the
+            ``torch.distributed`` process group ``group`` (see :func:`fxquant.distributed.calibrate_distributed`).
+        group: the process group for ``distributed=True`` (default: the world).
 
     Raises:
         CalibrationError: a model that is not prepared (or already converted), one tensor instead of an
             iterable of batches, no batch at all, a batch the model cannot run (naming its index), or data that
             gave observers nothing but NaN/Inf.
     """
+    if distributed:
+        from fxquant.distributed import calibrate_distributed
+
+        calibrate_distributed(model, data, progress=progress, max_batches=max_batches, group=group)
+        return
     if isinstance(data, torch.Tensor):
         raise CalibrationError(f"calibrate: data is one tensor {tuple(data.shape)}; pass an iterable of batches, e.g. "
                                "[x] or a DataLoader (iterating a tensor would feed its rows one at a time)")
