@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 
-__all__ = ["bin_counts", "rebin", "search_clip_range"]
+__all__ = ["bin_counts", "rebin", "search_clip_range", "pow2_layout", "pow2_count", "pow2_regrid"]
 
 #: elements per torch.histc call: float32 counts stay exact integers up to 2**24
 _HISTC_CHUNK = 2**24
@@ -191,3 +192,165 @@ def search_clip_range(counts: torch.Tensor, zero: float, levels: int, symmetric:
     hi_cands = _window(int(grid[t]), step, bins, counts.device)
     s, t = _best_pair(sums, lo_cands, hi_cands, zero, levels)
     return min(float(lo_cands[s]), zero), max(float(hi_cands[t]), zero)
+
+
+# ------------------------------------------------------------------------------------ exact (power-of-two) grids
+#
+# The calibrators of :mod:`fxquant.calibrators` keep histograms on a grid anchored at 0.0: row ``r`` has bin
+# width ``2**exp[r]`` and its column ``j`` counts the values in ``[(first[r] + j) * w, (first[r] + j + 1) * w)``.
+# Dividing by a power of two is exact in floating point, so every value lands in the bin that contains it; a
+# wider range doubles the width (``exp += d``), which merges whole bins (column ``k`` -> ``k // 2**d``): no count
+# is split or approximated. The layout depends only on the range of everything seen, so merging two histograms
+# equals one histogram of all their data, in any order.
+
+#: the smallest bin width is 2**_EXP_FLOOR (an all-zero tensor gets it); keeps x * 2**-exp finite in float32
+_EXP_FLOOR = -100
+#: shifts larger than this map every column of a histogram onto columns -1 / 0
+_MAX_SHIFT = 40
+
+
+def pow2_layout(lo: torch.Tensor, hi: torch.Tensor, bins: int, at_least: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The finest power-of-two grid whose ``bins`` columns cover ``[min(lo, 0), max(hi, 0)]``, row by row.
+
+    Args:
+        lo, hi: 1-d float tensors, the range of each row (finite).
+        bins: columns per row.
+        at_least: 1-d ``int64`` lower bounds for the exponents (the current grid: widths only grow).
+
+    Returns:
+        ``(exp, first)``: ``int64`` tensors; row ``r`` has width ``2**exp[r]`` and first column ``first[r]``.
+    """
+    lo0 = lo.to(torch.float64).clamp(max=0.0)
+    hi0 = hi.to(torch.float64).clamp(min=0.0)
+    span = hi0 - lo0
+    guess = torch.floor(torch.log2(torch.where(span > 0, span / bins, torch.ones_like(span)))) - 1
+    exp = torch.where(span > 0, guess, torch.full_like(span, _EXP_FLOOR)).clamp(min=_EXP_FLOOR).to(torch.int64)
+    if at_least is not None:
+        exp = torch.maximum(exp, at_least.to(exp.device))
+    for _ in range(4):  # the guess is at most two steps short; each step halves the columns needed
+        width = torch.pow(2.0, exp.to(torch.float64))
+        needed = torch.floor(hi0 / width) - torch.floor(lo0 / width) + 1
+        exp = torch.where(needed > bins, exp + 1, exp)
+    width = torch.pow(2.0, exp.to(torch.float64))
+    if bool((torch.floor(hi0 / width) - torch.floor(lo0 / width) + 1 > bins).any()):
+        raise AssertionError("pow2_layout: no fitting grid found")  # pragma: no cover - guarded by the guess
+    return exp, torch.floor(lo0 / width).to(torch.int64)
+
+
+def pow2_count(rows: torch.Tensor, exp: torch.Tensor, first: torch.Tensor, bins: int) -> torch.Tensor:
+    """Exact counts of the finite values ``rows`` (``[R, N]``) on the grids ``(exp, first)``.
+
+    Every value must lie inside its row's grid (as :func:`pow2_layout` guarantees for the range it was given).
+
+    Returns:
+        ``int64`` counts ``[R, bins]``.
+    """
+    inv = torch.pow(2.0, -exp.to(torch.float64)).to(rows.dtype).unsqueeze(1)
+    if rows.shape[0] == 1 and bins & (bins - 1) == 0 and int(first.abs().max()) < 2**20:
+        # one row, power-of-two bins: torch.histc is several times faster than bincount and exact here, as
+        # (x * 2**-exp - first) / bins * bins only rescales by powers of two
+        shifted = rows[0] * inv[0] - first.to(rows.dtype)
+        counts = torch.zeros(bins, dtype=torch.int64, device=rows.device)
+        for chunk in shifted.split(_HISTC_CHUNK):
+            counts += torch.histc(chunk, bins, 0, bins).to(torch.int64)
+        return counts.unsqueeze(0)
+    cols = torch.floor(rows * inv).to(torch.int64) - first.unsqueeze(1)
+    cols = cols.clamp_(0, bins - 1)  # only a value within rounding of the top edge can reach bins
+    offsets = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1) * bins
+    flat = torch.bincount((cols + offsets).reshape(-1), minlength=rows.shape[0] * bins)
+    return flat.reshape(rows.shape[0], bins)
+
+
+def pow2_regrid(counts: torch.Tensor, exp: torch.Tensor, first: torch.Tensor, new_exp: torch.Tensor,
+                new_first: torch.Tensor) -> torch.Tensor:
+    """Move counts ``[R, bins]`` from grids ``(exp, first)`` onto coarser grids ``(new_exp, new_first)``.
+
+    ``new_exp >= exp`` row by row and the new grids must cover the old data. Whole bins merge: exact.
+    """
+    rows, bins = counts.shape
+    shift = (new_exp - exp).clamp(0, _MAX_SHIFT)
+    absolute = first.unsqueeze(1) + torch.arange(bins, device=counts.device).unsqueeze(0)
+    cols = torch.div(absolute, torch.pow(2, shift).unsqueeze(1), rounding_mode="floor") - new_first.unsqueeze(1)
+    keep = counts > 0
+    if bool((cols[keep] < 0).any() or (cols[keep] >= bins).any()):
+        raise ValueError("pow2_regrid: the new grid does not cover the old counts")
+    cols = cols.clamp(0, bins - 1) + torch.arange(rows, device=counts.device).unsqueeze(1) * bins
+    out = torch.zeros(rows * bins, dtype=counts.dtype, device=counts.device)
+    out.scatter_add_(0, cols.reshape(-1), counts.reshape(-1))
+    return out.reshape(rows, bins)
+
+
+def fold_abs(counts: torch.Tensor, zero_col: int) -> torch.Tensor:
+    """The histogram of ``|x|`` from a row whose column ``zero_col`` starts at 0.0 (an exact grid edge).
+
+    Column ``j >= zero_col`` counts into ``j - zero_col``, column ``j < zero_col`` into ``zero_col - 1 - j``.
+    """
+    right, left = counts[zero_col:], counts[:zero_col].flip(0)
+    out = torch.zeros(max(right.numel(), left.numel()), dtype=counts.dtype, device=counts.device)
+    out[:right.numel()] += right
+    out[:left.numel()] += left
+    return out
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x * torch.log(x.clamp(min=1e-300)), torch.zeros_like(x))
+
+
+def kl_clip(counts: torch.Tensor, levels: int) -> int:
+    """TensorRT's entropy calibration: how many bins of a one-sided histogram to keep.
+
+    For each candidate ``i`` (from ``levels`` to the last non-empty bin), the reference ``P`` is the first ``i``
+    bins with every count beyond folded into bin ``i - 1`` (clipping), and the candidate ``Q`` is the first ``i``
+    bins merged into ``levels`` chunks and spread back evenly over each chunk's non-empty bins (quantizing). The
+    ``i`` with the least ``KL(P || Q)`` (both normalised) wins; ties go to the smaller ``i``. All candidates are
+    evaluated at once from prefix sums.
+
+    Args:
+        counts: a histogram whose column 0 starts at 0.0 (e.g. of ``|x|``).
+        levels: quantization bins on this side (128 for int8 magnitudes, 256 for one-sided uint8).
+
+    Returns:
+        The upper edge of the clipping range, in bins (``counts`` columns).
+    """
+    nonzero = torch.nonzero(counts).flatten()
+    n = int(nonzero[-1]) + 1 if nonzero.numel() else 0
+    if n <= levels:
+        return n
+    h = counts[:n].to(torch.float64)
+    zero = h.new_zeros(1)
+    cum, nz = torch.cat([zero, h.cumsum(0)]), torch.cat([zero, (h > 0).to(torch.float64).cumsum(0)])
+    plogp = torch.cat([zero, _xlogx(h).cumsum(0)])
+    i = torch.arange(levels, n + 1, device=counts.device)
+    tail, last = cum[n] - cum[i], h[i - 1]
+    sum_plogp = plogp[i - 1] + _xlogx(last + tail)
+    steps = torch.arange(levels + 1, device=counts.device).unsqueeze(0) * i.unsqueeze(1)
+    edges = torch.div(steps + levels - 1, levels, rounding_mode="floor")  # chunk c: bins [ceil(c*i/m), ceil((c+1)*i/m))
+    chunk = cum[edges[:, 1:]] - cum[edges[:, :-1]]
+    chunk_nz = (nz[edges[:, 1:]] - nz[edges[:, :-1]]).clamp(min=1)
+    sum_plogq = _xlogx(chunk).sum(1) - (chunk * torch.log(chunk_nz)).sum(1)
+    sum_plogq += torch.where(tail > 0, tail * torch.log((chunk[:, -1] / chunk_nz[:, -1]).clamp(min=1e-300)), zero)
+    total, kept = cum[n], cum[i]
+    kl = (sum_plogp - sum_plogq) / total - torch.log(total) + torch.log(kept.clamp(min=1e-300))
+    kl = torch.where(((tail > 0) & (last == 0)) | (kept == 0), torch.full_like(kl, math.inf), kl)
+    return int(i[torch.argmin(kl)])
+
+
+def percentile_edges(counts: torch.Tensor, lower: Optional[float], upper: float) -> tuple[int, int]:
+    """Bin edges holding the given fractions of the counts below them.
+
+    Args:
+        counts: a histogram row.
+        lower: the fraction of counts allowed below the lower edge (``None``: lower edge 0).
+        upper: the fraction of counts that must lie below the upper edge.
+
+    Returns:
+        ``(lo, hi)`` edge indices, ``0 <= lo < hi <= len(counts)``.
+    """
+    cum = counts.to(torch.float64).cumsum(0)
+    total = float(cum[-1])
+    hi = int(torch.searchsorted(cum, torch.tensor(upper * total, dtype=torch.float64, device=cum.device))) + 1
+    lo = 0 if lower is None else int(torch.searchsorted(
+        cum, torch.tensor(lower * total, dtype=torch.float64, device=cum.device), right=True))
+    hi = min(hi, counts.numel())
+    return min(lo, hi - 1), hi
