@@ -40,6 +40,13 @@ class QuantGraphModule(fx.GraphModule):
         order = [(n.name, n.op, str(n.target)) for n in self.graph.nodes]
         return (_rebuild, (fn, args, dict(self.meta), records, hooks, type(self).__name__, order))
 
+    def __prepare_scriptable__(self) -> fx.GraphModule:
+        """What ``torch.jit.script`` compiles: the same graph and submodules without the Python forward pre-hooks
+        (the engine and input checks, which TorchScript cannot compile; a scripted model runs unchecked)."""
+        out = fx.GraphModule(self, self.graph, class_name=type(self).__name__)
+        out.training = self.training
+        return out
+
 
 def _original_names(gm: fx.GraphModule, order: Optional[list[tuple[str, str, str]]]) -> dict[fx.Node, str]:
     """Each re-traced node's name before pickling. Re-tracing renumbers names (a graph whose ``relu`` was

@@ -69,7 +69,7 @@ class _OutputQParams(nn.Module):
         where: the graph node the module computes (set by lowering; named in error messages).
     """
 
-    where: str = ""
+    where = ""  # no class annotation: torch.jit.script cannot resolve the string annotations of this file
 
     def _describe(self) -> str:
         return f"{type(self).__name__} at {self.where}" if self.where else type(self).__name__
@@ -87,6 +87,12 @@ class _OutputQParams(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self._scale:.6g}, zero_point={self._zp}"
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this module's place (see ``scripting.py``)."""
+        from fxquant.backends.kernels.scripting import scriptable
+
+        return scriptable(self)
 
 
 class Quantize(_OutputQParams):
@@ -128,7 +134,7 @@ def _unpack_weight(d: dict[str, torch.Tensor]) -> torch.Tensor:
 class _Packed(_OutputQParams):
     """A kernel with a prepacked weight; the quantized weight and float bias stay as buffers."""
 
-    _engine: str
+    _engine = ""
 
     def _pack(self) -> Any:
         raise NotImplementedError
