@@ -37,16 +37,21 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+import dataclasses
+import enum
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 
 from fxquant import _histogram
-from fxquant.observers import ObserverBase, _finite_aminmax
-from fxquant.qparams import DEFAULT_EPS, SYMMETRIC_SCHEMES, QParams, qparams_from_range
+from fxquant.backends import BackendConfig
+from fxquant.observers import (HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, ObserverBase,
+                               ObserverFactory, PerChannelMinMaxObserver, _finite_aminmax)
+from fxquant.qconfig import QConfig, QConfigMapping, _backend, _grid, _min_scale, _with_table_weight_rules
+from fxquant.qparams import DEFAULT_EPS, PER_CHANNEL_SCHEMES, SYMMETRIC_SCHEMES, QParams, qparams_from_range
 
 __all__ = ["EntropyObserver", "PercentileObserver", "MSEObserver", "PerChannelPercentileObserver",
-           "PerChannelMSEObserver"]
+           "PerChannelMSEObserver", "Calibrator", "get_calibration_qconfig", "get_calibration_qconfig_mapping"]
 
 #: the MSE search tries fractions k / _MSE_STEPS of the observed extremes, then _MSE_STEPS finer ones around the
 #: best (steps of 1 / _MSE_STEPS**2); two-sided affine grids try every (lower, upper) pair of fractions
@@ -510,3 +515,87 @@ class PerChannelMSEObserver(_PerChannelRows, _MSERange, _ExactHistogramObserver)
 
     def _merge_stats(self, other: ObserverBase) -> None:
         _merge_per_channel(self, other)
+
+
+# ------------------------------------------------------------------------------------- qconfig helpers
+
+class Calibrator(str, enum.Enum):
+    """The calibration methods, by name (``get_calibration_qconfig(activation="entropy")``)."""
+
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving_average"
+    HISTOGRAM = "histogram"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+def _activation_class(method: Calibrator) -> type:
+    return {Calibrator.MINMAX: MinMaxObserver, Calibrator.MOVING_AVERAGE: MovingAverageMinMaxObserver,
+            Calibrator.HISTOGRAM: HistogramObserver, Calibrator.ENTROPY: EntropyObserver,
+            Calibrator.PERCENTILE: PercentileObserver, Calibrator.MSE: MSEObserver}[method]
+
+
+def _weight_class(method: Calibrator, per_channel: bool) -> type:
+    table = {Calibrator.MINMAX: (MinMaxObserver, PerChannelMinMaxObserver),
+             Calibrator.PERCENTILE: (PercentileObserver, PerChannelPercentileObserver),
+             Calibrator.MSE: (MSEObserver, PerChannelMSEObserver)}
+    if method not in table:
+        raise ValueError(f"weight calibrator {method.value!r} is not available; weights are static, use one of "
+                         f"{[m.value for m in table]}")
+    return table[method][int(per_channel)]
+
+
+def _method(name: Union[str, Calibrator], role: str) -> Calibrator:
+    try:
+        return Calibrator(name)
+    except ValueError:
+        raise ValueError(f"unknown {role} calibrator {name!r}; use one of {[m.value for m in Calibrator]}") from None
+
+
+def get_calibration_qconfig(backend: Union[str, BackendConfig] = "x86", activation: Union[str, Calibrator] = "histogram",
+                            weight: Union[str, Calibrator] = "minmax", per_channel: bool = True,
+                            **activation_args: Any) -> QConfig:
+    """A post-training QConfig on a backend's grids with the chosen calibrators.
+
+    Args:
+        backend: ``"x86"``, ``"fbgemm"``, ``"qnnpack"`` or a :class:`fxquant.backends.BackendConfig`.
+        activation: a :class:`Calibrator` name for activations (``"histogram"`` is the backend default).
+        weight: ``"minmax"``, ``"percentile"`` or ``"mse"`` for weights.
+        per_channel: per-channel weights (the backend's per-channel grid) or one symmetric scale per tensor.
+        activation_args: extra arguments of the activation observer (``percentile=99.9``, ``bins=4096``,
+            ``averaging_constant=0.1``).
+
+    Returns:
+        The :class:`fxquant.qconfig.QConfig`.
+
+    Example:
+        >>> qc = get_calibration_qconfig("x86", activation="entropy", weight="mse")
+        >>> type(qc.activation()).__name__, type(qc.weight()).__name__
+        ('EntropyObserver', 'PerChannelMSEObserver')
+    """
+    cfg = _backend(backend)
+    act_cls = _activation_class(_method(activation, "activation"))
+    weight_cls = _weight_class(_method(weight, "weight"), per_channel)
+    scheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+    if per_channel and cfg.weight.qscheme in PER_CHANNEL_SCHEMES:
+        scheme = cfg.weight.qscheme
+    weight_grid = _grid(dataclasses.replace(cfg.weight, qscheme=scheme), _min_scale(cfg, "weight_min_scale"))
+    act: ObserverFactory = act_cls.with_args(**_grid(cfg.default_activation(), _min_scale(cfg)), **activation_args)
+    return QConfig(activation=act, weight=weight_cls.with_args(**weight_grid))
+
+
+def get_calibration_qconfig_mapping(backend: Union[str, BackendConfig] = "x86",
+                                    activation: Union[str, Calibrator] = "histogram",
+                                    weight: Union[str, Calibrator] = "minmax", per_channel: bool = True,
+                                    **activation_args: Any) -> QConfigMapping:
+    """``QConfigMapping().set_global(get_calibration_qconfig(...))`` plus the table's per-op weight rules.
+
+    Example:
+        >>> m = get_calibration_qconfig_mapping("fbgemm", activation="percentile", percentile=99.9)
+        >>> m.global_qconfig.activation().percentile
+        99.9
+    """
+    cfg = _backend(backend)
+    qconfig = get_calibration_qconfig(cfg, activation, weight, per_channel, **activation_args)
+    return _with_table_weight_rules(QConfigMapping().set_global(qconfig), cfg, False)
