@@ -57,3 +57,9 @@ __all__ += ["quantize_dynamic", "FloatQParamsObserver", "per_token_dynamic_qconf
 from fxquant.distributed import sync_observers
 
 __all__ += ["sync_observers"]
+
+# export and deployment: the reference form, ONNX (QuantizeLinear / DequantizeLinear), saving as data
+from fxquant.export import export_onnx
+from fxquant.save import load, save
+
+__all__ += ["export_onnx", "save", "load"]
