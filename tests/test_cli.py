@@ -1,0 +1,240 @@
+"""The ``fxquant`` command: every subcommand in-process through ``fxquant.cli.main``, the documented exit codes
+and one-line error messages, the data sources, and a real subprocess call of the installed console script.
+
+Models are tiny (a file factory in a temp dir; resnet18 at 32x32) so the module runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.cli import ExitCode, main
+
+MODELS_PY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class SmallCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.bn = nn.BatchNorm2d(8)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.relu(self.bn(self.conv(x)))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else self.fc(-x)
+
+    def cnn():
+        torch.manual_seed(0)
+        return SmallCNN()
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def wide_mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+
+    def branchy():
+        return Branchy()
+
+    def broken():
+        raise RuntimeError("cannot build")
+
+    def not_a_module():
+        return 3
+''')
+
+QCONFIG_PY = textwrap.dedent('''
+    import torch, fxquant
+    from fxquant.observers import MinMaxObserver
+
+    def full_weight_range():
+        qc = fxquant.QConfig(MinMaxObserver.with_args(dtype=torch.quint8),
+                             weight=MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric))
+        return fxquant.QConfigMapping().set_global(qc)
+''')
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    (root / "models.py").write_text(MODELS_PY)
+    (root / "qconfigs.py").write_text(QCONFIG_PY)
+    (root / "empty").mkdir()
+    torch.save(torch.randn(10, 16), root / "samples.pt")
+    torch.save({"not": "a tensor"}, root / "bad.pt")
+    images = root / "images"
+    images.mkdir()
+    from torchvision.io import write_png
+    gen = torch.Generator().manual_seed(0)
+    for i in range(6):
+        write_png(torch.randint(0, 256, (3, 20 + i, 24), dtype=torch.uint8, generator=gen), str(images / f"{i}.png"))
+    return root
+
+
+def run_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
+    assert main(argv + ["--json", "--runs", "2", "--no-progress"]) == ExitCode.OK
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"], ["inspect", "--help"], ["bench", "--help"]])
+def test_help_everywhere(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
+    assert main(argv) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fxquant") and "--help" in out
+    if argv[0] != "bench":
+        assert "exit status: 0 ok" in out
+
+
+def test_quantize_torchvision_prints_the_report(capsys: pytest.CaptureFixture) -> None:
+    argv = ["quantize", "resnet18", "--input-size", "32", "--calib-batches", "2", "--runs", "2", "--no-progress"]
+    assert main(argv) == ExitCode.OK
+    out = capsys.readouterr().out
+    for part in ("state_dict size (MB)", "latency (1 thread, ms)", "output SQNR vs fp32 (dB)", "ops left in float: 0",
+                 "worst layers", "prepare"):
+        assert part in out, part
+
+
+def test_quantize_json_figures_are_consistent(capsys: pytest.CaptureFixture, files: Path) -> None:
+    res = run_json(capsys, ["quantize", f"{files}/models.py:mlp", "--input-shape", "16", "--worst", "10"])
+    assert res["mode"] == "static" and res["data"] == "8 random batches of 4"
+    assert res["sqnr_db"] > 25 and res["latency_int8_ms"] > 0 and res["float_ops"] == []
+    worst = res["worst_layers"]
+    assert [w["op"] for w in sorted(worst, key=lambda w: w["node"])] == ["linear_relu", "linear"]
+    assert [w["sqnr_db"] for w in worst] == sorted(w["sqnr_db"] for w in worst)
+    # the last layer's output is the model's output: its per-layer SQNR is the report's
+    assert next(w for w in worst if w["node"] == "2")["sqnr_db"] == pytest.approx(res["sqnr_db"], abs=1e-3)
+
+
+def test_skip_keeps_a_module_float(capsys: pytest.CaptureFixture, files: Path) -> None:
+    res = run_json(capsys, ["quantize", f"{files}/models.py:mlp", "--input-shape", "16", "--skip", "2"])
+    assert [f["node"] for f in res["float_ops"]] == ["_2"]
+    assert "qconfig is None" in res["float_ops"][0]["reason"]
+
+
+def test_data_from_tensor_file_and_image_folder(capsys: pytest.CaptureFixture, files: Path) -> None:
+    res = run_json(capsys, ["quantize", f"{files}/models.py:mlp", "--data", str(files / "samples.pt"),
+                            "--batch-size", "4", "--input-shape", "99"])   # the data's shape wins
+    assert res["data"] == f"3 batches from {files / 'samples.pt'}"
+    res = run_json(capsys, ["quantize", f"{files}/models.py:cnn", "--data", str(files / "images"), "--input-size", "16",
+                            "--batch-size", "4", "--calib-batches", "8"])
+    assert res["data"] == f"2 batches from {files / 'images'}" and res["sqnr_db"] > 20
+
+
+def test_dynamic_mode_shrinks_linears(capsys: pytest.CaptureFixture, files: Path) -> None:
+    res = run_json(capsys, ["quantize", f"{files}/models.py:wide_mlp", "--input-shape", "256", "--mode", "dynamic"])
+    assert res["mode"] == "dynamic" and res["data"] == "none (dynamic)"
+    assert res["size_int8_bytes"] < 0.35 * res["size_fp32_bytes"] and res["sqnr_db"] > 30
+
+
+def test_output_is_loadable_and_matches(capsys: pytest.CaptureFixture, files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "q.pt"
+    res = run_json(capsys, ["quantize", f"{files}/models.py:cnn", "--input-size", "12", "--output", str(out)])
+    assert res["output"] == str(out)
+    loaded = torch.load(out, weights_only=False)
+    model = fxquant.cli.load_model(f"{files}/models.py:cnn")
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), loaded(x)) > 20
+
+
+def test_inspect_annotates_every_node(capsys: pytest.CaptureFixture, files: Path) -> None:
+    spec = f"{files}/models.py:cnn"
+    assert main(["inspect", spec, "--input-size", "12", "--skip", "fc"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("fc", None)
+    prepared = fxquant.prepare_fx(fxquant.cli.load_model(spec), mapping, (torch.randn(1, 3, 12, 12),),
+                                  backend_config="fbgemm")
+    lines = {line.split()[0]: re.split(r"\s{2,}", line) for line in out.splitlines()[2:]}
+    assert set(lines) == {n.name for n in prepared.graph.nodes}
+    assert lines["conv"][2:6] == ["conv: ConvReLU2d", "quantize", "conv2d_relu",
+                                  "Histogram quint8 affine / PerChannelMinMax qint8 ch-sym"]
+    assert lines["conv"][6] == "fused Conv2d+BatchNorm2d+ReLU; observed by conv_observer"
+    assert lines["conv_observer"][3] == "observer" and lines["fc"][3] == "float"
+    assert main(["inspect", spec, "--input-size", "12", "--converted", "--code", "--no-progress"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "int8 in/out" in out and "def forward" in out and "_observer" not in out
+
+
+def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    (["quantize"], ExitCode.USAGE, "the following arguments are required: MODEL"),
+    (["quantize", "resnet18", "--backend", "tpu"], ExitCode.USAGE, "invalid choice: 'tpu'"),
+    (["quantize", "{m}:mlp", "--calib-batches", "0"], ExitCode.USAGE, "must be >= 1"),
+    (["quantize", "{m}:mlp", "--input-shape", "a,b"], ExitCode.USAGE, "--input-shape 'a,b'"),
+    (["quantize", "resnet1"], ExitCode.MODEL, "did you mean resnet18"),
+    (["quantize", "{m}:nope"], ExitCode.MODEL, "has no callable 'nope'"),
+    (["quantize", "{d}/missing.py:f"], ExitCode.MODEL, "not found"),
+    (["quantize", "{m}:broken"], ExitCode.MODEL, "RuntimeError: cannot build"),
+    (["inspect", "{m}:not_a_module"], ExitCode.MODEL, "returned int, not a torch.nn.Module"),
+    (["quantize", "{m}:branchy", "--input-shape", "16", "--no-partial"], ExitCode.TRACE, "could not trace"),
+    (["quantize", "{m}:mlp", "--input-shape", "16", "--backend", "qnnpack", "--qconfig", "{d}/qconfigs.py:full_weight_range"],
+     ExitCode.QCONFIG, "weights must stay in [-127, 127]"),
+    (["quantize", "{m}:mlp"], ExitCode.DATA, "the float model fails on an input of shape (1, 3, 224, 224)"),
+    (["quantize", "{m}:mlp", "--data", "{d}/nothing"], ExitCode.DATA, "not found"),
+    (["quantize", "{m}:cnn", "--data", "{d}/empty"], ExitCode.DATA, "no images"),
+    (["quantize", "{m}:mlp", "--data", "{d}/bad.pt"], ExitCode.DATA, "holds dict"),
+    (["quantize", "{m}:mlp", "--input-shape", "16", "--output", "{d}"], ExitCode.OUTPUT, "cannot save"),
+])
+def test_errors_are_one_line_with_their_exit_code(capsys: pytest.CaptureFixture, files: Path, argv: list[str],
+                                                  code: ExitCode, words: str) -> None:
+    argv = [a.format(m=files / "models.py", d=files) for a in argv] + ["--runs", "1"] * (argv[0] == "quantize" and len(argv) > 2)
+    got, err = _error(capsys, argv)
+    assert got == code, err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"fxquant: error ({code.name.lower()}): ") and words in err
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture, files: Path) -> None:
+    assert main(["quantize", f"{files}/models.py:broken", "--debug"]) == ExitCode.MODEL
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "cannot build" in err
+
+
+def test_bench_runs_and_prints_the_comparison(capsys: pytest.CaptureFixture) -> None:
+    argv = ["bench", "--models", "resnet18", "--input-size", "32", "--runs", "2", "--calib-batches", "1"]
+    assert main(argv) == ExitCode.OK
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("resnet18 | fbgemm"))
+    assert len(row.split(" | ")) == 13 and "-" not in row.split(" | ")[2:]
+    assert "fxquant/torch.ao int8 latency, geomean" in out and "fxquant/torch.ao prepare+convert time" in out
+
+
+def test_console_script_in_a_subprocess(files: Path) -> None:
+    exe = shutil.which("fxquant")
+    cmd = [exe] if exe else [sys.executable, "-m", "fxquant"]
+    ok = subprocess.run(cmd + ["quantize", f"{files}/models.py:mlp", "--input-shape", "16", "--runs", "2", "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["sqnr_db"] > 25
+    assert ok.stderr == ""   # stderr is not a terminal: no progress bars, no warnings
+    bad = subprocess.run(cmd + ["quantize", "no_such_model_xyz"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == ExitCode.MODEL and bad.stdout == ""
+    assert bad.stderr.startswith("fxquant: error (model): 'no_such_model_xyz'") and bad.stderr.count("\n") == 1
