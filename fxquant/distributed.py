@@ -108,14 +108,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------ fingerprints
 
 def _fingerprint(model: nn.Module) -> list[str]:
-    """One line per graph (a hash of its code) and per observer / fake quantizer (name, class, arguments)."""
+    """One line per module (name and class), graph (a hash of its code) and observer (its arguments too)."""
     lines = []
     for name, m in model.named_modules():
         label = name or "<root>"
         if isinstance(m, fx.GraphModule):
             lines.append(f"graph {label}: code {hashlib.sha1(m.code.encode()).hexdigest()[:16]}")
+        elif not isinstance(m, (ObserverBase, FakeQuantize)):
+            lines.append(f"module {label}: {type(m).__qualname__}")
         if isinstance(m, ObserverBase):
-            lines.append(f"observer {label}: {type(m).__qualname__}({_format_kwargs(m._config())})")
+            where = f" ({m.where})" if m.where else ""
+            lines.append(f"observer {label}{where}: {type(m).__qualname__}({_format_kwargs(m._config())})")
         elif isinstance(m, FakeQuantize):
             lines.append(f"fake quantizer {label}: {type(m).__qualname__}")
     return lines
@@ -612,6 +615,23 @@ def sync_each_step(model: nn.Module, group: Optional[Any] = None) -> StepSync:
     return StepSync([inner.register_forward_pre_hook(before), inner.register_forward_hook(after)])
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce SUM: the gradient of each rank's input is the all-reduced output gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class _SyncBatchNormMixin:
     """Batch norm whose training statistics are those of the global batch (all ranks), on CPU and GPU.
 
@@ -626,17 +646,15 @@ class _SyncBatchNormMixin:
         bn: Any = self
         if not (bn.training and dist.is_available() and dist.is_initialized()) or isinstance(x, fx.Proxy):
             return super().forward(x)  # type: ignore[misc]
-        from torch.distributed.nn.functional import all_reduce
-
         bn._check_input_dim(x)
         group = self.group if self.group is not None else dist.group.WORLD
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]), group=group)
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]), group)
         n = sums[-1]
         mean = sums[:-1] / n
         centred = x - mean.reshape(shape)
-        var = all_reduce((centred * centred).sum(dims), group=group) / n
+        var = _AllReduceSum.apply((centred * centred).sum(dims), group) / n
         y = centred * torch.rsqrt(var + bn.eps).reshape(shape)
         if bn.affine:
             y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
