@@ -38,6 +38,7 @@ __all__ = [
     "WeightRule",
     "Constraints",
     "OpEntry",
+    "KernelFusion",
     "BackendConfig",
 ]
 
@@ -192,6 +193,25 @@ class OpEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelFusion:
+    """A producer op whose only user is a consumer op, run by one kernel at lowering (a oneDNN post-op).
+
+    Unlike ``OpEntry.patterns`` (fused into one float module before observers are placed), both ops keep their
+    entries, observers and fake-quant simulation; lowering builds one kernel for the pair, whose output has the
+    consumer's qparams, and the producer's output is never quantized (it stays inside the kernel).
+
+    Attributes:
+        producer: the producer's entry name (``"conv2d"``).
+        consumer: the consumer's entry name (``"add_relu"``, ``"hardswish"``).
+        target: the kernel layer's lowering target for the pair (``"conv2d+add_relu"``).
+    """
+
+    producer: str
+    consumer: str
+    target: str
+
+
+@dataclasses.dataclass(frozen=True)
 class BackendConfig:
     """A backend: its table, its engine and its kernel layer.
 
@@ -204,6 +224,7 @@ class BackendConfig:
         kernels: the name of the kernel layer (see :mod:`fxquant.backends.kernels`).
         reduce_range_without_vnni: activations drop to 7 bits on CPUs without VNNI (fbgemm's u8 x s8
             kernels accumulate pairs in int16 there and can saturate); with VNNI the full 8 bits are used.
+        kernel_fusions: producer / consumer pairs the kernel layer runs as one kernel (see :class:`KernelFusion`).
     """
 
     name: str
@@ -214,12 +235,16 @@ class BackendConfig:
     kernels: str = "qtensor"
     doc: str = ""
     reduce_range_without_vnni: bool = False
+    kernel_fusions: tuple[KernelFusion, ...] = ()
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.entries]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"backend {self.name!r}: duplicate entry names {sorted(dup)}")
+        unknown = {n for f in self.kernel_fusions for n in (f.producer, f.consumer) if n not in names}
+        if unknown:
+            raise ValueError(f"backend {self.name!r}: kernel_fusions name entries it lacks: {sorted(unknown)}")
 
     def default_activation(self) -> QSpec:
         """The default activation grid on this machine (``reduce_range`` resolved against the CPU)."""
@@ -249,6 +274,13 @@ class BackendConfig:
     def dynamic_entries_for(self, module_type: type) -> list[OpEntry]:
         """The dynamic / weight-only entries for a module class, in table order."""
         return [e for e in self.entries if e.is_dynamic and module_type in e.op.modules]
+
+    def kernel_fusion(self, producer: str, consumer: str) -> Optional[KernelFusion]:
+        """The kernel fusion of entry ``producer`` into entry ``consumer``, if the table has one."""
+        for f in self.kernel_fusions:
+            if f.producer == producer and f.consumer == consumer:
+                return f
+        return None
 
     def fusion_entries(self) -> list[OpEntry]:
         """Entries with multi-op patterns, longest pattern first (so conv-bn-relu wins over conv-bn)."""

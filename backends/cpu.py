@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import platform
+from typing import Optional
 
-__all__ = ["has_vnni"]
+__all__ = ["has_vnni", "onednn_int8_missing"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,3 +27,32 @@ def has_vnni() -> bool:
     except OSError:
         return False
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_int8_missing() -> Optional[str]:
+    """``None`` where oneDNN's int8 kernels (``torch.ops.onednn.qconv_pointwise`` / ``qlinear_pointwise`` on plain
+    uint8 tensors) run here at full 8 bits, else why not: a torch build without oneDNN or without those ops, a
+    CPU without VNNI (oneDNN's u8 x s8 pairs then sum in int16 and can saturate), or a kernel that fails a
+    one-element probe. The ``x86`` table falls back to fbgemm's kernels on quantized tensors then."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+    ops = getattr(torch.ops, "onednn", None)
+    for name in ("qconv_prepack", "qconv_pointwise", "qlinear_prepack", "qlinear_pointwise"):
+        if ops is None or not hasattr(ops, name):
+            return f"this torch build has no torch.ops.onednn.{name}"
+    if not has_vnni():
+        return "the CPU has no VNNI (oneDNN's int8 kernels would sum u8 x s8 pairs in int16 and can saturate)"
+    try:
+        w = torch.ones(1, 1, 1, 1, dtype=torch.int8)
+        packed = ops.qconv_prepack(w, torch.ones(1), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+        y = ops.qconv_pointwise(torch.full((1, 1, 1, 1), 3, dtype=torch.uint8), 1.0, 0, packed, torch.ones(1),
+                                torch.zeros(1, dtype=torch.int32), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, None,
+                                "none", [], "")
+    except RuntimeError as exc:  # a build whose kernels are registered but do not run on this CPU
+        return f"oneDNN's int8 conv fails here ({str(exc).splitlines()[0]})"
+    if int(y.flatten()[0]) != 3:
+        return f"oneDNN's int8 conv computes 1 x 3 = {int(y.flatten()[0])} here"
+    return None

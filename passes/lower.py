@@ -27,8 +27,9 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from fxquant.backends.config import Observation, OpEntry
+from fxquant.backends.config import KernelFusion, Observation, OpEntry
 from fxquant.backends.kernels import LoweringSpec, get_kernels
+from fxquant.backends.kernels.onednn_ops import OpCall
 from fxquant.errors import ConvertError
 from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
@@ -61,6 +62,8 @@ class _Builder:
         self.as_quant: dict[fx.Node, fx.Node] = {}
         self.qparams: dict[fx.Node, QParams] = {}
         self.constants: dict[str, torch.Tensor] = {}
+        self.fusions: dict[fx.Node, _Fusion] = {}  # consumer -> the kernel fusion that computes it
+        self.producers: set[fx.Node] = set()  # nodes computed inside their consumer's kernel
 
     # ------------------------------------------------------------------ values
     def source(self, n: fx.Node) -> fx.Node:
@@ -76,7 +79,13 @@ class _Builder:
         n = self.source(n)
         if n not in self.as_float:
             q = self.as_quant[n]
-            node = self.graph.call_method("dequantize", (q,))
+            module = self.kernels.dequantize(self.qparams[n]) if n in self.qparams else None
+            if module is None:  # a quantized tensor dequantizes itself
+                node = self.graph.call_method("dequantize", (q,))
+            else:  # a plain integer tensor: the kernel layer's module, holding its qparams
+                name = self._module_name(f"{n.name}_dequantize")
+                self.new_modules[name] = module
+                node = self.graph.call_module(name, (q,))
             _tag(node, False, True)
             self.as_float[n] = node
         return self.as_float[n]
@@ -117,6 +126,77 @@ class _Builder:
         return fx.node.map_arg(args, self.flt)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fusion:
+    """A planned kernel fusion: ``producer`` (conv / linear) computed inside ``consumer``'s kernel."""
+
+    fusion: KernelFusion
+    producer: fx.Node
+    accum: Optional[fx.Node] = None  # the other operand of a fused add
+    accum_read_later: bool = False  # another op reads the added tensor after the add (the kernel writes into it)
+
+
+def _real_users(n: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
+    """The users of ``n``, looking through its observers."""
+    out: list[fx.Node] = []
+    for u in n.users:
+        out.extend(_real_users(u, modules) if is_observer_node(u, modules) else [u])
+    return out
+
+
+def _shape(n: fx.Node) -> Optional[tuple]:
+    meta = n.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _plan_one(b: _Builder, consumer: fx.Node, order: dict[fx.Node, int]) -> Optional[_Fusion]:
+    rec = record(consumer)
+    inputs = [b.source(t) for t in (tensor_inputs(consumer) or []) if isinstance(t, fx.Node)]
+    if not rec.quantizable or not inputs or consumer not in b.qparams and rec.entry.observation is Observation.OWN:
+        return None
+    binary = rec.entry.name in ("add", "add_relu")
+    for i, producer in enumerate(inputs[:2] if binary else inputs[:1]):
+        prec = record(producer)
+        fusion = prec.quantizable and b.ctx.backend.kernel_fusion(prec.entry.name, rec.entry.name)
+        if not fusion or producer.op != "call_module" or producer in b.producers:
+            continue
+        if _real_users(producer, b.modules) != [consumer] or b.source(producer.args[0]) not in b.qparams:
+            continue
+        if b.kernels.supports(fusion.target, b.modules[str(producer.target)]):
+            continue
+        if not binary:
+            return _Fusion(fusion, producer)
+        accum = inputs[1 - i]
+        if accum == producer or accum not in b.qparams or _shape(accum) is None or _shape(accum) != _shape(producer):
+            continue
+        later = any(order.get(u, len(order)) > order[consumer] for u in _real_users(accum, b.modules) if u is not consumer)
+        return _Fusion(fusion, producer, accum, later or accum.op in ("placeholder", "get_attr"))
+    return None
+
+
+def _plan_fusions(b: _Builder) -> None:
+    """Find the producer / consumer pairs of the table's ``kernel_fusions`` (see ``KernelFusion``)."""
+    if not b.ctx.backend.kernel_fusions:
+        return
+    order = {n: i for i, n in enumerate(b.old.graph.nodes)}
+    for node in b.old.graph.nodes:
+        if is_observer_node(node, b.modules) or node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if record(node).entry is not None and record(node).entry.observation is Observation.SHARES_INPUT:
+            src = (tensor_inputs(node) or [None])[0]
+            if isinstance(src, fx.Node) and b.source(src) in b.qparams:
+                b.qparams.setdefault(node, b.qparams[b.source(src)])
+        plan = _plan_one(b, node, order)
+        if plan is not None:
+            b.fusions[node] = plan
+            b.producers.add(plan.producer)
+
+
+def _fresh(b: _Builder, new: fx.Node) -> bool:
+    """Whether the new graph's ``new`` is a tensor a kernel module allocated (not a view of another one)."""
+    return new.op == "call_module" and b.new_modules.get(str(new.target)) is not None
+
+
 def _observer_qparams(builder: _Builder) -> None:
     missing: list[str] = []
     for node in builder.old.graph.nodes:
@@ -141,6 +221,7 @@ class LowerPass:
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         b = _Builder(gm, ctx)
         _observer_qparams(b)
+        _plan_fusions(b)
         for node in gm.graph.nodes:
             if is_observer_node(node, b.modules):
                 continue
@@ -195,13 +276,14 @@ class LowerPass:
         if entry.observation is Observation.SHARES_INPUT:
             if not inputs or not b.has_quant(inputs[0]):
                 return False
+            if node in b.fusions:  # relu6 / gelu computed by the kernel in front
+                return self._lower_fused(b, node)
+            b.qparams.setdefault(node, b.qparams[b.source(inputs[0])])  # shares its input's grid
             first = b.qnt(node.args[0])
             if b.kernels.needs_contiguous_input(entry.name):
                 first = b.graph.call_method("contiguous", (first,))
                 _tag(first, True, True)
-            args = (first,) + tuple(b.map_float(node.args[1:]))
-            target = b.kernels.native_method(node.target) if node.op == "call_method" else node.target
-            self._emit(b, node, node.op, target, args, b.map_float(node.kwargs))
+            self._emit_native(b, node, entry.name, first)
             return True
         if rec.observer is None or not all(b.has_quant(t) for t in inputs):
             return False
@@ -210,21 +292,59 @@ class LowerPass:
         if reason:
             b.ctx.keep_float(node, entry.name, reason)
             return False
+        if node in b.fusions:
+            return self._lower_fused(b, node)
         qargs = fx.node.map_arg(node.args, lambda a: b.qnt(a) if a in inputs else b.flt(a))
-        if entry.lowering is None:
-            self._emit(b, node, node.op, node.target, qargs, b.map_float(node.kwargs))
+        if entry.lowering is None:  # fixed-qparams ops (sigmoid, tanh, hardsigmoid)
+            self._emit_native(b, node, entry.name, qargs[0], qargs[1:])
             return True
         module = b.modules.get(str(node.target)) if node.op == "call_module" else None
         reason = _static_args_reason(entry, node, module)
         if reason:
             b.ctx.keep_float(node, entry.name, reason)
             return False
+        if node in b.producers:  # runs inside its consumer's kernel (a oneDNN post-op)
+            return True
         spec = self._spec(b, node, rec, out_qp)
+        self._emit_kernel(b, node, spec, _kernel_args(entry, qargs))
+        return True
+
+    @staticmethod
+    def _emit_kernel(b: _Builder, node: fx.Node, spec: LoweringSpec, args: tuple) -> None:
         name = str(node.target) if node.op == "call_module" else b._module_name(node.name)
         b.new_modules[name] = b.kernels.build(spec)
         b.new_modules[name].where = f"node '{node.name}'"  # named in the kernel's input checks
-        args = _kernel_args(entry, qargs)
-        self._emit(b, node, "call_module", name, args, {})
+        LowerPass._emit(b, node, "call_module", name, args, {})
+
+    def _emit_native(self, b: _Builder, node: fx.Node, entry_name: str, first: fx.Node, rest: tuple = ()) -> None:
+        """A shares-input / fixed-qparams op on the quantized view: as it is, or through the kernel layer's
+        module for it (plain integer tensors: relu as max with the zero point, averages on the integers, ...)."""
+        rest = tuple(b.map_float(node.args[1:])) if not rest else tuple(rest)
+        kwargs = b.map_float(node.kwargs)
+        call = OpCall(node.op, b.modules[str(node.target)] if node.op == "call_module" else node.target)
+        module = b.kernels.native(entry_name, call, b.qparams[b.source(node.args[0])], b.qparams[node])
+        if module is None:
+            target = b.kernels.native_method(node.target) if node.op == "call_method" else node.target
+            self._emit(b, node, node.op, target, (first,) + rest, kwargs)
+            return
+        name = b._module_name(node.name)  # one module per call: a module called twice has two grids
+        b.new_modules[name] = module
+        self._emit(b, node, "call_module", name, (first,) + rest, kwargs)
+
+    def _lower_fused(self, b: _Builder, consumer: fx.Node) -> bool:
+        """The consumer of a kernel fusion: one kernel computes producer and consumer (see ``KernelFusion``)."""
+        plan = b.fusions[consumer]
+        producer, prec = plan.producer, record(plan.producer)
+        x = producer.args[0]
+        spec = self._spec(b, producer, prec, b.qparams[consumer])
+        inputs = [b.qparams[b.source(x)]] + ([b.qparams[b.source(plan.accum)]] if plan.accum is not None else [])
+        args = [b.qnt(x)] + ([b.qnt(plan.accum)] if plan.accum is not None else [])
+        clone = plan.accum is not None and not _fresh(b, b.as_quant[b.source(plan.accum)])
+        spec = dataclasses.replace(spec, target=plan.fusion.target, inputs=tuple(inputs),
+                                   kwargs={**spec.kwargs, "clone_accum": clone or plan.accum_read_later})
+        self._emit_kernel(b, producer, spec, tuple(args))
+        b.as_quant[consumer] = b.as_quant.pop(producer)
+        _tag(b.as_quant[consumer], True, True, like=consumer)
         return True
 
     @staticmethod
@@ -256,7 +376,8 @@ class LowerPass:
                 w_obs = weight_observer(rec, op)
                 w_obs(op.weight.detach())
                 weight_qp = w_obs.qparams()
-        return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, _op_args(rec.entry, node, module))
+        inputs = tuple(b.qparams.get(b.source(t)) for t in (tensor_inputs(node) or []) if isinstance(t, fx.Node))
+        return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, _op_args(rec.entry, node, module), inputs)
 
 
 def _op_args(entry: OpEntry, node: fx.Node, module: Optional[nn.Module]) -> dict[str, Any]:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from fxquant.backends.config import BackendConfig
+from fxquant.backends.kernels.onednn import OneDNNKernels
 from fxquant.backends.kernels.qtensor import LoweringSpec, QTensorKernels
 
 __all__ = ["KERNEL_LAYERS", "get_kernels", "LoweringSpec"]
 
 #: kernel layer name -> factory taking the engine name
-KERNEL_LAYERS: dict[str, Callable[[str], QTensorKernels]] = {"qtensor": QTensorKernels}
+KERNEL_LAYERS: dict[str, Callable[[str], Any]] = {"qtensor": QTensorKernels, "onednn": OneDNNKernels}
 
 
-def get_kernels(backend: BackendConfig) -> QTensorKernels:
+def get_kernels(backend: BackendConfig) -> Any:
     """The kernel layer that runs ``backend``'s table."""
     if backend.kernels not in KERNEL_LAYERS:
         raise ValueError(f"backend {backend.name!r} names kernel layer {backend.kernels!r}; known layers: "

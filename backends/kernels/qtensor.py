@@ -53,6 +53,8 @@ class LoweringSpec:
         weight: the weight qparams for ops with weights.
         output: the output qparams (``None`` for dynamic kernels, whose output is float).
         kwargs: op arguments the kernel needs (``dim`` for cat).
+        inputs: the qparams of the quantized inputs, in order (kernel layers on plain integer tensors need them;
+            quantized tensors carry their own).
     """
 
     target: str
@@ -60,6 +62,7 @@ class LoweringSpec:
     weight: Optional[QParams]
     output: Optional[QParams]
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    inputs: tuple[Optional[QParams], ...] = ()
 
 
 class _OutputQParams(nn.Module):
@@ -383,6 +386,14 @@ class QTensorKernels:
     def quantize(self, qp: QParams) -> nn.Module:
         """The module that quantizes a float tensor at the start of a quantized region."""
         return Quantize(qp)
+
+    def dequantize(self, qp: QParams) -> Optional[nn.Module]:
+        """``None``: a quantized tensor dequantizes itself (``.dequantize()``)."""
+        return None
+
+    def native(self, entry_name: str, call: Any, x: QParams, out: QParams) -> Optional[nn.Module]:
+        """``None``: shares-input and fixed-qparams ops run as they are on quantized tensors."""
+        return None
 
     def targets(self) -> frozenset[str]:
         """Every lowering target this layer builds (a table naming another one is a mistake)."""

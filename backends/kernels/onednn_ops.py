@@ -1,0 +1,291 @@
+"""The oneDNN layer's builders: conv / linear (plain and fused) and every other lowering target on uint8.
+
+What runs how (see :data:`HOW`, rendered in docs/backends.md):
+
+* ``oneDNN``: conv and linear targets, their fused post-ops and the conv + add (+ relu) kernel;
+* ``on the integers``: shape ops, max pooling, relu, concatenation of tensors that share one grid (exact), and
+  averages (avg pool, mean, interpolation: computed on the integers in float and rounded to the same grid);
+* ``float inside the module``: ops without a oneDNN int8 kernel (norms, softmax, elementwise add/mul without a
+  conv in front, sigmoid, ...): dequantize, the float op, quantize, in one module.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.backends.kernels.onednn import POST_OPS, OneDNNConv, OneDNNLinear, PostOp, _Grid, from_u8, to_u8
+from fxquant.backends.kernels.qtensor import LoweringSpec
+from fxquant.qparams import QParams, dequantize, quantize_int
+
+__all__ = ["BUILDERS", "HOW", "OpCall", "OnIntegers", "FloatOp", "FloatKernel", "CatU8", "ReluU8", "MaxPool2dU8",
+           "native", "supports"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    """One op of the graph as lowering hands it over: ``op`` is the FX opcode, ``target`` the function, the
+    method name, or (``call_module``) the module itself."""
+
+    op: str
+    target: Any
+
+
+class _Invoke(nn.Module):
+    """Calls the original op (function, method name or module) on a float tensor and the node's other args."""
+
+    def __init__(self, call: OpCall) -> None:
+        super().__init__()
+        self.kind = call.op
+        if call.op == "call_module":
+            self.fn = copy.deepcopy(call.target)
+        else:
+            self._target = call.target
+
+    def invoke(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        if self.kind == "call_module":
+            return self.fn(x, *args, **kwargs)
+        if self.kind == "call_method":
+            return getattr(x, self._target)(*args, **kwargs)
+        return self._target(x, *args, **kwargs)
+
+    def _name(self) -> str:
+        return type(self.fn).__name__ if self.kind == "call_module" else getattr(self._target, "__name__",
+                                                                                 str(self._target))
+
+
+class OnIntegers(_Invoke):
+    """An op that commutes with the affine map of its (shared) grid, computed on the integers in float:
+    ``round(op(q - zp) + zp)``. Exact for max-like ops, rounding once for averages (avg pool, mean, bilinear
+    interpolation), as the quantized kernels do."""
+
+    def __init__(self, call: OpCall, grid: QParams) -> None:
+        super().__init__(call)
+        self._zp = int(grid.scalar()[1])
+        self._lo, self._hi = int(grid.quant_min), int(grid.quant_max)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.invoke(x.to(torch.float32).sub_(self._zp), args, kwargs)
+        return y.add_(self._zp + 0.5).clamp_(self._lo, self._hi + 0.5).to(torch.uint8)
+
+    def extra_repr(self) -> str:
+        return f"{self._name()} on the integers"
+
+
+class FloatOp(_Invoke):
+    """An op without an integer kernel: dequantize, the float op, quantize to the output grid (one module: the
+    smallest float boundary)."""
+
+    def __init__(self, call: OpCall, x: QParams, out: QParams) -> None:
+        super().__init__(call)
+        self._x = x.scalar()
+        self._out = out.scalar()
+        self._lo, self._hi = int(out.quant_min), int(out.quant_max)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.invoke(from_u8(x, *self._x), args, kwargs)
+        return to_u8(y, self._out[0], self._out[1], self._lo, self._hi)
+
+    def extra_repr(self) -> str:
+        return f"{self._name()} in float (dequantize, op, quantize)"
+
+
+class ReluU8(nn.Module):
+    """relu on uint8: ``max(q, zero_point)``, exact."""
+
+    def __init__(self, grid: QParams) -> None:
+        super().__init__()
+        self._zp = int(grid.scalar()[1])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x.clamp_min(self._zp)
+
+    def extra_repr(self) -> str:
+        return f"zero_point={self._zp}"
+
+
+class MaxPool2dU8(nn.Module):
+    """nn.MaxPool2d on uint8 (torch's uint8 max-pool kernel, no quantized tensor type), exact."""
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        two = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        self.kernel_size, self.padding, self.dilation = two(pool.kernel_size), two(pool.padding), two(pool.dilation)
+        self.stride = two(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.ceil_mode = bool(pool.ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return F.max_pool2d(x.float(), self.kernel_size, self.stride, self.padding, self.dilation,
+                                self.ceil_mode).to(torch.uint8)
+        return torch.ops.quantized.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                              self.ceil_mode)
+
+
+#: shares-input ops run as they are on the integers (shape ops; the result is a selection of the input)
+_AS_IS = frozenset({"flatten", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "chunk",
+                    "getitem", "dropout", "identity", "channel_shuffle", "split", "pixel_shuffle",
+                    "pixel_unshuffle", "expand", "repeat"})
+#: ops computed on the integers in float and rounded back to the same grid
+_ON_INTEGERS = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "mean", "interpolate"})
+
+
+def native(entry_name: str, call: OpCall, x: QParams, out: QParams) -> Optional[nn.Module]:
+    """How a shares-input / fixed-qparams op runs on uint8: ``None`` (run the op itself on the integers: shape
+    ops), or the module to call with the node's arguments."""
+    if entry_name in _AS_IS:
+        return None
+    if entry_name == "relu":
+        return ReluU8(x)
+    if entry_name == "max_pool" and call.op == "call_module" and type(call.target) is nn.MaxPool2d \
+            and not call.target.return_indices:
+        return MaxPool2dU8(call.target)
+    if entry_name in _ON_INTEGERS:
+        return OnIntegers(call, x)
+    return FloatOp(call, x, out)  # gelu, pad, relu6 / hardtanh / clamp, sigmoid, hardsigmoid, tanh
+
+
+# ------------------------------------------------------------------------------------------ lowering targets
+#: float functions of the targets without a oneDNN int8 kernel: (inputs as float, module or None, kwargs)
+_FLOAT_FNS: dict[str, Callable[[list[torch.Tensor], Optional[nn.Module], dict[str, Any]], torch.Tensor]] = {
+    "add": lambda xs, m, kw: xs[0] + xs[1],
+    "add_relu": lambda xs, m, kw: torch.relu(xs[0] + xs[1]),
+    "mul": lambda xs, m, kw: xs[0] * xs[1],
+    "mul_relu": lambda xs, m, kw: torch.relu(xs[0] * xs[1]),
+    "matmul": lambda xs, m, kw: torch.matmul(xs[0], xs[1]),
+    "stack": lambda xs, m, kw: torch.stack(xs, kw["dim"]),
+    "hardswish": lambda xs, m, kw: F.hardswish(xs[0]),
+    "silu": lambda xs, m, kw: F.silu(xs[0]),
+    "elu": lambda xs, m, kw: F.elu(xs[0], kw["alpha"]),
+    "leaky_relu": lambda xs, m, kw: F.leaky_relu(xs[0], kw["negative_slope"]),
+    "softmax": lambda xs, m, kw: torch.softmax(xs[0], kw["dim"]),
+    **{t: (lambda xs, m, kw: m(xs[0])) for t in (
+        "layer_norm", "group_norm", "instance_norm", "prelu", "batch_norm2d", "batch_norm2d_relu", "batch_norm3d",
+        "batch_norm3d_relu", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")},
+}
+
+
+class FloatKernel(_Grid):
+    """A lowering target without a oneDNN int8 kernel: its inputs dequantized, the float op, the result
+    quantized, in one module. Modules with weights (transposed convs) use their quantized-dequantized weight,
+    so the result is what the int8 simulation computes."""
+
+    def __init__(self, target: str, inputs: tuple[QParams, ...], output: QParams,
+                 module: Optional[nn.Module] = None, kwargs: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(output)
+        self.target = target
+        self.fn = module
+        self._inputs = [qp.scalar() for qp in inputs]
+        self._kwargs = dict(kwargs or {})
+
+    def forward(self, *xs: Any) -> torch.Tensor:
+        flat = list(xs[0]) if isinstance(xs[0], (list, tuple)) else list(xs)
+        floats = [from_u8(x, *self._inputs[min(i, len(self._inputs) - 1)]) for i, x in enumerate(flat)]
+        y = _FLOAT_FNS[self.target](floats, self.fn, self._kwargs)
+        return to_u8(y, self._scale, self._zp, self._lo, self._hi)
+
+    def extra_repr(self) -> str:
+        return f"{self.target} in float (dequantize, op, quantize), {super().extra_repr()}"
+
+
+class CatU8(_Grid):
+    """torch.cat of uint8 tensors: the integers as they are where an input already has the output's grid,
+    requantized (in float) where it has not."""
+
+    def __init__(self, dim: int, inputs: tuple[QParams, ...], output: QParams) -> None:
+        super().__init__(output)
+        self.dim = int(dim)
+        self._inputs = [qp.scalar() for qp in inputs]
+
+    def forward(self, xs: list[torch.Tensor], dim: Optional[int] = None) -> torch.Tensor:
+        parts = [x if self._inputs[i] == (self._scale, self._zp) else
+                 to_u8(from_u8(x, *self._inputs[i]), self._scale, self._zp, self._lo, self._hi)
+                 for i, x in enumerate(xs)]
+        return torch.cat(parts, self.dim)
+
+    def extra_repr(self) -> str:
+        shared = sum(qp == (self._scale, self._zp) for qp in self._inputs)
+        return f"dim={self.dim}, {shared}/{len(self._inputs)} inputs on the output grid, {super().extra_repr()}"
+
+
+def _fake_quantized_weight(module: nn.Module, weight: QParams) -> nn.Module:
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        out.weight.copy_(dequantize(quantize_int(module.weight.detach().float(), weight), weight))
+    return out
+
+
+def _float_kernel(spec: LoweringSpec) -> nn.Module:
+    module = spec.module
+    if spec.target.startswith("conv_transpose"):
+        module = _fake_quantized_weight(module, spec.weight)
+    elif module is not None:
+        module = copy.deepcopy(module)
+    return FloatKernel(spec.target, tuple(spec.inputs), spec.output, module, spec.kwargs)
+
+
+_CONV = {f"conv{n}d{r}" for n in (1, 2, 3) for r in ("", "_relu")}
+
+
+def _producer(target: str) -> tuple[str, str]:
+    """``"conv2d+add_relu"`` -> (``"conv2d"``, ``"add_relu"``); a plain target -> (target, "")."""
+    base, _, consumer = target.partition("+")
+    return base, consumer
+
+
+def _weighted(spec: LoweringSpec) -> nn.Module:
+    base, consumer = _producer(spec.target)
+    relu = base.endswith("_relu")
+    module = spec.module.op if relu else spec.module
+    post = POST_OPS["relu"] if relu else POST_OPS.get(consumer.replace("add_relu", "relu"), PostOp())
+    accum = spec.inputs[1] if consumer in ("add", "add_relu") else None
+    clone = bool(spec.kwargs.get("clone_accum", True))
+    if base.startswith("linear"):
+        return OneDNNLinear(module, spec.weight, spec.inputs[0], spec.output, post, accum, clone)
+    return OneDNNConv(module, spec.weight, spec.inputs[0], spec.output, post, accum, clone)
+
+
+#: producer target -> consumer entries oneDNN fuses into it (unary post-ops; ``add``/``add_relu``: the ``sum``
+#: post-op). conv1d takes no post-op but relu, conv3d none at all (torch 2.14: "Unsupported post op")
+FUSIBLE: dict[str, tuple[str, ...]] = {
+    "conv2d": ("hardswish", "relu6", "silu", "add", "add_relu"),
+    "linear": ("hardswish", "relu6", "silu", "gelu", "add", "add_relu"),
+}
+
+#: lowering target -> builder(spec); the single list of what this kernel layer can run
+BUILDERS: dict[str, Callable[[LoweringSpec], nn.Module]] = {
+    **{t: _weighted for t in _CONV},
+    "linear": _weighted,
+    "linear_relu": _weighted,
+    **{f"{p}+{c}": _weighted for p, cs in FUSIBLE.items() for c in cs},
+    **{t: _float_kernel for t in _FLOAT_FNS},
+    "cat": lambda spec: CatU8(int(spec.kwargs.get("dim", 0)), tuple(spec.inputs), spec.output),
+}
+
+#: how each target runs, for the docs
+HOW: dict[str, str] = {
+    **{t: "oneDNN" for t in BUILDERS if t.split("+")[0] in _CONV or t.startswith("linear")},
+    **{t: "float inside the module" for t in _FLOAT_FNS},
+    "cat": "on the integers where the inputs share the output grid, else requantized",
+}
+
+
+def supports(target: str, module: Optional[nn.Module], engine_name: str) -> Optional[str]:
+    """``None`` if ``target`` can run ``module``; else the reason it stays float."""
+    base = target.split("+")[0]
+    if base in _CONV:
+        conv = module.op if hasattr(module, "op") else module
+        if getattr(conv, "padding_mode", "zeros") != "zeros":
+            return f"padding_mode='{conv.padding_mode}' (the oneDNN int8 conv pads with zeros only)"
+        if isinstance(conv.padding, str):
+            return f"padding='{conv.padding}' (give explicit integer padding)"
+    from fxquant.backends.kernels import dynamic
+
+    if target in dynamic.BUILDERS:
+        return dynamic.supports(target, module)
+    return None

@@ -1,0 +1,256 @@
+"""The x86 table on oneDNN kernels and plain uint8 tensors (backends/kernels/onednn.py).
+
+* every static x86 entry on a tiny model: it runs quantized (no float island) and stays within a few output steps of
+  the fake-quant simulation (the reference model, ``fxquant.convert_to_reference_fx``), and close to float;
+* the kernels against fbgemm on the same integers (within one step);
+* kernel fusions: conv + add + relu, conv + hardswish / relu6, linear + gelu run as one oneDNN kernel;
+* no quantized tensor and no ``torch.quantize_per_tensor`` while a model lowered for x86 runs;
+* without oneDNN int8 (simulated) the x86 table falls back to fbgemm's kernels, with a warning naming why;
+* full 8-bit activations by default on this VNNI CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fxquant
+from fxquant.backends import cpu, get_backend_config
+from fxquant.backends.kernels.onednn import OneDNNConv, OneDNNLinear
+from fxquant.report import float_ops
+from test_coverage import _REMOVED_IN_EVAL, MODELS, _quantized_nodes
+
+X86 = get_backend_config("x86")
+pytestmark = pytest.mark.skipif(X86.kernels != "onednn", reason=f"oneDNN int8 unavailable: {cpu.onednn_int8_missing()}")
+
+
+def _static_entries() -> list[str]:
+    return [e.name for e in X86.entries if not e.is_dynamic]
+
+
+#: x86-only entries and their tiny models (the others come from tests/test_coverage.py)
+X86_MODELS = {"silu": (nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.SiLU()), (2, 4, 6, 6))}
+
+
+def _quantize(model: nn.Module, x: torch.Tensor, backend: str = "x86", calib: int = 2):
+    gen = torch.Generator().manual_seed(1)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend), (x,), backend_config=backend)
+    fxquant.calibrate(prepared, [x] + [torch.randn(*x.shape, generator=gen) for _ in range(calib - 1)],
+                      progress=False)
+    return prepared, fxquant.convert_fx(prepared)
+
+
+def _output_step(converted: torch.fx.GraphModule) -> float:
+    """The scale of the last dequantize (the output grid)."""
+    last = [m for n, m in converted.named_modules() if n.endswith("_dequantize")]
+    return float(last[-1].scale) if last else 0.0
+
+
+def test_every_x86_entry_has_a_model():
+    missing = [n for n in _static_entries() if n not in MODELS and n not in X86_MODELS]
+    assert not missing, f"x86 entries without a tiny model: {missing}"
+
+
+@pytest.mark.parametrize("entry", sorted(set(MODELS) | set(X86_MODELS)))
+def test_entry_runs_on_uint8_within_steps_of_simulation(entry):
+    if entry not in _static_entries():
+        pytest.skip(f"x86 has no static entry {entry}")
+    torch.manual_seed(0)
+    model, shape = (X86_MODELS.get(entry) or MODELS[entry])
+    model = copy.deepcopy(model).eval()
+    x = torch.randn(*shape)
+    prepared, quantized = _quantize(model, x)
+    assert float_ops(quantized) == [], f"{entry}: ops left float: {float_ops(quantized)}"
+    reference = fxquant.convert_to_reference_fx(prepared)
+    with torch.no_grad():
+        ref, out, sim = model(x), quantized(x), reference(x)
+    step = _output_step(quantized)
+    steps = float((out - sim).abs().max()) / step if step else float((out - sim).abs().max())
+    assert steps <= 3.0 + 1e-4, f"{entry}: {steps:.2f} output steps from the simulation"
+    assert fxquant.sqnr(ref, out) >= 25.0, f"{entry}: {fxquant.sqnr(ref, out):.1f} dB"
+    fused = any(f.consumer == entry for f in X86.kernel_fusions)  # conv + hardswish: one kernel, one node
+    if entry not in _REMOVED_IN_EVAL:  # the op in front plus the op itself produce uint8 tensors
+        assert _quantized_nodes(quantized) >= (1 if isinstance(model, nn.Sequential) or fused else 2)
+    assert not any(t.is_quantized for t in quantized.state_dict().values())
+
+
+# ------------------------------------------------------------------------------------------- kernels vs fbgemm
+class _ResidualBlock(nn.Module):
+    """A resnet18 basic block with a downsampling shortcut, then a pool and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+        self.relu = nn.ReLU(inplace=True)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.down(x)
+        out = self.relu(out)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def _block() -> nn.Module:
+    torch.manual_seed(0)
+    model = _ResidualBlock()
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(8, 3, 16, 16))
+    return model.eval()
+
+
+def test_residual_block_fuses_the_add_and_matches_fbgemm_and_the_simulation():
+    model = _block()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    prepared, x86 = _quantize(model, x, "x86", calib=4)
+    _, fbgemm = _quantize(model, x, "fbgemm", calib=4)
+    binary = [m for m in x86.modules() if isinstance(m, OneDNNConv) and m.binary]
+    assert len(binary) == 1 and binary[0].post.attr == "relu"  # conv2 + bn2 + add + relu: one kernel
+    assert not any(type(m).__name__ == "FloatKernel" for m in x86.modules())  # the add runs inside the conv
+    with torch.no_grad():
+        ref, out_fb = model(x), fbgemm(x)
+        torch.backends.quantized.engine = "x86"  # each converted model checks the engine it was converted for
+        out_x86 = x86(x)
+        sim = fxquant.convert_to_reference_fx(prepared)(x)
+    assert fxquant.sqnr(ref, out_x86) >= fxquant.sqnr(ref, out_fb) - 1.0  # 40 outputs: noisy
+    assert float((out_x86 - sim).abs().max()) / _output_step(x86) <= 4.0
+    assert fxquant.sqnr(ref, out_x86) > 30
+
+
+@pytest.mark.parametrize("post", ["none", "relu", "hardswish"])
+def test_conv_kernel_equals_fbgemm_on_the_same_integers(post):
+    """The oneDNN conv and fbgemm's quantized conv on the same uint8 input, weights and qparams: within one step."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1).eval()
+    x = torch.randn(2, 16, 12, 12)
+    model = nn.Sequential(conv, {"none": nn.Identity(), "relu": nn.ReLU(), "hardswish": nn.Hardswish()}[post])
+    _, x86 = _quantize(model.eval(), x)
+    _, fb = _quantize(model.eval(), x, "fbgemm")
+    with torch.no_grad():
+        b = fb(x)
+        torch.backends.quantized.engine = "x86"  # each converted model checks the engine it was converted for
+        a = x86(x)
+    # both grids come from the same observers on the same data; fbgemm's depthwise rule does not apply here
+    assert float((a - b).abs().max()) / _output_step(x86) <= 1.0 + 1e-4
+
+
+def test_fused_post_ops_run_inside_the_kernel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 1),
+                          nn.Hardswish(), nn.Flatten(), nn.Linear(8 * 36, 16), nn.GELU()).eval()
+    x = torch.randn(2, 8, 6, 6)
+    prepared, q = _quantize(model, x)
+    posts = sorted(m.post.attr for m in q.modules() if isinstance(m, (OneDNNConv, OneDNNLinear)))
+    assert posts == ["gelu", "hardswish", "hardtanh"]
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), q(x)) > 30
+        sim = fxquant.convert_to_reference_fx(prepared)(x)
+    assert float((q(x) - sim).abs().max()) / _output_step(q) <= 3.0
+
+
+# ------------------------------------------------------------------------------------------- no quantized tensors
+class _NoQuantizedTensors(TorchDispatchMode):
+    """Records every op that takes or returns a quantized tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out])]
+        self.ops.add(str(func))
+        if any(isinstance(t, torch.Tensor) and t.is_quantized for t in flat) or "quantize_per" in str(func):
+            self.seen.append(str(func))
+        return out
+
+
+def test_no_quantized_tensor_while_an_x86_model_runs(monkeypatch):
+    model = _block()
+    x = torch.randn(2, 3, 16, 16)
+    _, q = _quantize(model, x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a QTensor was created while running an x86 model")
+
+    for name in ("quantize_per_tensor", "quantize_per_channel", "_make_per_tensor_quantized_tensor",
+                 "_make_per_channel_quantized_tensor"):
+        monkeypatch.setattr(torch, name, refuse)
+    mode = _NoQuantizedTensors()
+    with torch.no_grad(), mode:
+        q(x)
+    assert mode.seen == [], mode.seen
+    assert any("onednn.qconv" in op for op in mode.ops) and any("onednn.qlinear" in op for op in mode.ops)
+
+
+# -------------------------------------------------------------------------------------------- state and fallback
+def test_save_load_and_deepcopy_repack_the_kernels():
+    model = _block()
+    x = torch.randn(2, 3, 16, 16)
+    _, q = _quantize(model, x)
+    with torch.no_grad():
+        expected = q(x)
+        buf = io.BytesIO()
+        torch.save(q.state_dict(), buf)
+        other = copy.deepcopy(q)
+        for m in other.modules():  # scramble, then restore from the state_dict
+            if isinstance(m, OneDNNConv):
+                m.weight_int.zero_()
+                m._repack()
+        buf.seek(0)
+        other.load_state_dict(torch.load(buf))
+        assert torch.equal(other(x), expected)
+        assert torch.equal(copy.deepcopy(q)(x), expected)
+
+
+def test_without_onednn_int8_x86_falls_back_to_fbgemm_kernels(monkeypatch):
+    from fxquant.backends.x86 import make_x86_config
+
+    monkeypatch.setattr(cpu, "onednn_int8_missing", lambda: "the CPU has no VNNI (simulated)")
+    with pytest.warns(RuntimeWarning, match="the CPU has no VNNI \\(simulated\\); using fbgemm's kernels"):
+        table = make_x86_config()
+    assert table.name == "x86" and table.kernels == "qtensor" and not table.kernel_fusions
+    model = _block()
+    x = torch.randn(2, 3, 16, 16)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (x,), backend_config=table)
+    fxquant.calibrate(prepared, [x], progress=False)
+    q = fxquant.convert_fx(prepared)
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), q(x)) > 25
+
+
+def test_a_onednn_table_without_onednn_int8_is_a_clear_error(monkeypatch):
+    from fxquant.backends.kernels import onednn
+    from fxquant.errors import EngineError
+
+    model = _block()
+    x = torch.randn(2, 3, 16, 16)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (x,), backend_config="x86")
+    fxquant.calibrate(prepared, [x], progress=False)
+    monkeypatch.setattr(onednn, "onednn_int8_missing", lambda: "this torch build has no torch.ops.onednn.qconv_prepack")
+    with pytest.raises(EngineError, match="backend 'x86': this torch build has no torch.ops.onednn.qconv_prepack"):
+        fxquant.convert_fx(prepared)
+
+
+def test_x86_default_activations_are_full_8_bit_on_vnni():
+    qconfig = fxquant.get_default_qconfig("x86")
+    obs = qconfig.activation()
+    assert cpu.has_vnni() and (obs.quant_min, obs.quant_max) == (0, 255) and not obs.reduce_range
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert X86.entry("conv2d").constraints.depthwise_weight_range is None  # 8-bit depthwise weights too
