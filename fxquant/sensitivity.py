@@ -47,7 +47,9 @@ __all__ = ["Target", "MinSQNR", "MinCosine", "MetricTolerance", "LayerSensitivit
 class Target:
     """What "accurate enough" means: a score of a quantized model (higher is better) and a threshold."""
 
-    def score(self, quantized: nn.Module, reference: list[Any], batches: Sequence[Any]) -> float:
+    def score(self, quantized: nn.Module, reference: list[Any], outputs: list[Any]) -> float:
+        """The score of ``quantized``; ``reference`` / ``outputs``: the float / quantized model's outputs on the
+        evaluation batches."""
         raise NotImplementedError
 
     def met(self, score: float) -> bool:
@@ -68,8 +70,8 @@ class MinSQNR(Target):
 
     db: float
 
-    def score(self, quantized: nn.Module, reference: list[Any], batches: Sequence[Any]) -> float:
-        return _output_sqnr(reference, _outputs(quantized, batches))
+    def score(self, quantized: nn.Module, reference: list[Any], outputs: list[Any]) -> float:
+        return _output_sqnr(reference, outputs)
 
     def met(self, score: float) -> bool:
         return score >= self.db
@@ -87,9 +89,9 @@ class MinCosine(Target):
 
     value: float
 
-    def score(self, quantized: nn.Module, reference: list[Any], batches: Sequence[Any]) -> float:
+    def score(self, quantized: nn.Module, reference: list[Any], outputs: list[Any]) -> float:
         sims = []
-        for ref, out in zip(reference, _outputs(quantized, batches)):
+        for ref, out in zip(reference, outputs):
             r, o = _first_tensor(ref), _first_tensor(out)
             sims += [cosine(a, b) for a, b in zip(r.reshape(r.shape[0], -1), o.reshape(o.shape[0], -1))]
         return sum(sims) / len(sims)
@@ -111,7 +113,7 @@ class MetricTolerance(Target):
         with torch.no_grad():
             self.float_value = float(self.metric(float_model))
 
-    def score(self, quantized: nn.Module, reference: list[Any], batches: Sequence[Any]) -> float:
+    def score(self, quantized: nn.Module, reference: list[Any], outputs: list[Any]) -> float:
         with torch.no_grad():
             return float(self.metric(quantized))
 
@@ -122,12 +124,14 @@ class MetricTolerance(Target):
 
 @dataclasses.dataclass(frozen=True)
 class LayerSensitivity:
-    """One layer: its share of conv/linear FLOPs and the score of the variant that singles it out."""
+    """One layer: its multiply-accumulates per sample and the score (and output SQNR, the tie-breaker) of the
+    variant that singles it out."""
 
     name: str
     op: str
     flops: int
     score: float
+    sqnr: float
 
 
 def _flop_share(layer: LayerSensitivity, total: int) -> str:
@@ -149,9 +153,9 @@ class SensitivityReport:
 
     def __str__(self) -> str:
         what = "score with only this layer float" if self.mode == "float_one" else "score with only this layer int8"
-        lines = [f"all int8: {self.all_int8:.4f}", f"{'layer':<36} {'op':<14} {'FLOPs':>7}  {what}"]
-        lines += [f"{r.name[:36]:<36} {r.op[:14]:<14} {_flop_share(r, self.total_flops):>7}  {r.score:.4f}"
-                  for r in self.layers]
+        lines = [f"all int8: {self.all_int8:.4f}", f"{'layer':<36} {'op':<14} {'FLOPs':>7} {'SQNR dB':>8}  {what}"]
+        lines += [f"{r.name[:36]:<36} {r.op[:14]:<14} {_flop_share(r, self.total_flops):>7} {r.sqnr:>8.2f}  "
+                  f"{r.score:.4f}" for r in self.layers]
         return "\n".join(lines)
 
 
@@ -222,6 +226,7 @@ class _Search:
     backend: Any
     reference: list[Any]
     evaluations: int = 0
+    last_outputs: list[Any] = dataclasses.field(default_factory=list)
 
     def quantize(self, mapping: QConfigMapping) -> fx.GraphModule:
         import fxquant
@@ -243,7 +248,11 @@ class _Search:
 
     def score(self, mapping: QConfigMapping) -> tuple[float, fx.GraphModule]:
         q = self.quantize(mapping)
-        return self.target.score(q, self.reference, self.evaluation), q
+        self.last_outputs = _outputs(q, self.evaluation)
+        return self.target.score(q, self.reference, self.last_outputs), q
+
+    def last_sqnr(self) -> float:
+        return _output_sqnr(self.reference, self.last_outputs)
 
 
 def _batches(data: Any) -> list[Any]:
@@ -299,8 +308,9 @@ def _sensitivity(s: _Search, mode: str, layers: Optional[Sequence[str]], progres
     rows = []
     for name in tqdm(names, desc=f"sensitivity ({mode})", disable=not progress):
         score, _ = s.score(s.with_float([name]) if mode == "float_one" else s.only_int8(name))
-        rows.append(LayerSensitivity(name, found[name][0], found[name][1], score))
-    rows.sort(key=lambda r: r.score, reverse=(mode == "float_one"))
+        rows.append(LayerSensitivity(name, found[name][0], found[name][1], score, s.last_sqnr()))
+    # coarse user metrics (accuracy) tie often: the output SQNR breaks ties
+    rows.sort(key=lambda r: (r.score, r.sqnr), reverse=(mode == "float_one"))
     return SensitivityReport(mode, all_int8, tuple(rows))
 
 
