@@ -1,0 +1,335 @@
+"""The public pass-authoring API (fxquant.passes): patterns, the rewrite driver, PassManager options, pipelines
+handed to prepare_fx / convert_fx, and a custom backend table end to end."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import fx, nn
+
+import fxquant
+from fxquant.backends import OpKind, get_backend_config, ops
+from fxquant.fused import fold_bn
+from fxquant.passes import (Op, PassManager, PassOrderError, PassResult, PassVerificationError, Pattern, QuantContext,
+                            Rewrite, RewritePass, TimingReport, convert_pipeline, find, fuse_pipeline,
+                            prepare_pipeline, record, rewrite)
+from fxquant.passes.fuse import fusion_rules
+from fxquant.testing import examples, models
+from fxquant.tracer import trace
+
+from models import SmallCNN, seeded
+
+X = torch.randn(2, 3, 16, 16)
+FBGEMM = get_backend_config("fbgemm")
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+# =============================================================================== patterns
+
+class _Spellings(nn.Module):
+    """conv -> relu in three spellings, one add -> relu whose add is shared, a dead-end relu chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        a = self.relu(self.c1(x))
+        b = F.relu(self.c2(a))
+        c = self.c3(b).relu()
+        s = a + c
+        return torch.relu(s) * s
+
+
+def test_one_chain_matches_every_spelling_and_only_private_chains():
+    gm = fx.symbolic_trace(_Spellings())
+    found = [m.names() for m in find(gm, Pattern.chain(ops.CONV2D, ops.RELU))]
+    assert found == [["c1", "relu"], ["c2", "relu_1"], ["c3", "relu_2"]]   # the last step may have other users
+    assert find(gm, Pattern.chain(ops.ADD, ops.RELU)) == []  # s feeds the relu and the mul: not private
+    public = Pattern(Pattern.chain(ops.ADD, ops.RELU).ops, private=False)
+    assert [m.names() for m in find(gm, public)] == [["add", "relu_3"]]
+
+
+def test_traced_pattern_equals_the_data_pattern_and_wiring_is_checked():
+    gm = fx.symbolic_trace(_Spellings())
+    traced = Pattern.trace(lambda x: torch.relu(x))
+    assert [m.names() for m in find(gm, traced)] == [m.names() for m in find(gm, Pattern.chain(ops.RELU))]
+    # a * b with b = relu(a): the DAG pattern says which argument each step feeds
+    mul_of_relu = Pattern((Op(ops.RELU, "r"), Op(ops.MUL, "m", args=("r", None))), private=False)
+    assert [m.names() for m in find(gm, mul_of_relu)] == [["relu_3", "mul"]]
+    wrong_side = Pattern((Op(ops.RELU, "r"), Op(ops.MUL, "m", args=(None, "r"))), private=False)
+    assert find(gm, wrong_side) == []
+
+
+def test_checks_filter_matches():
+    gm = fx.symbolic_trace(_Spellings())
+    only_c3 = Pattern.chain(Op(ops.CONV2D, "conv", check=lambda n, m: n.target == "c3"), ops.RELU)
+    assert [m["conv"].name for m in find(gm, only_c3)] == ["c3"]
+    none = Pattern.chain(ops.CONV2D, ops.RELU, extra_check=lambda match, modules: False)
+    assert find(gm, none) == []
+
+
+def test_patterns_reject_backward_references_and_duplicate_names():
+    with pytest.raises(ValueError, match="reads \\['later'\\].*forward order"):
+        Pattern((Op(ops.RELU, "first", args=("later",)), Op(ops.RELU, "later")))
+    with pytest.raises(ValueError, match="two pattern steps are named 'x'"):
+        Pattern((Op(ops.RELU, "x"), Op(ops.RELU, "x", args=("x",))))
+    with pytest.raises(ValueError, match="at least one step"):
+        Pattern(())
+    with pytest.raises(KeyError, match="no step 'nope'"):
+        Pattern.chain(ops.RELU).index("nope")
+
+
+def _chains_by_walking(gm: fx.GraphModule, kinds: tuple) -> set[tuple[str, ...]]:
+    """Test oracle: private chains found by walking first arguments backwards from every node."""
+    modules = dict(gm.named_modules())
+    out = set()
+    for node in gm.graph.nodes:
+        chain = [node]
+        while len(chain) < len(kinds) and chain[0].args and isinstance(chain[0].args[0], fx.Node):
+            chain.insert(0, chain[0].args[0])
+        if len(chain) == len(kinds) and all(k.matches(n, modules) for k, n in zip(kinds, chain)) \
+                and all(set(n.users) == {nxt} for n, nxt in zip(chain, chain[1:])):
+            out.add(tuple(n.name for n in chain))
+    return out
+
+
+@settings(max_examples=examples(25))
+@given(models(max_ops=7, max_depth=1))
+def test_find_agrees_with_walking_the_graph_on_random_models(model):
+    gm = trace(model)
+    for kinds in ((ops.CONV2D, ops.BN2D), (ops.CONV2D, ops.RELU), (ops.ADD, ops.RELU), (ops.CONV2D, ops.BN2D, ops.RELU)):
+        found = find(gm, Pattern.chain(*kinds))
+        assert {tuple(m.names()) for m in found} == _chains_by_walking(gm, kinds)
+        order = [list(gm.graph.nodes).index(m.output) for m in found]
+        assert order == sorted(order)
+
+
+# =============================================================================== rewrite driver
+
+def test_rewrite_runs_to_a_fixed_point_and_deletes_what_it_consumed():
+    gm = fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()))
+    rule = Rewrite(Pattern.chain(ops.RELU, ops.RELU), lambda gm, m, ctx: m["0"])
+    assert rewrite(gm, [rule]) is True
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+    assert [name for name, _ in gm.named_children()] == ["0"]
+    assert rewrite(gm, [rule]) is False   # idempotent
+
+
+def test_a_rule_that_declines_changes_nothing_and_a_runaway_rule_is_reported():
+    gm = fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.ReLU()))
+    before = gm.code
+    assert RewritePass("no", (Rewrite(Pattern.chain(ops.RELU, ops.RELU), lambda gm, m, ctx: None),)).run(gm, None) \
+        == PassResult(gm, False)
+    assert gm.code == before
+
+    def grow(gm, match, ctx):  # relu(relu(x)) -> a fresh relu(relu(x)): re-creates its own pattern forever
+        with gm.graph.inserting_before(match.output):
+            first = gm.graph.call_function(torch.relu, (match["0"].args[0],))
+            return gm.graph.call_function(torch.relu, (first,))
+
+    with pytest.raises(RuntimeError, match="did not settle in 3 rounds"):
+        rewrite(gm, [Rewrite(Pattern.chain(ops.RELU, ops.RELU), grow)], max_rounds=3)
+
+
+def test_builtin_fusion_is_written_on_the_public_pattern_api():
+    rules = fusion_rules(QuantContext(FBGEMM))
+    assert rules and all(isinstance(r, Rewrite) and isinstance(r.pattern, Pattern) for r in rules)
+    kinds = [tuple(op.kind for op in r.pattern.ops) for r in rules]
+    # longest first where they compete: conv-bn-relu before conv-bn and conv-relu
+    assert kinds.index((ops.CONV2D, ops.BN2D, ops.RELU)) < kinds.index((ops.CONV2D, ops.BN2D))
+    assert kinds.index((ops.CONV2D, ops.BN2D, ops.RELU)) < kinds.index((ops.CONV2D, ops.RELU))
+    qat = fusion_rules(QuantContext(FBGEMM, is_qat=True))
+    assert len(qat) > len(rules)                      # plus the single-module QAT swaps
+
+
+# =============================================================================== pass manager
+
+@dataclasses.dataclass(frozen=True)
+class _Noop:
+    name: str = "noop"
+
+    def run(self, gm, ctx):
+        return PassResult(gm, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AddDeadNode:
+    """A broken convert pass: leaves an unused node (the no_dead_nodes invariant)."""
+
+    name: str = "break"
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            gm.graph.call_function(torch.relu, (next(iter(gm.graph.nodes)),))
+        return PassResult(gm, True)
+
+
+def _calibrated(model=None, backend="fbgemm"):
+    model = model or seeded(SmallCNN())
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend), (X,), backend_config=backend)
+    fxquant.calibrate(prepared, [X], progress=False)
+    return model, prepared
+
+
+def test_pipelines_are_fresh_objects_with_stable_names():
+    a, b = prepare_pipeline(), prepare_pipeline()
+    a.insert_after("fuse", _Noop())
+    assert b.names == ["normalize", "fuse", "annotate", "residual_stream", "observe"]
+    assert convert_pipeline().names == ["lower", "cleanup"] and fuse_pipeline().names == ["normalize", "fuse"]
+    assert "prepare" in repr(b) and "verify=True" in repr(b)
+
+
+def test_edit_operations_and_their_errors():
+    pm = prepare_pipeline()
+    pm.insert_before("fuse", _Noop("before_fuse"))
+    pm.insert_after("observe", _Noop("last"))
+    pm.replace("residual_stream", _Noop("residual_stream"))
+    assert pm.names == ["normalize", "before_fuse", "fuse", "annotate", "residual_stream", "observe", "last"]
+    assert pm.remove("last").name == "last"
+    with pytest.raises(KeyError, match="no pass named 'missing'.*passes are"):
+        pm.insert_after("missing", _Noop())
+    pm.insert_after("fuse", _Noop("fuse"))
+    with pytest.raises(PassOrderError, match="several passes are named \\['fuse'\\]"):
+        pm.check_order()
+    pm = prepare_pipeline()
+    pm.add_constraint("observe", "normalize")
+    with pytest.raises(PassOrderError, match="cycle"):
+        pm.check_order()
+    with pytest.raises(TypeError, match="unknown option 'verbose'"):
+        pm.copy(verbose=True)
+
+
+def test_prepare_fx_runs_the_given_pipeline_without_changing_it():
+    model = seeded(SmallCNN())
+    pm = prepare_pipeline()
+    pm.insert_after("annotate", _Noop())
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (X,), backend_config="fbgemm",
+                                  pipeline=pm)
+    timings = prepared.meta["fxquant_state"].timings
+    assert [t.name for t in timings] == pm.names
+    assert pm.timings == []                            # the user's object was copied, not run
+    report = TimingReport(tuple(timings))
+    assert report.total == pytest.approx(sum(t.seconds for t in timings))
+    assert report.seconds("noop") >= 0.0 and "noop" in str(report) and "total" in str(report)
+
+
+def test_verification_is_on_by_default_and_can_be_switched_off():
+    model, prepared = _calibrated()
+    pm = convert_pipeline()
+    pm.insert_after("cleanup", _AddDeadNode())
+    with pytest.raises(PassVerificationError, match="after pass 'break'.*dead nodes.*FXQUANT_PRINT_AFTER=break"):
+        fxquant.convert_fx(prepared, pipeline=pm)
+    assert isinstance(PassVerificationError("x"), AssertionError)
+    quantized = fxquant.convert_fx(prepared, pipeline=pm, verify=False)   # off: the broken pass goes through
+    assert any(n.op == "call_function" and not n.users for n in quantized.graph.nodes)
+    fxquant.convert_fx(prepared, pipeline=pm.copy(verify=False))          # or off on the pipeline itself
+
+
+def test_print_after_by_option_and_environment(monkeypatch, capsys):
+    model = seeded(SmallCNN())
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm")
+    fxquant.prepare_fx(model, mapping, (X,), backend_config="fbgemm", pipeline=prepare_pipeline().copy(print_after={"fuse"}))
+    out = capsys.readouterr().out
+    assert out.count("# --- graph after pass") == 1 and "after pass 'fuse'" in out and "def forward" in out
+    monkeypatch.setenv("FXQUANT_PRINT_AFTER", "all")
+    _, prepared = _calibrated()
+    fxquant.convert_fx(prepared)
+    out = capsys.readouterr().out
+    assert "after pass 'normalize'" in out and "after pass 'lower'" in out and "after pass 'cleanup'" in out
+
+
+def test_a_user_convert_pass_that_breaks_the_quantized_flow_is_named():
+    """A convert pass that feeds a quantized tensor to a node without a NodeRecord breaks an invariant."""
+    def unrecorded(gm, match, ctx):    # x.dequantize() -> x.contiguous().dequantize(), the new node unrecorded
+        with gm.graph.inserting_before(match.output):
+            node = gm.graph.call_method("contiguous", (match.output.args[0],))
+        match.output.replace_input_with(match.output.args[0], node)
+        return None                    # declines the rewrite itself: only the side effect stays
+
+    _, prepared = _calibrated()
+    pm = convert_pipeline()
+    pm.insert_after("lower", RewritePass("unrecorded", (Rewrite(Pattern.chain(Op(
+        lambda n, m: n.op == "call_method" and n.target == "dequantize")), unrecorded),)))
+    with pytest.raises(PassVerificationError, match="after pass 'unrecorded'.*flows into 'contiguous"):
+        fxquant.convert_fx(prepared, pipeline=pm)
+
+
+# =============================================================================== a custom backend in one table
+
+class _ConvReLU6(nn.Module):
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return F.relu6(self.op(x))
+
+
+def _fuse_relu6(mods):
+    return _ConvReLU6(fold_bn(mods[0], mods[1]) if len(mods) == 3 else copy.deepcopy(mods[0]))
+
+
+def _my_backend():
+    fbgemm = get_backend_config("fbgemm")
+    relu6 = dataclasses.replace(fbgemm.entry("conv2d_relu"), name="conv2d_relu6",
+                                op=OpKind("conv_relu6_2d", modules=(_ConvReLU6,)),
+                                patterns=((ops.CONV2D, ops.BN2D, ops.RELU6), (ops.CONV2D, ops.RELU6)),
+                                fuser=_fuse_relu6, qat_fuser=None, qat_op=None)
+    return fbgemm.replace(name="mine", entries=tuple(e for e in fbgemm.entries if e.name != "matmul") + (relu6,))
+
+
+class _InvertedResidual(nn.Module):
+    """mobilenet_v2's block: 1x1 expand + bn + relu6, 3x3 depthwise + bn + relu6, 1x1 project + bn, residual;
+    then a matmul head (the op the custom table drops)."""
+
+    def __init__(self, c: int = 8, e: int = 32) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = x + self.project(self.dw(self.expand(x)))
+        return torch.matmul(y, y.transpose(-1, -2))
+
+
+def test_a_custom_backend_table_works_end_to_end_without_library_changes():
+    model = seeded(_InvertedResidual())
+    with torch.no_grad():   # realistic batch-norm statistics
+        for bn in (model.expand[1], model.dw[1], model.project[1]):
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 8, 12, 12)
+    results = {}
+    for backend in ("fbgemm", _my_backend()):
+        prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend), (x,), backend_config=backend)
+        fxquant.calibrate(prepared, [x, torch.randn(4, 8, 12, 12)], progress=False)
+        quantized = fxquant.convert_fx(prepared)
+        kernels = [type(quantized.get_submodule(n.target)).__name__ for n in quantized.graph.nodes
+                   if n.op == "call_module"]
+        results[getattr(backend, "name", backend)] = (quantized, kernels)
+        assert fxquant.sqnr(model(x), quantized(x)) > 25
+    _, fb = results["fbgemm"]
+    mine_q, mine = results["mine"]
+    # fbgemm: conv then a separate relu6 on the quantized tensor; mine: conv + relu6 in one kernel, relu6 gone
+    assert fb.count("ReLU6") == 2 and "ReLU6" not in mine
+    assert [mine_q.get_submodule(n).relu for n in ("expand.0", "dw.0")] == [True, True]
+    # mine has no matmul entry: it stays float, with the reason the report gives
+    reasons = {(r.op, r.reason) for r in fxquant.report(model, mine_q, (x,), runs=1, verbose=False).float_ops}
+    assert ("matmul", "the backend table has no quantized kernel for it") in reasons
+    assert not any(r.op == "matmul" for r in fxquant.report(model, results["fbgemm"][0], (x,), runs=1,
+                                                            verbose=False).float_ops)
