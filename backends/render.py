@@ -107,8 +107,20 @@ def render_backend(cfg: BackendConfig) -> str:
         fused = "<br>".join(_pattern(p) for p in e.patterns if len(p) > 1)
         op = _kind(e.op) + (f"<br>QAT: {_qat_kind(e.qat_op)}" if e.qat_op is not None else "")
         lines.append(f"| {e.name} | {op} | {fused} | {e.observation.value} | {_dtypes(e)} | {_weight(e)} | "
-                     f"{_limits(e)} | {e.lowering or 'native op on quantized tensor'} |")
+                     f"{_limits(e)} | {_kernel(cfg, e)} |")
+    if cfg.kernel_fusions:
+        lines += ["", "Kernel fusions (both entries keep their observers; lowering runs the pair as one kernel, whose "
+                  "output has the consumer's qparams):", ""]
+        lines += [f"- {f.producer} -> {f.consumer}: `{f.target}`" for f in cfg.kernel_fusions]
     return "\n".join(lines)
+
+
+def _kernel(cfg: BackendConfig, e: OpEntry) -> str:
+    if cfg.kernels == "onednn":
+        from fxquant.backends.kernels.onednn_ops import how
+
+        return f"{e.lowering + ': ' if e.lowering else ''}{how(e.name, e.lowering)}"
+    return e.lowering or "native op on quantized tensor"
 
 
 def render_markdown(names: Iterable[str] = tuple(BACKENDS)) -> str:
@@ -120,7 +132,8 @@ def render_markdown(names: Iterable[str] = tuple(BACKENDS)) -> str:
             "qconfig checks (*dtypes*, *weight*, *limits*) and lowering (*kernel*). Ops with no entry, or whose "
             "entry's checks fail, stay float between a dequantize and a quantize, and `fxquant.report` lists them. "
             "Under `prepare_qat_fx` the same patterns build the *QAT* modules of `fxquant.qat` (a lone conv or "
-            "linear too), which `convert_fx` turns back into the fused op (see docs/qat.md).\n")
+            "linear too), which `convert_fx` turns back into the fused op (see docs/qat.md).\n\n"
+            "Which backend to pick, with measured figures: [choosing-a-backend.md](choosing-a-backend.md).\n")
     return head + "\n" + "\n\n".join(render_backend(get_backend_config(n)) for n in names) + "\n"
 
 

@@ -2,6 +2,8 @@
 
 Run: ``python tests/bench_ptq.py`` (or ``make bench``); ``--models resnet18,mobilenet_v2``,
 ``--backends fbgemm,qnnpack``, ``--runs 20``, ``--markdown docs/benchmarks.md`` to write the table there.
+``--x86``: the x86 table instead (fp32, torch.ao fbgemm, fxquant fbgemm, fxquant x86 on oneDNN, ONNX Runtime's
+``quantize_static`` int8 on the exported fp32 model with the same calibration batches), with the targets' verdicts.
 
 Per model and backend: prepare+convert seconds, median latency (1 thread, interleaved rounds) of fp32,
 torch.ao int8 and fxquant int8, output SQNR of both int8 models vs fp32, state_dict size vs fp32.
@@ -89,6 +91,111 @@ def _fxq(model: torch.nn.Module, backend: str, x: torch.Tensor, calib: list[torc
     return quantized, compile_s + time.perf_counter() - start
 
 
+# ------------------------------------------------------------------ x86: oneDNN vs fbgemm vs torch.ao vs ONNX Runtime
+@dataclasses.dataclass
+class X86Row:
+    model: str
+    ms_fp32: float
+    ms_ao: float
+    ms_fbgemm: float
+    ms_x86: float
+    ms_ort: float
+    sqnr_ao: float
+    sqnr_fbgemm: float
+    sqnr_x86: float
+    sqnr_ort: float
+
+
+def _on_engine(engine: str, model: Callable) -> Callable:
+    """Run ``model`` under ``engine`` (each converted model checks the engine it was packed for)."""
+    def run(x: torch.Tensor) -> Any:
+        torch.backends.quantized.engine = engine
+        return model(x)
+    return run
+
+
+def _ort_int8(model: torch.nn.Module, x: torch.Tensor, calib: list[torch.Tensor], workdir: str) -> Callable:
+    """ONNX Runtime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax) on the fp32 model
+    exported with torch.onnx.export, calibrated on the same batches; returns a callable on torch tensors."""
+    import os
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": b.numpy()} for b in calib])
+
+        def get_next(self) -> Any:
+            return next(self.batches, None)
+
+    fp32, int8 = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "int8.onnx")
+    torch.onnx.export(model, (x,), fp32, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}},
+                      dynamo=False, opset_version=17)
+    quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    session = ort.InferenceSession(int8, opts, providers=["CPUExecutionProvider"])
+    return lambda t: torch.from_numpy(session.run(None, {"x": np.ascontiguousarray(t.numpy())})[0])
+
+
+def bench_x86(name: str, runs: int, calib_batches: int, size: int) -> X86Row:
+    """fp32, torch.ao fbgemm, fxquant fbgemm, fxquant x86 (oneDNN) and ONNX Runtime int8 on one model."""
+    import tempfile
+
+    from torch.ao.quantization import get_default_qconfig_mapping as ao_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx as ao_convert
+    from torch.ao.quantization.quantize_fx import prepare_fx as ao_prepare
+
+    torch.manual_seed(0)
+    model = torchvision_model(name, image_size=size)
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, size, size, generator=gen) for _ in range(calib_batches)]
+    x = torch.randn(1, 3, size, size, generator=gen)
+    torch.backends.quantized.engine = "fbgemm"
+    ao_q, _ = _quantize(ao_prepare, ao_convert, model, ao_mapping("fbgemm"), x, calib)
+    fbgemm = _on_engine("fbgemm", _fxq(model, "fbgemm", x, calib)[0])
+    ao = _on_engine("fbgemm", ao_q)
+    x86 = _on_engine("x86", _fxq(model, "x86", x, calib)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        ort_q = _ort_int8(model, x, calib, tmp)
+    with torch.no_grad():
+        ref = model(calib[0])
+        outs = [f(calib[0]) for f in (ao, fbgemm, x86, ort_q)]
+    fns = [model, ao, fbgemm, x86, ort_q]
+    t = interleaved_latency([lambda f=f: f(x) for f in fns], runs=runs, threads=1)
+    ms = [v * 1e3 for v in t]
+    return X86Row(name, *ms, *[fxquant.sqnr(ref, o) for o in outs])
+
+
+X86_HEADER = ("model", "fp32 ms", "ao fbgemm ms", "fxq fbgemm ms", "fxq x86 ms", "ORT int8 ms", "x86/ao",
+              "x86/ORT", "SQNR ao", "SQNR fxq fbgemm", "SQNR fxq x86", "SQNR ORT")
+
+
+def _x86_cells(r: X86Row) -> tuple[str, ...]:
+    return (r.model, f"{r.ms_fp32:.2f}", f"{r.ms_ao:.2f}", f"{r.ms_fbgemm:.2f}", f"{r.ms_x86:.2f}", f"{r.ms_ort:.2f}",
+            f"{r.ms_x86 / r.ms_ao:.2f}x", f"{r.ms_x86 / r.ms_ort:.2f}x", f"{r.sqnr_ao:.1f}", f"{r.sqnr_fbgemm:.1f}",
+            f"{r.sqnr_x86:.1f}", f"{r.sqnr_ort:.1f}")
+
+
+def x86_markdown(rows: list[X86Row]) -> str:
+    """The x86 table with a geomean row and the targets' verdicts."""
+    import math
+
+    lines = ["| " + " | ".join(X86_HEADER) + " |", "|" + "---|" * len(X86_HEADER)]
+    lines += ["| " + " | ".join(_x86_cells(r)) + " |" for r in rows]
+    geo = lambda vals: math.exp(sum(math.log(v) for v in vals) / len(vals))  # noqa: E731
+    lines.append(f"| geomean | | | | | | {geo([r.ms_x86 / r.ms_ao for r in rows]):.2f}x | "
+                 f"{geo([r.ms_x86 / r.ms_ort for r in rows]):.2f}x | | | | |")
+    lines += ["", f"- x86/ao geomean {geo([r.ms_x86 / r.ms_ao for r in rows]):.2f}x (target <= 0.85x); models slower "
+              f"than torch.ao: {[r.model for r in rows if r.ms_x86 > r.ms_ao] or 'none'}",
+              f"- SQNR x86 < fxquant fbgemm: {[r.model for r in rows if r.sqnr_x86 < r.sqnr_fbgemm] or 'none'}; "
+              f"SQNR x86 >= ORT on {sum(r.sqnr_x86 >= r.sqnr_ort for r in rows)}/{len(rows)} models"]
+    return "\n".join(lines)
+
+
 HEADER = ("model", "backend", "prep+conv s ao", "prep+conv s fxq", "fp32 ms", "ao int8 ms", "fxq int8 ms",
           "fxq/ao latency", "fxq speedup vs fp32", "SQNR ao dB", "SQNR fxq dB", "size ao", "size fxq")
 
@@ -113,9 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--size", type=int, default=224, help="input height and width")
     ap.add_argument("--markdown", default="", help="also write the table to this file")
+    ap.add_argument("--x86", action="store_true",
+                    help="the x86 table instead: fxquant x86 (oneDNN) beside fxquant and torch.ao fbgemm and ONNX "
+                         "Runtime int8 (quantize_static, QDQ, per-channel)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)  # compile times too are measured on one thread, as the latencies are
+    if args.x86:
+        x86_rows = []
+        for name in args.models.split(","):
+            x86_rows.append(bench_x86(name, args.runs, args.calib_batches, args.size))
+            print(" | ".join(_x86_cells(x86_rows[-1])), flush=True)
+        print("\n" + x86_markdown(x86_rows))
+        return
     rows = []
     for name in args.models.split(","):
         for backend in args.backends.split(","):

@@ -24,7 +24,7 @@ from fxquant.backends.kernels.qtensor import LoweringSpec
 from fxquant.qparams import QParams, dequantize, quantize_int
 
 __all__ = ["BUILDERS", "HOW", "OpCall", "OnIntegers", "FloatOp", "FloatKernel", "CatU8", "ReluU8", "MaxPool2dU8",
-           "native", "supports"]
+           "native", "supports", "how"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +273,19 @@ HOW: dict[str, str] = {
     **{t: "float inside the module" for t in _FLOAT_FNS},
     "cat": "on the integers where the inputs share the output grid, else requantized",
 }
+
+
+def how(entry_name: str, lowering: Optional[str]) -> str:
+    """How an entry runs on this layer, in words (docs/backends.md)."""
+    if lowering is not None:
+        return HOW.get(lowering, "dynamic kernel (float in, float out)")
+    if entry_name in _AS_IS or entry_name in ("relu", "max_pool"):
+        return "on the integers, exact"
+    if entry_name in _ON_INTEGERS:
+        return "on the integers in float, rounded to the same grid"
+    if entry_name == "size":
+        return "shape query"
+    return "float inside the module"
 
 
 def supports(target: str, module: Optional[nn.Module], engine_name: str) -> Optional[str]:
