@@ -268,8 +268,10 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     mapping = _mapping(qconfig_mapping)
     backend = _default_backend(backend_config)
     config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
+    model = copy.deepcopy(model)
+    decompose_attention(model)
     modes = {name: m.training for name, m in model.named_modules()}
-    gm = _trace_with_shapes(copy.deepcopy(model), inputs, config, run_in_eval=True)
+    gm = _trace_with_shapes(model, inputs, config, run_in_eval=True)
     ctx = QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs, is_qat=True)
     gm = _prepare(gm, ctx, verify, pipeline)
     gm.train()

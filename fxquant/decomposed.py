@@ -26,7 +26,7 @@ __all__ = ["DecomposedMultiheadAttention", "decompose_attention"]
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float = 1.0) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight.detach() * scale)
         if bias is not None:
@@ -35,14 +35,16 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float = 1
 
 
 class DecomposedMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` (eval semantics) as traceable parts; the 1/sqrt(head_dim) scale is folded
-    into the query projection so no scalar multiply sits between quantized ops."""
+    """``nn.MultiheadAttention`` as traceable parts; the 1/sqrt(head_dim) scale is folded into the query
+    projection so no scalar multiply sits between quantized ops. The attention-probability dropout is an
+    ``nn.Dropout`` module: active in train mode (quantization-aware training), removed from eval graphs."""
 
     _fxquant_traceable = True
 
     def __init__(self, embed_dim: int, num_heads: int, batch_first: bool, q_proj: nn.Linear, k_proj: nn.Linear,
-                 v_proj: nn.Linear, out_proj: nn.Linear) -> None:
+                 v_proj: nn.Linear, out_proj: nn.Linear, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
         self.head_dim = embed_dim // num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
@@ -61,7 +63,8 @@ class DecomposedMultiheadAttention(nn.Module):
         else:
             w = [mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]
         out = _linear(mha.out_proj.weight, mha.out_proj.bias)
-        return cls(e, h, mha.batch_first, _linear(w[0], b[0], scale), _linear(w[1], b[1]), _linear(w[2], b[2]), out)
+        return cls(e, h, mha.batch_first, _linear(w[0], b[0], scale), _linear(w[1], b[1]), _linear(w[2], b[2]), out,
+                   dropout=float(mha.dropout))
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
@@ -76,7 +79,7 @@ class DecomposedMultiheadAttention(nn.Module):
         scores = torch.matmul(q, k)
         scores = self._mask(scores, key_padding_mask, attn_mask, is_causal)
         attn = torch.softmax(scores, dim=-1)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(bsz, tgt, self.embed_dim)
+        out = torch.matmul(self.dropout(attn), v).transpose(1, 2).reshape(bsz, tgt, self.embed_dim)
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)

@@ -23,6 +23,7 @@ from fxquant.fake_quantize import FakeQuantize, is_observer
 from fxquant.observers import (FixedQParamsObserver, MinMaxObserver, MovingAverageMinMaxObserver,
                                MovingAveragePerChannelMinMaxObserver)
 from fxquant.qparams import fake_quantize
+from fxquant.report import float_ops
 from models import restore_engine  # noqa: F401
 
 BACKEND = "x86"
@@ -732,3 +733,41 @@ def test_short_digits_qat_run(restore_engine):
     assert fp32 > 90.0
     assert acc_int8 >= fp32 - 2.0
     assert abs(acc_int8 - acc_qat) <= 0.5  # one test image is 0.19 points
+
+
+class _TinyAttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(a).mean(dim=1)
+
+
+def test_qat_decomposes_attention_trains_and_converts_its_projections_and_matmuls():
+    torch.manual_seed(0)
+    model = _TinyAttentionNet().train()
+    x = torch.randn(16, 5, 8)
+    target = torch.randint(0, 4, (16,))
+    qat_model = fxquant.prepare_qat_fx(model, fxquant.get_default_qat_qconfig_mapping("fbgemm"), (x,),
+                                       backend_config="fbgemm")
+    assert isinstance(model.attn, nn.MultiheadAttention)  # the user's model is not touched
+    names = {n.target for n in qat_model.graph.nodes if n.op == "call_module"}
+    assert any("q_proj" in str(t) for t in names) and any("dropout" in str(t) for t in names)
+    opt = torch.optim.SGD(qat_model.parameters(), lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(qat_model(x), target).backward()
+        opt.step()
+    qat_model.eval()
+    with torch.no_grad():
+        simulated = qat_model(x)
+    quantized = fxquant.convert_fx(qat_model)
+    left = {f.op for f in float_ops(quantized)}
+    assert not any(op in left for op in ("matmul", "Linear", "softmax")), left
+    with torch.no_grad():
+        assert fxquant.sqnr(simulated, quantized(x)) > 25
