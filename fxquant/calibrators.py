@@ -423,7 +423,13 @@ class _MSERange:
     def _choose_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo0 = self.min_val.to(torch.float64).clamp(max=0.0).unsqueeze(1)
         hi0 = self.max_val.to(torch.float64).clamp(min=0.0).unsqueeze(1)
-        centres, counts = _nonzero_columns(self._centres(), self.histogram)
+        # exact zeros (a ReLU's half of the data) are scored at 0.0, not at the centre of the bin above it
+        rows = torch.arange(self.histogram.shape[0], device=self.histogram.device)
+        hist = self.histogram.clone()
+        hist[rows, -self.first_bin] -= self.zero_count
+        hist = torch.cat([hist, self.zero_count.unsqueeze(1)], dim=1)
+        centres = torch.cat([self._centres(), torch.zeros_like(lo0)], dim=1)
+        centres, counts = _nonzero_columns(centres, hist)
         two_d = self.histogram.shape[0] == 1 and self.qscheme not in SYMMETRIC_SCHEMES \
             and bool(lo0 < 0) and bool(hi0 > 0)  # type: ignore[attr-defined]
         steps = torch.arange(1, _MSE_STEPS + 1, dtype=torch.float64) / _MSE_STEPS
