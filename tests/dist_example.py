@@ -93,7 +93,7 @@ def qat_example(rank: int, world: int, epochs: int = 2) -> str:
     quantized = fxquant.convert_fx(prepared.eval())
     if rank == 0:
         acc = 100.0 * float((quantized(x_te).argmax(1) == y_te).float().mean())
-        print(f"int8 test accuracy after QAT on {world} rank(s): {acc:.2f}%")
+        print(f"int8 test accuracy after QAT on {world} rank(s): {acc:.2f}%", flush=True)
     return model_digest(quantized, x_te)
 
 

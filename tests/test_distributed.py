@@ -310,7 +310,14 @@ def digits_worker(out_dir: str, rank: int, world: int) -> dict[str, Any]:
     return {"accuracy": qat_digits(model, rank, world)}
 
 
-SCENARIOS = {"observers": run_observers, "models": run_models, "errors": run_errors, "qat": run_qat}
+def run_example(rank: int, world: int) -> str:
+    from dist_example import calibrate_example
+
+    return calibrate_example(rank, world)
+
+
+SCENARIOS = {"observers": run_observers, "models": run_models, "errors": run_errors, "qat": run_qat,
+             "example": run_example}
 
 
 def worker(out_dir: str, mode: str = "lean") -> None:
@@ -409,6 +416,38 @@ def test_qat_under_ddp_consistent_and_close_to_one_process(ranks: list[dict[str,
     for name, res in r0["fake_quant"].items():
         assert _close(res["dist"], res["single"], rtol=1e-5), (name, res)
         assert _close(res["dist"], r1["fake_quant"][name]["dist"], rtol=0), name
+
+
+def test_docs_example_gives_identical_models(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = _scenario(ranks, "example")
+    assert r0 == r1
+
+
+@pytest.mark.slow
+def test_torchrun_launches_the_example() -> None:
+    """``torchrun --standalone --nproc_per_node=2 tests/dist_example.py --qat`` (docs/distributed.md), bounded."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_example.py"), "--qat"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: a new session of their own
+            proc.communicate()
+    assert proc.returncode == 0, out[-5000:]
+    import re
+
+    digests = re.findall(r"(calibrated|QAT) int8 model ([0-9a-f]{40})", out)
+    assert len(digests) == 4 and len(set(digests)) == 2, out[-3000:]  # each model the same on both ranks
 
 
 def test_no_process_group_is_a_clear_error() -> None:
