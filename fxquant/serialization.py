@@ -14,9 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable, Optional
 
+import torch
 from torch import fx
 
 from fxquant.passes.context import RECORD_KEY, NodeRecord
@@ -43,7 +45,11 @@ class QuantGraphModule(fx.GraphModule):
     def __prepare_scriptable__(self) -> fx.GraphModule:
         """What ``torch.jit.script`` compiles: the same graph and submodules without the Python forward pre-hooks
         (the engine and input checks, which TorchScript cannot compile; a scripted model runs unchecked)."""
-        out = fx.GraphModule(self, self.graph, class_name=type(self).__name__)
+        graph = copy.deepcopy(self.graph)
+        for node in graph.nodes:  # `from __future__ import annotations` leaves string annotations TorchScript can't read
+            if node.op in ("placeholder", "output") and isinstance(node.type, str):
+                node.type = torch.Tensor if node.type in ("torch.Tensor", "Tensor") else None
+        out = fx.GraphModule(self, graph, class_name=type(self).__name__)
         out.training = self.training
         return out
 
