@@ -178,7 +178,8 @@ class NormalizePass:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 modified = True
-            elif _is_silu(node, modules) and not getattr(ctx, "is_qat", False):
+            elif _is_silu(node, modules) and not getattr(ctx, "is_qat", False) and not any(
+                    e.name == "silu" for e in getattr(getattr(ctx, "backend", None), "entries", ())):  # x86 fuses silu
                 _expand_silu(gm, node)
                 modified = True
             elif _rewrite_einsum(gm, node) or _rewrite_swapaxes(node):
