@@ -117,7 +117,9 @@ def _label(node: fx.Node, gm: fx.GraphModule) -> str:
     else:
         what = str(node.target) if node.op == "call_method" else node.op
     rec = node.meta.get(RECORD_KEY)
-    reason = f"\\nfloat: {rec.float_reason[:48]}" if rec is not None and rec.float_reason else ""
+    why = None if rec is None or rec.quantized_inputs or rec.quantized_output or rec.quantizable else (
+        rec.float_reason or ("its qconfig is None" if rec.entry is not None and rec.qconfig is None else None))
+    reason = f"\\nfloat: {why[:48]}" if why and node.op.startswith("call") else ""
     return f"{node.name}\\n{what}{reason}".replace('"', "'")
 
 
