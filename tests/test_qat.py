@@ -422,6 +422,15 @@ def agreement(prepared: torch.fx.GraphModule, x: torch.Tensor) -> float:
     return float((diff <= step * 1.0001).float().mean())
 
 
+def _int8_with_fused_relu(module: nn.Module) -> bool:
+    """Whether ``module`` is one int8 kernel with its ReLU fused (QTensor kernels, or oneDNN's for x86)."""
+    from fxquant.backends.kernels.onednn import OneDNNConv, OneDNNLinear
+    from fxquant.backends.kernels.qtensor import QuantizedConv, QuantizedLinear
+    if isinstance(module, (QuantizedConv, QuantizedLinear)):
+        return bool(module.relu)
+    return isinstance(module, (OneDNNConv, OneDNNLinear)) and module.post.attr == "relu"
+
+
 @pytest.mark.parametrize("backend", ["x86", "fbgemm", "qnnpack"])
 def test_converted_model_agrees_with_the_qat_model(backend, restore_engine):
     prepared = prepared_net(backend=backend)
@@ -431,9 +440,7 @@ def test_converted_model_agrees_with_the_qat_model(backend, restore_engine):
     x = torch.randn(64, 3, 8, 8, generator=gen(5))
     assert agreement(prepared, x) >= 0.99
     converted = fxquant.convert_fx(prepared)
-    from fxquant.backends.kernels.qtensor import QuantizedConv, QuantizedLinear
-    assert isinstance(converted.conv1, QuantizedConv) and converted.conv1.relu
-    assert isinstance(converted.fc1, QuantizedLinear) and converted.fc1.relu
+    assert _int8_with_fused_relu(converted.conv1) and _int8_with_fused_relu(converted.fc1)
     assert not any(isinstance(m, (qat.QATModule, FakeQuantize)) for m in converted.modules())
 
 
