@@ -55,7 +55,8 @@ from fxquant.qat import _BnFold
 from fxquant.qat_fake_quantize import FusedMovingAvgObsFakeQuantize, LearnableFakeQuantize
 
 __all__ = ["DistributedError", "Reduce", "Gather", "sync_observers", "calibrate_distributed", "sync_each_step",
-           "StepSync", "convert_sync_batchnorm", "check_same_model"]
+           "StepSync", "convert_sync_batchnorm", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
+           "check_same_model"]
 
 
 class DistributedError(FxQuantError):
@@ -254,7 +255,7 @@ def _agree_channels(obs: Any) -> SyncGen:
 
 def _merge_range(obs: Any) -> SyncGen:
     """Running min / max (per tensor or per channel): all-reduce MIN and MAX (exact)."""
-    if obs.min_val.dim() or isinstance(obs, (PerChannelMinMaxObserver, FloatQParamsObserver)):
+    if isinstance(obs, (PerChannelMinMaxObserver, FloatQParamsObserver)):
         yield from _agree_channels(obs)
     lo, hi = yield [Reduce("min", obs.min_val), Reduce("max", obs.max_val)]
     with torch.no_grad():

@@ -47,6 +47,7 @@ def observer_zoo() -> dict[str, Callable[[], O.ObserverBase]]:
         "placeholder": lambda: O.PlaceholderObserver(dtype=torch.float16),
         "fixed": lambda: O.FixedQParamsObserver(scale=1.0 / 256, zero_point=0),
         "custom": lambda: _ExtraBufferObserver(),
+        "protocol": lambda: _ProtocolObserver(),
     }
     try:  # the entropy / percentile / MSE calibrators, where present: synced through merge_
         from fxquant import calibrators
@@ -72,6 +73,18 @@ class _ExtraBufferObserver(O.MinMaxObserver):
     def _merge_stats(self, other: Any) -> None:
         super()._merge_stats(other)
         self.sum_abs += other.sum_abs
+
+
+class _ProtocolObserver(O.MinMaxObserver):
+    """An observer that brings its own sync protocol (the example of docs/distributed.md)."""
+
+    def _sync_merge(self):  # type: ignore[no-untyped-def]
+        from fxquant.distributed import Reduce
+
+        lo, hi, batches = yield [Reduce("min", self.min_val), Reduce("max", self.max_val), Reduce("sum", self.batches)]
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.batches.copy_(batches)
 
 
 class Observers(nn.Module):
@@ -120,9 +133,13 @@ def run_observers(rank: int, world: int) -> dict[str, Any]:
         fxquant.calibrate(part, [b[r::world] for b in batches], progress=False)
         for name, obs in merged.obs.items():
             obs.merge_(part.obs[name])
+    synced = Observers()  # local calibration, then one explicit merge
+    fxquant.calibrate(synced, [b[rank::world] for b in batches], progress=False)
+    fxquant.sync_observers(synced)
     out = {}
     for name in dist_obs.obs:
-        out[name] = {k: qparams_of(m.obs[name]) for k, m in (("dist", dist_obs), ("single", single), ("merge", merged))}
+        out[name] = {k: qparams_of(m.obs[name]) for k, m in (("dist", dist_obs), ("single", single), ("merge", merged),
+                                                             ("sync", synced))}
         out[name]["state"] = {k: v.clone() for k, v in dist_obs.obs[name].state_dict().items()}
     uneven = Observers()  # rank 0 has one batch more: nobody waits, all ranks end the same
     fxquant.calibrate(uneven, [b[rank::world] for b in batches[:len(batches) - rank]], progress=False,
@@ -376,6 +393,10 @@ def test_every_observer_type_matches_one_process(ranks: list[dict[str, Any]]) ->
         # FloatQParamsObserver has no merge_ (its merged copy stays empty), fxquant.distributed reduces it itself
         if name not in ("float_qparams", "moving", "moving_per_channel"):  # moving: lock step, not merge_
             assert _close(dist_qp, r0[name]["merge"]), (name, dist_qp, r0[name]["merge"])
+        # sync_observers after local calibration = merge_ (moving averages: the batch-weighted mean)
+        expected = r0[name]["single"] if name == "float_qparams" else r0[name]["merge"]
+        assert _close(r0[name]["sync"], expected), (name, r0[name]["sync"], expected)
+        assert _close(r0[name]["sync"], r1[name]["sync"], rtol=0), name
         if name in histogram_like:  # re-binning moves counts within a bin: within one bin of one process
             width = float(r0[name]["state"]["max_val"].max() - r0[name]["state"]["min_val"].min()) / 200
             assert abs(float(dist_qp[0] - r0[name]["single"][0])) * 255 <= 2 * width, (name, dist_qp)
