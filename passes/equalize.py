@@ -188,6 +188,7 @@ def fold_batch_norms(gm: fx.GraphModule) -> dict[str, _BNStats]:
         user.replace_all_uses_with(node)
         gm.graph.erase_node(user)
     gm.graph.lint()
+    gm.delete_all_unused_submodules()
     gm.recompile()
     return stats
 
