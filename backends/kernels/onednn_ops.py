@@ -77,6 +77,33 @@ class OnIntegers(_Invoke):
         return f"{self._name()} on the integers"
 
 
+class GlobalMeanU8(nn.Module):
+    """Global average pooling (``adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3), keepdim)``) on uint8: the integer
+    sum in float32 (no float copy of the input), divided and rounded to the same grid."""
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool, grid: QParams) -> None:
+        super().__init__()
+        self.dims, self.keepdim = dims, keepdim
+        self._lo, self._hi = int(grid.quant_min), int(grid.quant_max)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        n = 1
+        for d in self.dims:
+            n *= x.shape[d]
+        total = torch.sum(x, self.dims, keepdim=self.keepdim, dtype=torch.float32)
+        return total.mul_(1.0 / n).add_(0.5).clamp_(self._lo, self._hi + 0.5).to(torch.uint8)
+
+
+def _global_mean(call: OpCall, grid: QParams) -> Optional[nn.Module]:
+    """A global-average-pool module where ``call`` is one (adaptive pool to 1, 2-d or 3-d), else ``None``."""
+    pools = {nn.AdaptiveAvgPool2d: (2, 3), nn.AdaptiveAvgPool3d: (2, 3, 4)}
+    if call.op == "call_module" and type(call.target) in pools:
+        size = call.target.output_size
+        if size == 1 or (isinstance(size, tuple) and all(v == 1 for v in size)):
+            return GlobalMeanU8(pools[type(call.target)], True, grid)
+    return None
+
+
 class FloatOp(_Invoke):
     """An op without an integer kernel: dequantize, the float op, quantize to the output grid (one module: the
     smallest float boundary)."""
@@ -145,6 +172,8 @@ def native(entry_name: str, call: OpCall, x: QParams, out: QParams) -> Optional[
     if entry_name == "max_pool" and call.op == "call_module" and type(call.target) is nn.MaxPool2d \
             and not call.target.return_indices:
         return MaxPool2dU8(call.target)
+    if entry_name == "adaptive_avg_pool" and _global_mean(call, x) is not None:
+        return _global_mean(call, x)
     if entry_name in _ON_INTEGERS:
         return OnIntegers(call, x)
     return FloatOp(call, x, out)  # gelu, pad, relu6 / hardtanh / clamp, sigmoid, hardsigmoid, tanh
@@ -184,10 +213,22 @@ class FloatKernel(_Grid):
         self._kwargs = dict(kwargs or {})
 
     def forward(self, *xs: Any) -> torch.Tensor:
+        if self.target == "mul" and len(xs) == 2 and xs[0].dim() == xs[1].dim():
+            return self._mul(xs[0], xs[1])
         flat = list(xs[0]) if isinstance(xs[0], (list, tuple)) else list(xs)
         floats = [from_u8(x, *self._inputs[min(i, len(self._inputs) - 1)]) for i, x in enumerate(flat)]
         y = _FLOAT_FNS[self.target](floats, self.fn, self._kwargs)
         return to_u8(y, self._scale, self._zp, self._lo, self._hi)
+
+    def _mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a * b`` with the smaller operand (a squeeze-excite gate) folded into one multiplier:
+        ``q = (a - za) * ((b - zb) * sa * sb / so) + zo``, one float pass over the larger operand."""
+        (sa, za), (sb, zb) = self._inputs[0], self._inputs[-1]
+        if a.numel() < b.numel():
+            (a, sa, za), (b, sb, zb) = (b, sb, zb), (a, sa, za)
+        factor = from_u8(b, sb, zb).mul_(sa / self._scale)
+        y = a.to(torch.float32).sub_(za).mul_(factor)
+        return y.add_(self._zp + 0.5).clamp_(self._lo, self._hi + 0.5).to(torch.uint8)
 
     def extra_repr(self) -> str:
         return f"{self.target} in float (dequantize, op, quantize), {super().extra_repr()}"
