@@ -74,3 +74,10 @@ from fxquant.passes.equalize import equalize
 __all__ += ["Calibrator", "EntropyObserver", "PercentileObserver", "MSEObserver", "PerChannelPercentileObserver",
             "PerChannelMSEObserver", "get_calibration_qconfig", "get_calibration_qconfig_mapping", "equalize",
             "correct_bias"]
+
+# finding where accuracy is lost: layer-by-layer comparison, sensitivity / mixed precision, graph pictures
+from fxquant import graphviz, numeric, sensitivity
+from fxquant.numeric import compare_layers, compare_weights
+from fxquant.sensitivity import auto_mixed_precision
+
+__all__ += ["numeric", "sensitivity", "graphviz", "compare_layers", "compare_weights", "auto_mixed_precision"]
