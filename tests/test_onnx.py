@@ -147,3 +147,13 @@ def test_resnet18_in_onnx_runtime_stays_near_fxquant_int8(size, tmp_path):
     logits differ by 3-4 steps. What is asserted is what was measured (64 and 224 px, random-init weights)."""
     steps = _zoo_steps("resnet18", size, tmp_path)
     assert float((steps <= 2).float().mean()) >= 0.97 and float(steps.max()) <= 6, steps.max()
+
+
+def test_the_example_on_docs_export_md_runs():
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "export.md")) as f:
+        code = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert len(code) == 1
+    _quiet(exec, compile(code[0], "docs/export.md", "exec"), {})  # its asserts are the checks
