@@ -93,6 +93,9 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.model, args.qconfig, args.batches, args.batch_size, args.image_size)
         return
+    import os
+
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{args.model}, {args.batches} batches of {args.batch_size}x3x{args.image_size}x{args.image_size}, "
           f"backend {BACKEND}, gloo on loopback, 1 thread per rank, median of {args.repeats} alternating runs\n")
     print("| qconfig | ranks | batches per rank | calibrate (s) | final merge alone (s) | speed-up | "
@@ -110,6 +113,7 @@ def main() -> None:
             same = "yes" if all(r[2] for r in runs[ranks]) else "NO"
             print(f"| {qconfig} | {ranks} | {args.batches // ranks} | {cal:.2f} | {sync:.3f} | {base / cal:.2f}x "
                   f"| {same} |", flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
