@@ -336,3 +336,18 @@ def test_calibration_qconfig_grids_and_errors():
         get_calibration_qconfig(activation="kl")
     with pytest.raises(ValueError, match="weights are static"):
         get_calibration_qconfig(weight="moving_average")
+
+
+def test_docs_calibration_page_code_runs():
+    """The python blocks of docs/calibration.md, top to bottom in one namespace (their asserts are the checks)."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "calibration.md")
+    with open(path) as f:
+        codes = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert len(codes) >= 3
+    namespace: dict = {}
+    for i, code in enumerate(codes):
+        exec(compile(code, f"calibration.md[block {i}]", "exec"), namespace)
+    assert namespace["report"].shifts
