@@ -322,7 +322,7 @@ class LowerPass:
         rest = tuple(b.map_float(node.args[1:])) if not rest else tuple(rest)
         kwargs = b.map_float(node.kwargs)
         call = OpCall(node.op, b.modules[str(node.target)] if node.op == "call_module" else node.target)
-        module = b.kernels.native(entry_name, call, b.qparams[b.source(node.args[0])], b.qparams[node])
+        module = b.kernels.native(entry_name, call, b.qparams.get(b.source(node.args[0])), b.qparams.get(node))
         if module is None:
             target = b.kernels.native_method(node.target) if node.op == "call_method" else node.target
             self._emit(b, node, node.op, target, (first,) + rest, kwargs)
