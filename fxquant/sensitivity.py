@@ -35,8 +35,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.calibrate import run_batch
-from fxquant.numeric import _Recorder, cosine, float_reference
-from fxquant.passes.context import RECORD_KEY
+from fxquant.numeric import cosine
 from fxquant.qconfig import QConfigMapping
 from fxquant.report import _output_sqnr
 
@@ -85,14 +84,29 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 @dataclasses.dataclass
 class MinCosine(Target):
-    """Mean cosine similarity per sample (rows of the first float output, e.g. embeddings) at least ``value``."""
+    """Mean cosine similarity per sample at least ``value``. Samples are the rows of the first float output, or
+    of ``embed(model, batch)`` when given (e.g. mean-pooled sentence embeddings from token states)."""
 
     value: float
+    embed: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None
+    _batches: Sequence[Any] = dataclasses.field(default=(), init=False, repr=False)
+    _reference: list[torch.Tensor] = dataclasses.field(default_factory=list, init=False, repr=False)
+
+    def baseline(self, float_model: nn.Module, batches: Sequence[Any]) -> None:
+        self._batches = batches
+        if self.embed is not None:
+            with torch.no_grad():
+                self._reference = [self.embed(float_model, b) for b in batches]
+
+    def _rows(self, quantized: nn.Module, reference: list[Any], outputs: list[Any]) -> list[tuple[Any, Any]]:
+        if self.embed is None:
+            return [(_first_tensor(r), _first_tensor(o)) for r, o in zip(reference, outputs)]
+        with torch.no_grad():
+            return [(r, self.embed(quantized, b)) for r, b in zip(self._reference, self._batches)]
 
     def score(self, quantized: nn.Module, reference: list[Any], outputs: list[Any]) -> float:
         sims = []
-        for ref, out in zip(reference, outputs):
-            r, o = _first_tensor(ref), _first_tensor(out)
+        for r, o in self._rows(quantized, reference, outputs):
             sims += [cosine(a, b) for a, b in zip(r.reshape(r.shape[0], -1), o.reshape(o.shape[0], -1))]
         return sum(sims) / len(sims)
 
@@ -180,37 +194,43 @@ class MixedPrecisionResult:
         return head + floats + (f"\n{self.sensitivity}" if self.sensitivity is not None else "")
 
 
-def _flops(gm: fx.GraphModule, node: fx.Node, out: Any) -> int:
-    module = gm.get_submodule(str(node.target))
-    op = getattr(module, "op", module)
-    if not isinstance(out, torch.Tensor):
+def _flops(module: nn.Module, out: Any) -> int:
+    """Multiply-accumulates per sample of one call of a conv / linear module with output ``out``."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
         return 0
     per_sample = out.numel() // max(out.shape[0], 1) if out.dim() > 1 else out.numel()
-    if isinstance(op, nn.modules.conv._ConvNd):
+    if isinstance(module, nn.modules.conv._ConvNd):
         k = 1
-        for s in op.kernel_size:
+        for s in module.kernel_size:
             k *= s
-        return per_sample * (op.in_channels // op.groups) * k
-    if isinstance(op, nn.Linear):
-        return per_sample * op.in_features
+        return per_sample * (module.in_channels // module.groups) * k
+    if isinstance(module, nn.Linear):
+        return per_sample * module.in_features
     return 0
 
 
-def quantizable_layers(model: nn.Module, example: tuple[Any, ...], backend: Any) -> dict[str, tuple[str, int]]:
-    """The conv / linear layers (user module names) -> (kind, multiply-accumulates per sample), in graph order."""
-    ref = float_reference(model, backend)
-    rec = _Recorder(ref)
-    with torch.no_grad():
-        rec.run(*example)
-    modules = dict(ref.named_modules())
-    layers = {}
-    for n in ref.graph.nodes:
-        if n.op == "call_module":
-            flops = _flops(ref, n, rec.values.get(n.name))
-            if flops:
-                layers[str(n.target)] = (type(getattr(modules[str(n.target)], "op", modules[str(n.target)])).__name__,
-                                         flops)
-    return layers
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def quantizable_layers(model: nn.Module, example: tuple[Any, ...], backend: Any = None) -> dict[str, tuple[str, int]]:
+    """The conv / linear modules that run on ``example`` (qualified names) -> (class name, multiply-accumulates
+    per sample), in call order. Found with forward hooks, so models torch.fx cannot trace whole work too."""
+    found: dict[str, tuple[str, int]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, out: Any) -> None:
+            kind, flops = found.get(name, (type(module).__name__, 0))
+            found[name] = (kind, flops + _flops(module, out))
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: v for name, v in found.items() if v[1] > 0}
 
 
 @dataclasses.dataclass
@@ -314,14 +334,12 @@ def _sensitivity(s: _Search, mode: str, layers: Optional[Sequence[str]], progres
     return SensitivityReport(mode, all_int8, tuple(rows))
 
 
-def _int8_share(q: fx.GraphModule, layers: dict[str, tuple[str, int]]) -> float:
+def _int8_share(q: nn.Module, layers: dict[str, tuple[str, int]], example: tuple[Any, ...]) -> float:
+    """The share of the layers' multiply-accumulates the converted model runs in int8: what float conv / linear
+    modules are left in it (alone, inside fused float modules, inside quantized pieces) compute is float."""
     total = sum(f for _, f in layers.values())
-    int8 = 0
-    for n in q.graph.nodes:
-        rec = n.meta.get(RECORD_KEY)
-        if n.op == "call_module" and rec is not None and rec.quantized_inputs and str(n.target) in layers:
-            int8 += layers[str(n.target)][1]
-    return int8 / total if total else 0.0
+    float_flops = sum(f for _, f in quantizable_layers(q, example).values())
+    return max(0.0, 1.0 - float_flops / total) if total else 0.0
 
 
 def auto_mixed_precision(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, calibration: Any,
@@ -343,7 +361,7 @@ def auto_mixed_precision(model: nn.Module, qconfig_mapping: Any, example_inputs:
     layers = quantizable_layers(s.model, s.example, s.backend)
     score, q = s.score(s.mapping)
     if target.met(score):
-        return MixedPrecisionResult(s.mapping, (), score, True, _int8_share(q, layers), q, None, s.evaluations)
+        return MixedPrecisionResult(s.mapping, (), score, True, _int8_share(q, layers, s.example), q, None, s.evaluations)
     report = _sensitivity(s, "float_one", None, progress)
     order = [r.name for r in report.layers]
     lo, hi = 1, min(len(order), max_float if max_float is not None else len(order))
@@ -361,4 +379,4 @@ def auto_mixed_precision(model: nn.Module, qconfig_mapping: Any, example_inputs:
         best = (k, *tried[k]) if tried else (0, score, q)
     k, score, q = best
     return MixedPrecisionResult(s.with_float(order[:k]), tuple(order[:k]), score, target.met(score),
-                                _int8_share(q, layers), q, report, s.evaluations)
+                                _int8_share(q, layers, s.example), q, report, s.evaluations)

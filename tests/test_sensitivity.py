@@ -136,3 +136,31 @@ def test_resnet18_mixed_precision_reaches_its_target_with_most_flops_in_int8():
                                   backend_config="fbgemm", progress=False)
     assert result.met and result.score >= goal and result.int8_flop_share >= 0.5
     assert len(result.float_layers) < len(quantizable_layers(model, (data[0],), result.model.meta["fxquant_state"].backend))
+
+
+class _Untraceable(nn.Module):
+    """Control flow on a tensor value: prepare_fx quantizes the traceable pieces (fxquant.partial)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.fc2(torch.relu(self.fc1(x)))
+        if y.sum() > 0:
+            y = -y
+        return self.head(y)
+
+
+def test_models_torch_fx_cannot_trace_whole_and_embedding_targets():
+    model = seeded(_Untraceable())
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    layers = quantizable_layers(model, (data[0],))
+    assert layers == {"fc1": ("Linear", 32 * 16), "fc2": ("Linear", 16 * 32), "head": ("Linear", 4 * 16)}
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("fc2", BAD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = auto_mixed_precision(model, mapping, data[0], data, MinCosine(0.9999, embed=lambda m, b: m(b)[:, :2]),
+                                      backend_config="fbgemm", progress=False)
+    assert result.met and result.float_layers[0] == "fc2"
+    assert result.int8_flop_share <= 1 - 512 / (512 + 512 + 64) + 1e-9
