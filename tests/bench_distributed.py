@@ -5,7 +5,8 @@ each qconfig, the same ``--batches`` batches of calibration data are calibrated 
 2 ranks (half each) with ``fxquant.calibrate(..., distributed=True)``; the runs alternate (1, 2, 1, 2, ...)
 and the table shows the median. "calibrate" is the wall time of that call on the slowest rank (process start
 and model building excluded; it includes the lock-step syncs after each batch for moving averages and the
-final merge), "final merge alone" the time of one ``sync_observers`` call, timed on its own afterwards. The int8 models of all ranks are compared (SHA-1 of weights, qparams and output).
+final merge), "final merge alone" the time of one ``sync_observers`` call, timed on its own afterwards. The
+int8 models of all ranks are compared (SHA-1 of weights, qparams and output).
 
 Models: ``fxquant.zoo.torchvision_model`` (random init, seeded, batch norm statistics re-estimated); inputs:
 seeded random images, the same for 1 and 2 ranks. On a shared 2-core machine the 2-rank figure includes
