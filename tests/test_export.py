@@ -169,8 +169,15 @@ def test_reference_of_a_qat_model_uses_the_trained_weight_qparams():
 
 # ============================================================================ TorchScript
 
+_X86_NOT_YET = pytest.mark.xfail(reason="x86's oneDNN kernel layer (backends/kernels/onednn*.py) has no TorchScript "
+                                 "twins yet: its modules call ops chosen at run time and keep packed weights as plain "
+                                 "tensors, which neither script nor trace can store", strict=False)
+
+
 @pytest.mark.parametrize("backend, how", [("fbgemm", "script"), ("fbgemm", "trace"), ("qnnpack", "script"),
-                                          pytest.param("qnnpack", "trace", marks=pytest.mark.slow)])
+                                          pytest.param("qnnpack", "trace", marks=pytest.mark.slow),
+                                          pytest.param("x86", "script", marks=[_X86_NOT_YET, pytest.mark.slow]),
+                                          pytest.param("x86", "trace", marks=[_X86_NOT_YET, pytest.mark.slow])])
 def test_torchscript_of_a_converted_model_saves_loads_and_gives_identical_outputs(backend, how):
     prepared = _prepared(backend)
     q = _quiet(fxquant.convert_fx, prepared)
