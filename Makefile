@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -e ".[test]"
 
-.PHONY: install demo test test-all docs-check bench
+.PHONY: install demo test test-all docs bench
 
 install:
 	$(PIP_INSTALL)
@@ -12,7 +12,7 @@ install:
 demo: install
 	$(PYTHON) -m fxquant.demo
 
-# Lean test suite (CI). pytest's exit code 5 ("no tests collected") is an error here, not a pass.
+# Lean test suite (CI); it builds the docs site too (tests/test_docs_build.py). pytest's exit code 5 ("no tests collected") is an error here, not a pass.
 test: install
 	@$(PYTHON) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; exit $$rc
@@ -21,5 +21,10 @@ test: install
 test-all: install
 	FXQUANT_SLOW=1 $(PYTHON) -m pytest -q -p no:cacheprovider
 
+# fxquant vs torch.ao vs fp32 on torchvision models (= fxquant bench); options: python -m fxquant.bench --help
 bench: install
 	$(PYTHON) -m fxquant.bench
+
+# The docs site (mkdocs.yml, docs/): warnings are errors; the site goes to site/ (not committed).
+docs: install
+	$(PYTHON) -m mkdocs build --strict -d site

@@ -507,7 +507,9 @@ def _node_row(node: fx.Node, modules: dict[str, nn.Module], converted: bool) -> 
     else:
         state = "float" if rec.is_tensor and node.op.startswith("call") else ""
     qc = rec.qconfig
-    qtext = f"{_factory_text(qc.activation)} / {_factory_text(qc.weight)}" if qc is not None and rec.entry else ""
+    qtext = ""
+    if qc is not None and rec.entry is not None:
+        qtext = _factory_text(qc.activation) + (f" / {_factory_text(qc.weight)}" if rec.entry.weight else "")
     fused = "+".join(getattr(t, "__name__", str(t)) for t in rec.fused_from)
     note = "; ".join(x for x in (f"fused {fused}" if fused else "", f"observed by {rec.observer}" if rec.observer and not converted else "",
                                  f"float: {rec.float_reason}" if rec.float_reason else "") if x)
