@@ -111,7 +111,7 @@ def test_reference_equals_the_fake_quant_simulation_bit_for_bit(case):
         assert torch.equal(dec(case.inputs), expected)
 
 
-@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
 def test_reference_is_close_to_the_int8_model_and_stores_int8_weights(backend):
     prepared = _prepared(backend)
     ref, q = fxquant.convert_to_reference_fx(prepared), _quiet(fxquant.convert_fx, prepared)
