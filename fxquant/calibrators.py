@@ -236,11 +236,11 @@ class _PerChannelRows:
 class EntropyObserver(_ExactHistogramObserver):
     """Per-tensor range from TensorRT's entropy calibration: the cut-off with the least KL divergence.
 
-    The histogram of ``|x|`` (trimmed at the largest value) is searched over every cut-off from ``levels`` bins
-    to all of them (:func:`fxquant._histogram.kl_clip`): the cut-off whose clipped-then-quantized distribution
-    loses the least information wins. ``levels`` is the number of grid steps on one side of zero: the whole grid
-    (256 for quint8) when the data are one-sided (after ReLU), half of it for symmetric grids or two-sided data,
-    whose range becomes ``[-t, t]`` clipped to the observed extremes.
+    A one-sided histogram (trimmed at the largest value) is searched over every cut-off from ``levels`` bins to
+    all of them (:func:`fxquant._histogram.kl_clip`): the cut-off whose clipped-then-quantized distribution loses
+    the least information wins. Symmetric grids search ``|x|`` with half the grid's steps (TensorRT's int8:
+    128); affine grids search each side of zero on its own, each with its share of the steps (in proportion to
+    the observed extremes: all 256 for one-sided data such as ReLU outputs).
 
     When to use it: activations of classification networks, whose bulk matters more than rare large values
     (TensorRT's default for CNNs). It keeps at least ``levels / bins`` of the largest value, so a single far
@@ -274,13 +274,19 @@ class EntropyObserver(_ExactHistogramObserver):
         return {"skip_zeros": self.skip_zeros, **super()._config()}
 
     def _choose_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = self.quant_max - self.quant_min + 1
-        levels = steps if self._one_sided(0) and not self._symmetric else steps // 2
-        folded = _histogram.fold_abs(self.histogram[0], -int(self.first_bin[0]))
+        steps, zero = self.quant_max - self.quant_min + 1, -int(self.first_bin[0])
+        row = self.histogram[0].clone()
         if self.skip_zeros:  # exact zeros (ReLU's spike) are on the grid: no error, not part of the search
-            folded[0] -= self.zero_count[0].to(folded.device)
-        t = abs(self._to_real(0, -int(self.first_bin[0]) + _histogram.kl_clip(folded, levels)))
-        return torch.tensor([-t]), torch.tensor([t])
+            row[zero] -= self.zero_count[0].to(row.device)
+        if self._symmetric:  # TensorRT: |x| on the half grid
+            t = abs(self._to_real(0, zero + _histogram.kl_clip(_histogram.fold_abs(row, zero), steps // 2)))
+            return torch.tensor([-t]), torch.tensor([t])
+        # affine: each side searched on its own, with its share of the grid's steps (all of them for one-sided data)
+        neg, pos = -min(float(self.min_val[0]), 0.0), max(float(self.max_val[0]), 0.0)
+        pos_steps = round(steps * pos / (pos + neg)) if pos + neg > 0 else steps
+        hi = _histogram.kl_clip(row[zero:], max(pos_steps, 1)) if pos > 0 else 0
+        lo = _histogram.kl_clip(row[:zero].flip(0), max(steps - pos_steps, 1)) if neg > 0 else 0
+        return torch.tensor([self._to_real(0, zero - lo)]), torch.tensor([self._to_real(0, zero + hi)])
 
 
 # --------------------------------------------------------------------------------------------- percentile

@@ -4,7 +4,8 @@ Prints three Markdown tables (and the targets of issue 9 checked on them):
 
 1. output SQNR (dB, vs fp32 on held-out inputs; digits: test accuracy too) of fxquant PTQ with each activation
    calibrator (per-channel min/max weights), next to torch.ao's default (``get_default_qconfig_mapping("x86")``:
-   HistogramObserver, 7-bit activations) on the same model, calibration batches and inputs;
+   HistogramObserver, 7-bit activations) and torch.ao's HistogramObserver on the 8-bit grid fxquant uses (with
+   per-channel weights: the calibrator alone differs) on the same model, calibration batches and inputs;
 2. the accuracy passes: per-tensor / per-channel weights, with and without cross-layer equalization (CLE) and
    empirical bias correction (BC), with one activation calibrator (``--passes-calibrator``);
 3. the rescaled models of issue 9: resnet18 and mobilenet_v2 with every legal conv output channel multiplied by
@@ -88,13 +89,19 @@ def fx_ptq(model: nn.Module, case: Case, activation: str, per_channel: bool, bia
     return fxquant.convert_fx(prepared)
 
 
-def ao_ptq(case: Case) -> nn.Module:
-    from torch.ao.quantization import get_default_qconfig_mapping
+def ao_ptq(case: Case, full_range: bool = False) -> nn.Module:
+    """torch.ao's default x86 PTQ; ``full_range``: its HistogramObserver on fxquant's 8-bit activation grid."""
+    from torch.ao.quantization import (HistogramObserver, QConfig, QConfigMapping, default_per_channel_weight_observer,
+                                       get_default_qconfig_mapping)
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    mapping = get_default_qconfig_mapping("x86")
+    if full_range:
+        mapping = QConfigMapping().set_global(QConfig(activation=HistogramObserver.with_args(reduce_range=False),
+                                                      weight=default_per_channel_weight_observer))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(case.model), get_default_qconfig_mapping("x86"), (case.calib[0],))
+        prepared = prepare_fx(copy.deepcopy(case.model), mapping, (case.calib[0],))
         with torch.no_grad():
             for b in case.calib:
                 prepared(b)
@@ -114,12 +121,15 @@ def calibrator_table(cases: list[Case]) -> tuple[str, list[str]]:
     rows, verdicts = [], []
     for case in cases:
         cells = [case.score(fx_ptq(case.model, case, c, per_channel=True)) for c in CALIBRATORS]
-        ao = case.score(ao_ptq(case))
+        ao, ao8 = case.score(ao_ptq(case)), case.score(ao_ptq(case, full_range=True))
         best = max(range(len(cells)), key=lambda i: _db(cells[i]))
-        rows.append([case.name, ao] + cells + [f"{CALIBRATORS[best]} ({_db(cells[best]) - _db(ao):+.2f})"])
-        verdicts.append(f"{case.name}: best {CALIBRATORS[best]} {_db(cells[best]) - _db(ao):+.2f} dB vs torch.ao")
+        gain, gain8 = _db(cells[best]) - _db(ao), _db(cells[best]) - _db(ao8)
+        rows.append([case.name, ao, ao8] + cells + [f"{CALIBRATORS[best]} ({gain:+.2f} / {gain8:+.2f})"])
+        verdicts.append(f"{case.name}: best {CALIBRATORS[best]} {gain:+.2f} dB vs torch.ao's default, {gain8:+.2f} dB vs "
+                        "torch.ao's HistogramObserver on the same 8-bit grid")
         print(f"  {case.name}: done", file=sys.stderr)
-    header = ["model", "torch.ao default"] + CALIBRATORS + ["best (vs torch.ao, dB)"]
+    header = (["model", "torch.ao default", "torch.ao histogram, 8-bit"] + CALIBRATORS
+              + ["best (dB vs torch.ao default / 8-bit)"])
     return _markdown(header, rows), verdicts
 
 
