@@ -19,10 +19,9 @@ Example:
     ...                               backend_config="fbgemm")
     >>> fxquant.calibrate(prepared, [x], progress=False)
     >>> ref = fxquant.convert_to_reference_fx(prepared)
-    >>> [n.target.__name__ for n in ref.graph.nodes if n.op == "call_function"]
-    ['fxquant.quantize_per_tensor.default', 'fxquant.dequantize_per_tensor.default', \
-'fxquant.dequantize_per_channel.default', 'conv2d', 'relu', 'fxquant.quantize_per_tensor.default', \
-'fxquant.dequantize_per_tensor.default']
+    >>> [n.target.__name__ for n in ref.graph.nodes if n.op == "call_function"]  # doctest: +NORMALIZE_WHITESPACE
+    ['quantize_per_tensor.default', 'dequantize_per_tensor.default', 'dequantize_per_channel.default', 'conv2d',
+     'relu', 'quantize_per_tensor.default', 'dequantize_per_tensor.default']
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 import fxquant
 from fxquant.backends.config import Observation
-from fxquant.errors import ConvertError, FxQuantError
+from fxquant.errors import ConvertError
 from fxquant.fake_quantize import is_observer
 from fxquant.passes.context import RECORD_KEY
 from fxquant.passes.observe import weight_observer
