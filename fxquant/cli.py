@@ -33,7 +33,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -425,17 +425,12 @@ def _quantize_dynamic(model: nn.Module, args: argparse.Namespace, stages: Stages
 
 
 def _save(quantized: nn.Module, path: str) -> None:
-    """fxquant.save when the library has it, else torch.save of the module."""
+    """torch.save of the module, as docs/cli.md says (fxquant.save writes data for fxquant.load instead, which needs
+    the float model: docs/export.md)."""
     try:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        saver: Optional[Callable[..., Any]] = getattr(fxquant, "save", None)
-        if saver is None:
-            try:
-                from fxquant.save import save as saver  # type: ignore[no-redef]
-            except ImportError:
-                saver = None
-        (saver or torch.save)(quantized, target)
+        torch.save(quantized, target)
     except CliError:
         raise
     except Exception as exc:  # noqa: BLE001 - disk full, permissions, unpicklable modules
