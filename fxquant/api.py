@@ -84,6 +84,7 @@ def _check_model(model: Any, fn: str, any_device: bool = False) -> None:
                         f"({type(model).__name__}); pass the model as it was before torch.jit.script / torch.jit.trace")
     stage = _stage_of(model)
     if stage is not None:
+        stage = "converted to its reference form" if stage == "reference" else stage
         raise FxQuantError(f"{fn}: this model was already {stage} by fxquant; pass the original float model (to "
                            "quantize it again with other settings, start from the float model)")
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
@@ -299,8 +300,9 @@ def _state(model: Any, fn: str) -> QuantState:
     if state is None:
         raise ConvertError(f"{fn} expects the model returned by fxquant.prepare_fx (got {type(model).__name__}); "
                            "prepare it first (or, to train it, with fxquant.prepare_qat_fx)")
-    if state.stage == "converted":
-        raise ConvertError(f"{fn}: this model is already converted; convert the prepared model, not its result")
+    if state.stage in ("converted", "reference"):  # "reference": made by convert_to_reference_fx
+        what = "converted" if state.stage == "converted" else "a reference model"
+        raise ConvertError(f"{fn}: this model is already {what}; convert the prepared model, not its result")
     return state
 
 

@@ -82,8 +82,6 @@ def convert_to_reference_fx(graph_module: fx.GraphModule, convert_custom_config:
     if backend_config is not None and resolve_backend(backend_config).name != state.backend.name:
         raise ConvertError(f"convert_to_reference_fx: the model was prepared for backend '{state.backend.name}', "
                            f"not '{resolve_backend(backend_config).name}'; leave backend_config out")
-    if state.stage == "reference":
-        raise ConvertError("convert_to_reference_fx: this model is already a reference model; pass the prepared one")
     ctx = QuantContext(backend=state.backend, qconfig_mapping=state.qconfig_mapping,
                        float_reasons=list(state.float_reasons))
     gm = copy.deepcopy(graph_module).cpu()  # the passes rewrite in place: never the user's model

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 import fxquant
 from fxquant.backends.config import Observation
-from fxquant.errors import ConvertError
+from fxquant.errors import ConvertError, FxQuantError
 from fxquant.fake_quantize import is_observer
 from fxquant.passes.context import RECORD_KEY
 from fxquant.passes.observe import weight_observer
@@ -146,8 +146,12 @@ def test_reference_does_not_touch_the_prepared_model_and_needs_calibration():
                    (torch.randn(1, 3, 12, 12),), backend_config="fbgemm")
     with pytest.raises(ConvertError, match="saw no calibration data"):
         fxquant.convert_to_reference_fx(fresh)
-    with pytest.raises(ConvertError, match="already a reference model"):
-        fxquant.convert_to_reference_fx(fxquant.convert_to_reference_fx(prepared))
+    ref = fxquant.convert_to_reference_fx(prepared)
+    for convert in (fxquant.convert_to_reference_fx, fxquant.convert_fx):
+        with pytest.raises(ConvertError, match="already a reference model"):
+            convert(ref)
+    with pytest.raises(FxQuantError, match="already converted to its reference form"):
+        fxquant.prepare_fx(ref, fxquant.get_default_qconfig_mapping("fbgemm"), (torch.randn(1, 3, 12, 12),))
 
 
 def test_reference_of_a_qat_model_uses_the_trained_weight_qparams():
