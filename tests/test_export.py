@@ -284,3 +284,28 @@ def test_torch_export_takes_the_reference_model_but_not_the_int8_model():
             assert torch.equal(ep.module()(x), ref(x))
     with pytest.raises(Exception, match="quantized nyi in meta tensors"):
         _quiet(torch.export.export, _quiet(fxquant.convert_fx, prepared), (x,))
+
+
+def _qat_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+
+
+def test_fxquant_save_and_load_of_a_trained_qat_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    qat = _quiet(fxquant.prepare_qat_fx, _qat_model().train(), fxquant.get_default_qat_qconfig_mapping("fbgemm"), (x,),
+                 backend_config="fbgemm")
+    opt = torch.optim.SGD(qat.parameters(), 0.01)
+    for _ in range(3):
+        loss = qat(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q = _quiet(fxquant.convert_fx, qat)
+    fxquant.save(q, tmp_path / "q.fxq")
+    fxquant.save(qat, tmp_path / "p.fxq")
+    with torch.no_grad():
+        assert torch.equal(_quiet(fxquant.load, tmp_path / "q.fxq", _qat_model)(x), q(x))
+        loaded = _quiet(fxquant.load, tmp_path / "p.fxq", _qat_model)
+        assert loaded.meta["fxquant_state"].is_qat
+        assert torch.equal(_quiet(fxquant.convert_fx, loaded)(x), q(x))
