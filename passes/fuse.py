@@ -18,13 +18,15 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from collections import Counter
 from typing import Any, Mapping, Optional
 
 from torch import fx, nn
 
 from fxquant.backends.config import OpEntry
 from fxquant.passes.base import PassResult
-from fxquant.passes.context import RECORD_KEY, QuantContext, modules_of, record
+from fxquant.passes.context import RECORD_KEY, QuantContext, record
 from fxquant.passes.matching import Match, Pattern
 from fxquant.passes.rewrite import Rewrite, rewrite
 
@@ -36,6 +38,21 @@ def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
+#: graph -> (the ``modules`` mapping of the find() call it was counted for, call sites per module target)
+_CALL_SITES: "weakref.WeakKeyDictionary[fx.Graph, tuple[Mapping[str, nn.Module], Counter[str]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _call_sites(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> Counter[str]:
+    """How many nodes call each module, counted once per ``find`` call (which builds a fresh ``modules`` and does
+    not change the graph), instead of scanning the whole graph for every match (quadratic on deep models)."""
+    cached = _CALL_SITES.get(graph)
+    if cached is None or cached[0] is not modules:
+        cached = (modules, Counter(str(n.target) for n in graph.nodes if n.op == "call_module"))
+        _CALL_SITES[graph] = cached
+    return cached[1]
+
+
 def _no_shared_state(match: Match, modules: Mapping[str, nn.Module]) -> bool:
     """A module with parameters or buffers called from several places cannot be fused at one of them."""
     for node in match.nodes:
@@ -44,7 +61,7 @@ def _no_shared_state(match: Match, modules: Mapping[str, nn.Module]) -> bool:
         target = str(node.target)
         module = modules[target]
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-        if stateful and sum(1 for n in node.graph.nodes if n.op == "call_module" and n.target == target) > 1:
+        if stateful and _call_sites(node.graph, modules)[target] > 1:
             return False
     return True
 
@@ -60,7 +77,8 @@ class _FuseInto:
     entry: OpEntry
 
     def __call__(self, gm: fx.GraphModule, match: Match, ctx: QuantContext) -> Optional[fx.Node]:
-        nodes, modules = match.nodes, modules_of(gm)
+        nodes = match.nodes  # look up only the matched modules: dict(gm.named_modules()) per match is quadratic
+        modules = {str(n.target): gm.get_submodule(str(n.target)) for n in nodes if n.op == "call_module"}
         first, last = nodes[0], nodes[-1]
         earlier = first.meta[RECORD_KEY].fused_from if RECORD_KEY in first.meta else ()  # fused in an earlier round
         fused_from = (earlier or (_op_type(first, modules),)) + tuple(_op_type(n, modules) for n in nodes[1:])
