@@ -46,21 +46,27 @@ class Rewrite:
     replace: Replacement
 
 
-def _erase_match(gm: fx.GraphModule, match: Match, keep: fx.Node) -> None:
-    """Erase the matched nodes nothing uses any more, and the submodules no remaining node calls.
-
-    ``delete_all_unused_submodules`` cannot be relied on for the modules: a QAT module holds the batch norm
-    it fused (the same object), and ``named_modules`` reports a shared module under one name only, so the old
-    name would survive (and ``model.train()`` would reach the batch norm through it).
-    """
+def _erase_match(gm: fx.GraphModule, match: Match, keep: fx.Node) -> list[str]:
+    """Erase the matched nodes nothing uses any more; the targets of the call_module nodes it erased."""
     targets = []
     for node in reversed(match.nodes):
         if node is not keep and not node.users:
             if node.op == "call_module":
                 targets.append(str(node.target))
             gm.graph.erase_node(node)
+    return targets
+
+
+def _delete_uncalled(gm: fx.GraphModule, targets: list[str]) -> None:
+    """Delete the submodules among ``targets`` that no remaining node calls (once per round: a scan of the
+    graph per match would make fusion quadratic in the model's depth).
+
+    ``delete_all_unused_submodules`` cannot be relied on for the modules: a QAT module holds the batch norm
+    it fused (the same object), and ``named_modules`` reports a shared module under one name only, so the old
+    name would survive (and ``model.train()`` would reach the batch norm through it).
+    """
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    for target in targets:
+    for target in dict.fromkeys(targets):
         if target not in called:
             gm.delete_submodule(target)
 
@@ -68,6 +74,7 @@ def _erase_match(gm: fx.GraphModule, match: Match, keep: fx.Node) -> None:
 def _round(gm: fx.GraphModule, rules: Sequence[Rewrite], ctx: Any) -> bool:
     """Apply every rule once to every match that is still intact; whether anything changed."""
     consumed: set[fx.Node] = set()
+    erased: list[str] = []
     modified = False
     for rule in rules:
         for match in find(gm, rule.pattern):
@@ -78,10 +85,11 @@ def _round(gm: fx.GraphModule, rules: Sequence[Rewrite], ctx: Any) -> bool:
                 continue
             if new is not match.output:
                 match.output.replace_all_uses_with(new)
-            _erase_match(gm, match, new)
+            erased += _erase_match(gm, match, new)
             consumed.update(match.nodes)
             consumed.add(new)
             modified = True
+    _delete_uncalled(gm, erased)
     return modified
 
 
