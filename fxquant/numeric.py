@@ -150,7 +150,8 @@ def float_reference(float_model: nn.Module, backend: Any, prepare_custom_config:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps every node's value by name."""
+    """Runs a graph and keeps a copy of every node's tensor value by name (a copy: a kernel may later write
+    into a tensor in place, as oneDNN's conv + add does into its residual input)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -158,7 +159,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        self.values[n.name] = out
+        self.values[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
         return out
 
 
@@ -170,30 +171,106 @@ def _as_float(v: Any) -> Optional[torch.Tensor]:
     return v if v.is_floating_point() else None
 
 
+class _Converted:
+    """The converted graph's view of values: float counterparts by node, and the grid of integer carriers.
+
+    Quantized values are quantized tensors (the qtensor kernel layer) or plain ``uint8`` / ``int8`` tensors
+    whose grid is held by the module that produced them (the oneDNN layer: ``scale`` / ``zero_point``
+    buffers); ops on the integers that keep the grid (pooling, reshapes) inherit their input's.
+    """
+
+    def __init__(self, gm: fx.GraphModule, reference: fx.GraphModule, backend: Any) -> None:
+        self.gm, self.modules = gm, dict(gm.named_modules())
+        self.counterpart = _counterparts(gm, reference, backend)
+
+    def grid(self, n: fx.Node) -> Optional[tuple[float, int]]:
+        while True:
+            if n.op == "call_module":
+                m = self.modules[str(n.target)]
+                scale, zp = getattr(m, "scale", None), getattr(m, "zero_point", None)
+                if isinstance(scale, torch.Tensor) and isinstance(zp, torch.Tensor) and scale.numel() == 1:
+                    return float(scale), int(zp)
+            if not n.all_input_nodes:
+                return None
+            n = n.all_input_nodes[0]
+
+    def to_float(self, n: fx.Node, v: Any) -> Optional[torch.Tensor]:
+        if isinstance(v, torch.Tensor) and not v.is_quantized and v.dtype in (torch.uint8, torch.int8):
+            grid = self.grid(n)
+            return None if grid is None else (v.float() - grid[1]) * grid[0]
+        return _as_float(v)
+
+    def requantize(self, n: fx.Node, value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """``ref`` (float) on the grid and in the carrier of ``value``, the converted value of node ``n``."""
+        if value.is_quantized:
+            return torch.quantize_per_tensor(ref.float(), value.q_scale(), value.q_zero_point(), value.dtype)
+        scale, zp = self.grid(n)  # type: ignore[misc]
+        info = torch.iinfo(value.dtype)
+        return _layout_like(torch.floor(ref.float() / scale + zp + 0.5).clamp(info.min, info.max).to(value.dtype),
+                            value)
+
+
+def _layout_like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``value``'s memory format (kernels may want channels-last inputs, as the ones they produce)."""
+    for dims, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if value.dim() == dims and not value.is_contiguous() and value.is_contiguous(memory_format=fmt):
+            return t.contiguous(memory_format=fmt)
+    return t
+
+
+def _counterparts(gm: fx.GraphModule, reference: fx.GraphModule, backend: Any) -> dict[str, str]:
+    """Converted node name -> the float reference node it computes. Usually the same name; where lowering merged
+    a consumer into its producer (oneDNN's conv + add under the conv's name, the record of the add), the
+    producer's nearest user that is the recorded op."""
+    ref_nodes = {n.name: n for n in reference.graph.nodes}
+    ref_modules = dict(reference.named_modules())
+    out: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        rec = n.meta.get(RECORD_KEY)
+        r = ref_nodes.get(n.name)
+        if r is None or rec is None or rec.entry is None:
+            if r is not None:
+                out[n.name] = r.name
+            continue
+        frontier, seen = [r], set()
+        for _ in range(4):  # the producer, then its users, their users, ...
+            hit = next((c for c in frontier if rec.entry.op.matches(c, ref_modules) or (
+                backend.entry_for(c, ref_modules) or rec.entry).name == rec.entry.name), None)
+            if hit is not None:
+                out[n.name] = hit.name
+                break
+            seen.update(frontier)
+            frontier = [u for c in frontier for u in c.users if u not in seen]
+    return out
+
+
 class _IsolatedRecorder(_Recorder):
     """Runs the converted graph; at each layer also runs the layer on the float model's inputs."""
 
-    def __init__(self, gm: fx.GraphModule, reference: dict[str, Any], layers: set[str]) -> None:
-        super().__init__(gm)
+    def __init__(self, view: _Converted, reference: dict[str, Any], layers: set[str]) -> None:
+        super().__init__(view.gm)
+        self.view = view
         self.reference = reference
         self.layers = layers
         self.isolated: dict[str, Any] = {}
 
     def float_value(self, n: fx.Node) -> Any:
         """The float model's value for converted node ``n`` (inserted quantize/dequantize: their input's)."""
-        while n.name not in self.reference:
+        while n.name not in self.view.counterpart:
             inputs = n.all_input_nodes
             if n.op not in ("call_module", "call_method") or len(inputs) != 1:
                 return None
             n = inputs[0]
-        return self.reference[n.name]
+        return self.reference.get(self.view.counterpart[n.name])
 
     def _isolated_arg(self, a: fx.Node) -> Any:
         value, ref = self.env[a], self.float_value(a)
         if not isinstance(value, torch.Tensor) or not isinstance(ref, torch.Tensor) or ref.shape != value.shape:
             return value
-        if value.is_quantized and value.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-            return torch.quantize_per_tensor(ref.float(), value.q_scale(), value.q_zero_point(), value.dtype)
+        if value.is_quantized and value.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            return value
+        if value.is_quantized or (value.dtype in (torch.uint8, torch.int8) and self.view.grid(a) is not None):
+            return self.view.requantize(a, value, ref)
         return ref if value.is_floating_point() and ref.is_floating_point() else value
 
     def run_node(self, n: fx.Node) -> Any:
@@ -205,7 +282,7 @@ class _IsolatedRecorder(_Recorder):
         return out
 
 
-def _layer_nodes(gm: fx.GraphModule, names: set[str], all_nodes: bool) -> list[fx.Node]:
+def _layer_nodes(gm: fx.GraphModule, names: dict[str, str], all_nodes: bool) -> list[fx.Node]:
     """Converted nodes to report: quantized ops with their own output grid (conv, linear, add, ...)."""
     out = []
     for n in gm.graph.nodes:
@@ -242,24 +319,30 @@ def compare_layers(float_model: nn.Module, quantized: fx.GraphModule, inputs: Un
     state = _state(quantized)
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     ref_gm = float_reference(float_model, state.backend, prepare_custom_config)
+    view = _Converted(quantized, ref_gm, state.backend)
     with torch.no_grad():
         ref = _Recorder(ref_gm)
         ref.run(*inputs)
-        nodes = _layer_nodes(quantized, set(ref.values), all_nodes)
-        q = _IsolatedRecorder(quantized, ref.values, {n.name for n in nodes} if isolated else set())
+        nodes = _layer_nodes(quantized, view.counterpart, all_nodes)
+        q = _IsolatedRecorder(view, ref.values, {n.name for n in nodes} if isolated else set())
         q.run(*inputs)
     rows = []
     for n in nodes:
-        f, v = _as_float(ref.values[n.name]), _as_float(q.values.get(n.name))
+        f = _as_float(ref.values[view.counterpart[n.name]])
+        v = view.to_float(n, q.values.get(n.name))
         if f is None or v is None or f.shape != v.shape:
             continue
-        iso = _as_float(q.isolated.get(n.name))
+        iso = view.to_float(n, q.isolated.get(n.name))
         iso_m = _metrics(f, iso) if iso is not None and iso.shape == f.shape else (None, None, None)
         rows.append(LayerComparison(n.name, n.meta[RECORD_KEY].entry.name, *_metrics(f, v), *iso_m))
     return NumericReport(tuple(rows), tuple(compare_weights(float_model, quantized, ref_gm)) if weights else ())
 
 
 def _quantized_weight(module: nn.Module) -> Optional[torch.Tensor]:
+    w_int, w_scale = getattr(module, "weight_int", None), getattr(module, "weight_scale", None)
+    if isinstance(w_int, torch.Tensor) and isinstance(w_scale, torch.Tensor):  # integers + per-channel scales
+        shape = (-1,) + (1,) * (w_int.dim() - 1)
+        return w_int.float() * w_scale.float().reshape(shape)
     w = getattr(module, "weight", None)
     if callable(w) and not isinstance(w, torch.Tensor):
         w = w()
