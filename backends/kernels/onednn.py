@@ -188,10 +188,13 @@ class OneDNNConv(_Prepacked):
                                               self.stride, self.padding, self.dilation, self.groups, None)
 
     def _check(self, x: torch.Tensor) -> None:
-        raise FxQuantError(f"{self._describe()}: expects a batched uint8 input with {self.in_channels} channels and "
-                           f"{self.dims} spatial dims (N, C, ...), got {x.dtype} of shape {tuple(x.shape)}; pass "
-                           "inputs shaped like the example the model was prepared with (no unbatched input: "
-                           "x.unsqueeze(0))")
+        if x.dtype != torch.uint8:
+            raise FxQuantError(f"{self._describe()}: expects the uint8 tensor of a quantized region, got {x.dtype}; "
+                               "call the converted model, not its kernels, with float inputs")
+        raise FxQuantError(f"{self._describe()}: expects a batched input with {self.in_channels} channels and "
+                           f"{self.dims} spatial dims (N, C, ...), got shape {tuple(x.shape)}; pass inputs shaped "
+                           "like the example the model was prepared with (the quantized kernels take no unbatched "
+                           "input: x.unsqueeze(0))")
 
     def forward(self, x: torch.Tensor, accum: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels or x.dtype != torch.uint8:
@@ -233,10 +236,13 @@ class OneDNNLinear(_Prepacked):
         return torch.ops.onednn.qlinear_prepack(self.weight_int, None)
 
     def forward(self, x: torch.Tensor, accum: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.shape[-1] != self.in_features or x.dtype != torch.uint8:
-            raise FxQuantError(f"{self._describe()}: expects uint8 inputs with {self.in_features} features in the "
-                               f"last dimension, like the float Linear, got {x.dtype} of shape {tuple(x.shape)}; "
-                               "pass inputs shaped like the example the model was prepared with")
+        if x.dtype != torch.uint8:
+            raise FxQuantError(f"{self._describe()}: expects the uint8 tensor of a quantized region, got {x.dtype}; "
+                               "call the converted model, not its kernels, with float inputs")
+        if x.shape[-1] != self.in_features:
+            raise FxQuantError(f"{self._describe()}: expects inputs with {self.in_features} features in the last "
+                               f"dimension, like the float Linear, got shape {tuple(x.shape)}; pass inputs shaped like "
+                               "the example the model was prepared with")
         if accum is None:
             return torch.ops.onednn.qlinear_pointwise(
                 x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias, self._scale,
