@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["bin_counts", "rebin", "search_clip_range", "pow2_layout", "pow2_count", "pow2_regrid"]
+__all__ = ["bin_counts", "rebin", "search_clip_range", "pow2_layout", "pow2_count", "pow2_regrid", "fold_abs", "kl_clip",
+           "coarsen", "percentile_edges"]
 
 #: elements per torch.histc call: float32 counts stay exact integers up to 2**24
 _HISTC_CHUNK = 2**24
@@ -334,6 +335,22 @@ def kl_clip(counts: torch.Tensor, levels: int) -> int:
     kl = (sum_plogp - sum_plogq) / total - torch.log(total) + torch.log(kept.clamp(min=1e-300))
     kl = torch.where(((tail > 0) & (last == 0)) | (kept == 0), torch.full_like(kl, math.inf), kl)
     return int(i[torch.argmin(kl)])
+
+
+def coarsen(counts: torch.Tensor, min_mean: float) -> tuple[torch.Tensor, int]:
+    """Merge pairs of bins of a one-sided histogram until its non-empty span averages ``min_mean`` counts per bin.
+
+    Returns:
+        ``(coarse counts, factor)``: coarse bin ``j`` covers the original bins ``[j * factor, (j + 1) * factor)``.
+    """
+    factor = 1
+    nonzero = torch.nonzero(counts).flatten()
+    span = int(nonzero[-1]) + 1 if nonzero.numel() else 0
+    total = float(counts.sum())
+    while span > 1 and total < min_mean * span:
+        counts = torch.nn.functional.pad(counts, (0, counts.numel() % 2)).reshape(-1, 2).sum(1)
+        span, factor = (span + 1) // 2, factor * 2
+    return counts, factor
 
 
 def percentile_edges(counts: torch.Tensor, lower: Optional[float], upper: float) -> tuple[int, int]:

@@ -279,14 +279,25 @@ class EntropyObserver(_ExactHistogramObserver):
         if self.skip_zeros:  # exact zeros (ReLU's spike) are on the grid: no error, not part of the search
             row[zero] -= self.zero_count[0].to(row.device)
         if self._symmetric:  # TensorRT: |x| on the half grid
-            t = abs(self._to_real(0, zero + _histogram.kl_clip(_histogram.fold_abs(row, zero), steps // 2)))
+            t = abs(self._to_real(0, zero + _kl_side(_histogram.fold_abs(row, zero), steps // 2)))
             return torch.tensor([-t]), torch.tensor([t])
         # affine: each side searched on its own, with its share of the grid's steps (all of them for one-sided data)
         neg, pos = -min(float(self.min_val[0]), 0.0), max(float(self.max_val[0]), 0.0)
         pos_steps = round(steps * pos / (pos + neg)) if pos + neg > 0 else steps
-        hi = _histogram.kl_clip(row[zero:], max(pos_steps, 1)) if pos > 0 else 0
-        lo = _histogram.kl_clip(row[:zero].flip(0), max(steps - pos_steps, 1)) if neg > 0 else 0
+        hi = _kl_side(row[zero:], max(pos_steps, 1)) if pos > 0 else 0
+        lo = _kl_side(row[:zero].flip(0), max(steps - pos_steps, 1)) if neg > 0 else 0
         return torch.tensor([self._to_real(0, zero - lo)]), torch.tensor([self._to_real(0, zero + hi)])
+
+
+#: the entropy search needs a dense histogram: bins are merged in pairs until the data average this many per bin
+_KL_MIN_MEAN = 16
+
+
+def _kl_side(counts: torch.Tensor, levels: int) -> int:
+    """:func:`fxquant._histogram.kl_clip` on a histogram coarsened to :data:`_KL_MIN_MEAN` counts per bin (a small
+    tensor, such as a squeeze-excitation vector, would otherwise be a few isolated counts the search cuts off)."""
+    coarse, factor = _histogram.coarsen(counts, _KL_MIN_MEAN)
+    return _histogram.kl_clip(coarse, levels) * factor
 
 
 # --------------------------------------------------------------------------------------------- percentile
