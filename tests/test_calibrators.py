@@ -142,6 +142,19 @@ def test_kl_search_matches_reference_loop(counts, levels):
     assert _histogram.kl_clip(torch.tensor(h), levels) == _kl_reference(h, levels)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=300), st.floats(1.0, 64.0))
+def test_coarsen_keeps_counts_and_reaches_its_density(counts, min_mean):
+    h = torch.tensor(counts)
+    coarse, factor = _histogram.coarsen(h, min_mean)
+    assert int(coarse.sum()) == int(h.sum()) and factor & (factor - 1) == 0
+    for j in range(coarse.numel()):
+        assert int(coarse[j]) == int(h[j * factor:(j + 1) * factor].sum())
+    nonzero = torch.nonzero(coarse).flatten()
+    span = int(nonzero[-1]) + 1 if nonzero.numel() else 0
+    assert span <= 1 or int(h.sum()) >= min_mean * span
+
+
 # --------------------------------------------------------------------------- ranges on known distributions
 
 def _gaussian(n: int = 400_000, seed: int = 0) -> torch.Tensor:
