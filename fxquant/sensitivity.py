@@ -35,12 +35,17 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant.calibrate import run_batch
+from fxquant.errors import FxQuantError
 from fxquant.numeric import cosine
 from fxquant.qconfig import QConfigMapping
 from fxquant.report import _output_sqnr
 
-__all__ = ["Target", "MinSQNR", "MinCosine", "MetricTolerance", "LayerSensitivity", "SensitivityReport",
+__all__ = ["SensitivityError", "Target", "MinSQNR", "MinCosine", "MetricTolerance", "LayerSensitivity", "SensitivityReport",
            "MixedPrecisionResult", "sensitivity", "auto_mixed_precision", "quantizable_layers"]
+
+
+class SensitivityError(FxQuantError, ValueError):
+    """Bad arguments to :func:`sensitivity` / :func:`auto_mixed_precision` (the message says what to pass)."""
 
 
 class Target:
@@ -313,7 +318,7 @@ def sensitivity(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, cal
         A :class:`SensitivityReport`, most helpful layer first.
     """
     if mode not in ("float_one", "quantize_one"):
-        raise ValueError(f"mode must be 'float_one' or 'quantize_one', got {mode!r}")
+        raise SensitivityError(f"mode must be 'float_one' or 'quantize_one', got {mode!r}")
     s = _search(model, qconfig_mapping, example_inputs, calibration, target or MinSQNR(0.0), evaluation, backend_config)
     return _sensitivity(s, mode, layers, progress)
 
@@ -323,7 +328,7 @@ def _sensitivity(s: _Search, mode: str, layers: Optional[Sequence[str]], progres
     names = list(layers) if layers is not None else list(found)
     unknown = [n for n in names if n not in found]
     if unknown:
-        raise ValueError(f"not conv / linear layers of the model: {unknown[:5]}; choose from {list(found)[:10]}")
+        raise SensitivityError(f"not conv / linear layers of the model: {unknown[:5]}; choose from {list(found)[:10]}")
     all_int8, _ = s.score(s.mapping)
     rows = []
     for name in tqdm(names, desc=f"sensitivity ({mode})", disable=not progress):

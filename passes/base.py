@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 import networkx as nx
 from torch import fx
 
+from fxquant.errors import FxQuantError
+
 __all__ = ["PassResult", "Pass", "PassManager", "PassTiming", "TimingReport", "PassOrderError", "PassVerificationError",
            "PRINT_AFTER_ENV"]
 
@@ -47,11 +49,11 @@ class Pass(Protocol):
         """Rewrite ``gm`` (in place or into a new GraphModule) using shared state in ``ctx``."""
 
 
-class PassOrderError(ValueError):
+class PassOrderError(FxQuantError, ValueError):
     """The passes of a pipeline violate its ordering constraints (or two passes share a name)."""
 
 
-class PassVerificationError(AssertionError):
+class PassVerificationError(FxQuantError, AssertionError):
     """The graph broke an invariant after a pass (the message names the pass and the invariant)."""
 
 
