@@ -88,10 +88,9 @@ class _Grid(nn.Module):
 
 
 def to_u8(x: torch.Tensor, scale: float, zp: int, lo: int = 0, hi: int = 255) -> torch.Tensor:
-    """float -> uint8 on the grid (scale, zp), clamped to [lo, hi]: ``floor(x / scale + zp + 0.5)``.
-
-    Rounds exact halves up where torch's quantize rounds them to even (one step, on exact ties only)."""
-    return x.mul(1.0 / scale).add_(zp + 0.5).clamp_(lo, hi + 0.5).to(torch.uint8)
+    """float -> uint8 on the grid (scale, zp), clamped to [lo, hi]: ``round(x * (1 / scale)) + zp``, rounding
+    half to even and multiplying by the float32 reciprocal as torch's quantize and fake-quantize do."""
+    return x.mul(1.0 / scale).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
 
 
 def from_u8(q: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
@@ -131,6 +130,12 @@ class _Prepacked(_Grid):
         self.register_buffer("input_zero_point", torch.tensor(x.scalar()[1], dtype=torch.int64))
         self._x_scale, self._x_zp = x.scalar()
         self._w_zp = torch.zeros(out_channels, dtype=torch.int32)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the kernel computes with, as float (its int8 values times their scales)."""
+        shape = (-1,) + (1,) * (self.weight_int.dim() - 1)
+        return self.weight_int.to(torch.float32) * self.weight_scale.reshape(shape)
 
     def _pack(self) -> torch.Tensor:
         raise NotImplementedError

@@ -71,7 +71,7 @@ class OnIntegers(_Invoke):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.invoke(x.to(torch.float32).sub_(self._zp), args, kwargs)
-        return y.add_(self._zp + 0.5).clamp_(self._lo, self._hi + 0.5).to(torch.uint8)
+        return y.round_().add_(self._zp).clamp_(self._lo, self._hi).to(torch.uint8)  # half to even, as fake quant
 
     def extra_repr(self) -> str:
         return f"{self._name()} on the integers"
@@ -84,6 +84,7 @@ class GlobalMeanU8(nn.Module):
     def __init__(self, dims: tuple[int, ...], keepdim: bool, grid: QParams) -> None:
         super().__init__()
         self.dims, self.keepdim = dims, keepdim
+        self._zp = int(grid.scalar()[1])
         self._lo, self._hi = int(grid.quant_min), int(grid.quant_max)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -91,7 +92,9 @@ class GlobalMeanU8(nn.Module):
         for d in self.dims:
             n *= x.shape[d]
         total = torch.sum(x, self.dims, keepdim=self.keepdim, dtype=torch.float32)
-        return total.mul_(1.0 / n).add_(0.5).clamp_(self._lo, self._hi + 0.5).to(torch.uint8)
+        # round(mean(q - zp)) + zp, half to even (as fake quant rounds the float mean); division keeps exact halves
+        mean = total.sub_(n * self._zp).div_(n)
+        return mean.round_().add_(self._zp).clamp_(self._lo, self._hi).to(torch.uint8)
 
 
 def _global_mean(call: OpCall, grid: QParams) -> Optional[nn.Module]:
@@ -228,7 +231,7 @@ class FloatKernel(_Grid):
             (a, sa, za), (b, sb, zb) = (b, sb, zb), (a, sa, za)
         factor = from_u8(b, sb, zb).mul_(sa / self._scale)
         y = a.to(torch.float32).sub_(za).mul_(factor)
-        return y.add_(self._zp + 0.5).clamp_(self._lo, self._hi + 0.5).to(torch.uint8)
+        return y.round_().add_(self._zp).clamp_(self._lo, self._hi).to(torch.uint8)
 
     def extra_repr(self) -> str:
         return f"{self.target} in float (dequantize, op, quantize), {super().extra_repr()}"
