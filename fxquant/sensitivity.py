@@ -250,6 +250,7 @@ class _Search:
     target: Target
     backend: Any
     reference: list[Any]
+    fallback: Any = None  #: the qconfig sensitive layers get instead of the mapping's (``None``: float)
     evaluations: int = 0
     last_outputs: list[Any] = dataclasses.field(default_factory=list)
 
@@ -262,9 +263,10 @@ class _Search:
         return fxquant.convert_fx(prepared)
 
     def with_float(self, layers: Sequence[str]) -> QConfigMapping:
+        """The user's mapping with ``layers`` given the fallback (float by default)."""
         mapping = copy.deepcopy(self.mapping)
         for name in layers:
-            mapping.set_module_name(name, None)
+            mapping.set_module_name(name, self.fallback)
         return mapping
 
     def only_int8(self, layer: str) -> QConfigMapping:
@@ -285,7 +287,7 @@ def _batches(data: Any) -> list[Any]:
 
 
 def _search(model: nn.Module, mapping: Any, example: Any, calibration: Any, target: Target, evaluation: Any,
-            backend_config: Any) -> _Search:
+            backend_config: Any, fallback: Any = None) -> _Search:
     from fxquant.api import _default_backend, _example_inputs, _mapping
 
     model = model.eval()
@@ -293,13 +295,13 @@ def _search(model: nn.Module, mapping: Any, example: Any, calibration: Any, targ
     evaluation = _batches(evaluation if evaluation is not None else calibration)
     target.baseline(model, evaluation)
     return _Search(model, _mapping(mapping), _example_inputs(example), _batches(calibration), evaluation, target,
-                   backend, _outputs(model, evaluation))
+                   backend, _outputs(model, evaluation), fallback)
 
 
 def sensitivity(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, calibration: Any,
                 target: Optional[Target] = None, *, evaluation: Any = None, backend_config: Any = None,
                 mode: str = "float_one", layers: Optional[Sequence[str]] = None,
-                progress: bool = True) -> SensitivityReport:
+                fallback: Any = None, progress: bool = True) -> SensitivityReport:
     """Score one quantized variant per conv / linear layer (see the module docstring).
 
     Args:
@@ -312,6 +314,8 @@ def sensitivity(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, cal
         backend_config: as for ``prepare_fx``.
         mode: ``"float_one"`` (each layer alone float) or ``"quantize_one"`` (each layer alone int8).
         layers: the layers to try (default: every conv / linear, :func:`quantizable_layers`).
+        fallback: in ``float_one`` mode, the qconfig the singled-out layer gets instead of float (e.g.
+            ``fxquant.per_token_dynamic_qconfig``: int8 weights, activations quantized per row at run time).
         progress: show a progress bar.
 
     Returns:
@@ -319,7 +323,8 @@ def sensitivity(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, cal
     """
     if mode not in ("float_one", "quantize_one"):
         raise SensitivityError(f"mode must be 'float_one' or 'quantize_one', got {mode!r}")
-    s = _search(model, qconfig_mapping, example_inputs, calibration, target or MinSQNR(0.0), evaluation, backend_config)
+    s = _search(model, qconfig_mapping, example_inputs, calibration, target or MinSQNR(0.0), evaluation, backend_config,
+                fallback)
     return _sensitivity(s, mode, layers, progress)
 
 
@@ -349,20 +354,25 @@ def _int8_share(q: nn.Module, layers: dict[str, tuple[str, int]], example: tuple
 
 def auto_mixed_precision(model: nn.Module, qconfig_mapping: Any, example_inputs: Any, calibration: Any,
                          target: Target, *, evaluation: Any = None, backend_config: Any = None,
-                         max_float: Optional[int] = None, progress: bool = True) -> MixedPrecisionResult:
-    """Keep the fewest, most sensitive conv / linear layers in float until ``target`` holds.
+                         max_float: Optional[int] = None, fallback: Any = None,
+                         progress: bool = True) -> MixedPrecisionResult:
+    """Keep the fewest, most sensitive conv / linear layers in float (or at the ``fallback`` qconfig) until
+    ``target`` holds.
 
     Args:
         model, qconfig_mapping, example_inputs, calibration, evaluation, backend_config: as for :func:`sensitivity`.
         target: :class:`MinSQNR`, :class:`MinCosine` or :class:`MetricTolerance`.
         max_float: the most layers to leave float (default: all of them).
+        fallback: the qconfig the chosen layers get instead of float (``None``: float), e.g.
+            ``fxquant.per_token_dynamic_qconfig`` keeps their multiply-accumulates in int8 with activations
+            quantized per token at run time (transformers); ``float_layers`` then names the layers that got it.
         progress: show progress bars.
 
     Returns:
         A :class:`MixedPrecisionResult`; ``met`` is False when even ``max_float`` float layers miss the target
         (the result is then the best candidate tried).
     """
-    s = _search(model, qconfig_mapping, example_inputs, calibration, target, evaluation, backend_config)
+    s = _search(model, qconfig_mapping, example_inputs, calibration, target, evaluation, backend_config, fallback)
     layers = quantizable_layers(s.model, s.example, s.backend)
     score, q = s.score(s.mapping)
     if target.met(score):

@@ -164,3 +164,10 @@ def test_models_torch_fx_cannot_trace_whole_and_embedding_targets():
                                       backend_config="fbgemm", progress=False)
     assert result.met and result.float_layers[0] == "fc2"
     assert result.int8_flop_share <= 1 - 512 / (512 + 512 + 64) + 1e-9
+
+
+def test_a_fallback_qconfig_instead_of_float_keeps_every_flop_in_int8():
+    good = fxquant.get_default_qconfig("fbgemm")
+    result = _amp(MinSQNR(30.0), fallback=good)
+    assert result.met and result.float_layers == ("convs.1",) and result.int8_flop_share == 1.0
+    assert result.qconfig_mapping.qconfig_for("convs.1", nn.Conv2d) is good
