@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -221,6 +222,15 @@ def _private(nodes: Sequence[fx.Node]) -> bool:
     return all(set(n.users) <= inside for n in nodes[:-1])
 
 
+def _pieces(data: nx.DiGraph, wanted: nx.DiGraph) -> list[nx.DiGraph]:
+    """The weakly connected pieces of ``data`` big enough to hold a match of the connected pattern ``wanted``
+    (all of ``data`` if the pattern is not connected). VF2 on the whole candidate graph tries every node again at
+    each dead end (a candidate whose successor is not a candidate), which is quadratic on deep models."""
+    if not nx.is_weakly_connected(wanted):
+        return [data]
+    return [data.subgraph(c) for c in nx.weakly_connected_components(data) if len(c) >= len(wanted)]
+
+
 def find(gm: fx.GraphModule, pattern: Pattern, modules: Optional[Mapping[str, nn.Module]] = None) -> list[Match]:
     """Every match of ``pattern`` in ``gm``, ordered by the graph position of its output node.
 
@@ -238,11 +248,11 @@ def find(gm: fx.GraphModule, pattern: Pattern, modules: Optional[Mapping[str, nn
     if len(pattern.ops) == 1:
         mappings: Iterator[dict[Any, int]] = ({n: 0} for n in candidates if pattern.ops[0].matches(n, modules))
     else:
-        data = to_networkx(gm.graph, keep=candidates.__contains__)
-        matcher = isomorphism.DiGraphMatcher(
-            data, pattern.to_networkx(), node_match=lambda a, b: b["op"].matches(a["fx"], modules),
-            edge_match=lambda a, b: b["arg"] in a["args"])
-        mappings = matcher.subgraph_monomorphisms_iter()
+        data, wanted = to_networkx(gm.graph, keep=candidates.__contains__), pattern.to_networkx()
+        mappings = itertools.chain.from_iterable(
+            isomorphism.DiGraphMatcher(part, wanted, node_match=lambda a, b: b["op"].matches(a["fx"], modules),
+                                       edge_match=lambda a, b: b["arg"] in a["args"]).subgraph_monomorphisms_iter()
+            for part in _pieces(data, wanted))
     matches: dict[tuple[fx.Node, ...], Match] = {}
     for mapping in mappings:
         nodes = tuple(n for n, _ in sorted(mapping.items(), key=operator.itemgetter(1)))
