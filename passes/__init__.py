@@ -16,9 +16,10 @@ from fxquant.passes.base import (PRINT_AFTER_ENV, Pass, PassManager, PassOrderEr
 from fxquant.passes.context import RECORD_KEY, FloatReason, NodeRecord, QuantContext, modules_of, record
 from fxquant.passes.matching import Match, Op, Pattern, find
 from fxquant.passes.rewrite import Rewrite, RewritePass, rewrite
-from fxquant.passes.pipelines import convert_pipeline, freeze_qat_pipeline, fuse_pipeline, prepare_pipeline
+from fxquant.passes.pipelines import (convert_pipeline, freeze_qat_pipeline, fuse_pipeline, prepare_pipeline,
+                                      timing_report)
 
 __all__ = ["Pass", "PassResult", "PassManager", "PassTiming", "TimingReport", "PassOrderError",
            "PassVerificationError", "PRINT_AFTER_ENV", "QuantContext", "NodeRecord", "FloatReason", "RECORD_KEY",
            "record", "modules_of", "Pattern", "Op", "Match", "find", "Rewrite", "RewritePass", "rewrite",
-           "prepare_pipeline", "convert_pipeline", "freeze_qat_pipeline", "fuse_pipeline"]
+           "prepare_pipeline", "convert_pipeline", "freeze_qat_pipeline", "fuse_pipeline", "timing_report"]

@@ -11,7 +11,9 @@ Example:
 from __future__ import annotations
 
 from fxquant.passes.annotate import AnnotatePass
-from fxquant.passes.base import PassManager
+from torch import nn
+
+from fxquant.passes.base import PassManager, TimingReport
 from fxquant.passes.cleanup import CleanupPass
 from fxquant.passes.fuse import FusePass
 from fxquant.passes.lower import LowerPass
@@ -22,7 +24,7 @@ from fxquant.passes.residual import FloatResidualStreamPass
 from fxquant.passes.verify import CONVERT_VERIFIERS, PREPARE_VERIFIERS
 
 __all__ = ["PREPARE_ORDER", "CONVERT_ORDER", "prepare_pipeline", "convert_pipeline", "freeze_qat_pipeline",
-           "fuse_pipeline"]
+           "fuse_pipeline", "timing_report"]
 
 #: ``(a, b)``: pass ``a`` runs before pass ``b``
 PREPARE_ORDER = [("normalize", "fuse"), ("fuse", "annotate"), ("annotate", "observe"), ("annotate", "residual_stream"),
@@ -53,3 +55,18 @@ def freeze_qat_pipeline(verify: bool = True) -> PassManager:
 def fuse_pipeline(verify: bool = True) -> PassManager:
     """The passes of ``fuse_fx``: normalize -> fuse."""
     return PassManager([NormalizePass(), FusePass()], PREPARE_ORDER, verify=verify, name="fuse")
+
+
+def timing_report(model: nn.Module) -> TimingReport:
+    """Every pass's wall time for a prepared or converted model (prepare's passes, then convert's).
+
+    Raises:
+        TypeError: ``model`` was not made by ``prepare_fx`` / ``convert_fx``.
+    """
+    from fxquant.api import STATE_KEY
+
+    state = getattr(model, "meta", {}).get(STATE_KEY)
+    if state is None:
+        raise TypeError(f"timing_report expects a model returned by fxquant.prepare_fx or convert_fx, got "
+                        f"{type(model).__name__}")
+    return TimingReport(tuple(state.timings))

@@ -19,7 +19,7 @@ from fxquant.backends import OpKind, get_backend_config, ops
 from fxquant.fused import fold_bn
 from fxquant.passes import (Op, PassManager, PassOrderError, PassResult, PassVerificationError, Pattern, QuantContext,
                             Rewrite, RewritePass, TimingReport, convert_pipeline, find, fuse_pipeline,
-                            prepare_pipeline, record, rewrite)
+                            prepare_pipeline, record, rewrite, timing_report)
 from fxquant.passes.fuse import fusion_rules
 from fxquant.testing import examples, models
 from fxquant.tracer import trace
@@ -223,7 +223,10 @@ def test_prepare_fx_runs_the_given_pipeline_without_changing_it():
     timings = prepared.meta["fxquant_state"].timings
     assert [t.name for t in timings] == pm.names
     assert pm.timings == []                            # the user's object was copied, not run
-    report = TimingReport(tuple(timings))
+    report = timing_report(prepared)
+    assert report == TimingReport(tuple(timings))
+    with pytest.raises(TypeError, match="expects a model returned by fxquant.prepare_fx"):
+        timing_report(model)
     assert report.total == pytest.approx(sum(t.seconds for t in timings))
     assert report.seconds("noop") >= 0.0 and "noop" in str(report) and "total" in str(report)
 
