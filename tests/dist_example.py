@@ -56,11 +56,11 @@ def shard(x: torch.Tensor, batch: int, rank: int, world: int) -> list[torch.Tens
     return [x[i:i + batch][rank::world] for i in range(0, len(x), batch)]
 
 
-def calibrate_example(rank: int, world: int) -> str:
+def calibrate_example(rank: int, world: int, fp32_epochs: int = 3) -> str:
     from bench_qat import DigitsCNN, digits, fp32_model
 
     x_tr, y_tr, x_te, _ = digits()
-    model = fp32_model(x_tr, y_tr, width=8, seed=0, epochs=3).eval()  # seeded: the same model on every rank
+    model = fp32_model(x_tr, y_tr, width=8, seed=0, epochs=fp32_epochs).eval()  # seeded: the same model on every rank
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(BACKEND), (x_tr[:32],),
                                   backend_config=BACKEND)
     fxquant.calibrate(prepared, shard(x_tr[:512], 64, rank, world), progress=False, distributed=True)

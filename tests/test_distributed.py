@@ -330,7 +330,7 @@ def digits_worker(out_dir: str, rank: int, world: int) -> dict[str, Any]:
 def run_example(rank: int, world: int) -> str:
     from dist_example import calibrate_example
 
-    return calibrate_example(rank, world)
+    return calibrate_example(rank, world, fp32_epochs=1)
 
 
 SCENARIOS = {"observers": run_observers, "models": run_models, "errors": run_errors, "qat": run_qat,
