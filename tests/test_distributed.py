@@ -136,10 +136,12 @@ def run_observers(rank: int, world: int) -> dict[str, Any]:
     synced = Observers()  # local calibration, then one explicit merge
     fxquant.calibrate(synced, [b[rank::world] for b in batches], progress=False)
     fxquant.sync_observers(synced)
+    synced_twice = copy.deepcopy(synced)  # a second merge without new data moves no qparam
+    fxquant.sync_observers(synced_twice)
     out = {}
     for name in dist_obs.obs:
         out[name] = {k: qparams_of(m.obs[name]) for k, m in (("dist", dist_obs), ("single", single), ("merge", merged),
-                                                             ("sync", synced))}
+                                                             ("sync", synced), ("twice", synced_twice))}
         out[name]["state"] = {k: v.clone() for k, v in dist_obs.obs[name].state_dict().items()}
     uneven = Observers()  # rank 0 has one batch more: nobody waits, all ranks end the same
     fxquant.calibrate(uneven, [b[rank::world] for b in batches[:len(batches) - rank]], progress=False,
@@ -397,6 +399,7 @@ def test_every_observer_type_matches_one_process(ranks: list[dict[str, Any]]) ->
         expected = r0[name]["single"] if name == "float_qparams" else r0[name]["merge"]
         assert _close(r0[name]["sync"], expected), (name, r0[name]["sync"], expected)
         assert _close(r0[name]["sync"], r1[name]["sync"], rtol=0), name
+        assert _close(r0[name]["twice"], r0[name]["sync"], rtol=0), (name, r0[name]["twice"], r0[name]["sync"])
         if name in histogram_like:  # re-binning moves counts within a bin: within one bin of one process
             width = float(r0[name]["state"]["max_val"].max() - r0[name]["state"]["min_val"].min()) / 200
             assert abs(float(dist_qp[0] - r0[name]["single"][0])) * 255 <= 2 * width, (name, dist_qp)
