@@ -130,6 +130,10 @@ def _ort_int8(model: torch.nn.Module, x: torch.Tensor, calib: list[torch.Tensor]
         def get_next(self) -> Any:
             return next(self.batches, None)
 
+    import logging
+
+    ort.set_default_logger_severity(3)  # no per-initializer warnings
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" notice
     fp32, int8 = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "int8.onnx")
     torch.onnx.export(model, (x,), fp32, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}},
                       dynamo=False, opset_version=17)
