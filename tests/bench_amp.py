@@ -5,7 +5,7 @@
 
 Cases: all-MiniLM-L6-v2 static int8 (x86 table) to mean sentence-embedding cosine >= 0.99, the sensitive linears
 moved to per-token dynamic int8 (``fallback=``), not float; efficientnet_b0 and mobilenet_v2 (fbgemm, random init
-with re-estimated BN statistics, 160 px) to output SQNR >= 35 dB, sensitive layers float. Every
+with re-estimated BN statistics, 224 px, or BENCH_AMP_SIZE) to output SQNR >= 35 dB, sensitive layers float. Every
 candidate is prepared, calibrated and converted for real on one thread; timings are from a shared 2-core machine.
 """
 
@@ -38,7 +38,7 @@ def minilm() -> tuple:
     return model, "x86", example, calibration, evaluation, MinCosine(0.99, embed=embed), fxquant.per_token_dynamic_qconfig
 
 
-def vision(name: str, size: int = 160) -> tuple:
+def vision(name: str, size: int = int(os.environ.get("BENCH_AMP_SIZE", "224"))) -> tuple:
     from fxquant.zoo import torchvision_model
 
     model = torchvision_model(name, image_size=size)
