@@ -287,12 +287,10 @@ class Stages:
     def __init__(self, names: list[str], enabled: bool) -> None:
         self.bar = tqdm(total=len(names), desc=names[0], file=sys.stderr, disable=not enabled, leave=False,
                         bar_format="{desc:<22} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
-        self.started = False
 
     def step(self, name: str) -> None:
-        if self.started:
-            self.bar.update(1)
-        self.started = True
+        """The previous stage is done; ``name`` starts."""
+        self.bar.update(1)
         self.bar.set_description_str(name)
 
     def close(self) -> None:
@@ -440,7 +438,8 @@ def _save(quantized: nn.Module, path: str) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``fxquant quantize``: load, calibrate, convert, measure, print (and save)."""
     torch.manual_seed(args.seed)
-    stages = Stages(["load model", "calibration data", "prepare", "calibrate", "convert", "measure", "save"],
+    steps = ["prepare", "calibrate", "convert"] if args.mode == "static" else ["quantize (dynamic)"]
+    stages = Stages(["load model", "calibration data", *steps, "measure"] + (["save"] if args.output else []),
                     _progress(args))
     try:
         model = load_model(args.model, args.input_size)
