@@ -78,6 +78,8 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             return super().forward(x)
         obs = self.activation_post_process
         axis = self._axis(x) if self.is_per_channel else 0
+        if axis != 0:  # the native kernel's per-channel path only takes axis 0; the exact path takes any
+            return super().forward(x)
         if self.is_per_channel and int(obs.input_ndim) == 0:
             obs.input_ndim.fill_(x.dim())
         with torch.no_grad():

@@ -645,6 +645,14 @@ def test_fused_fake_quant_takes_the_exact_path_where_the_kernel_cannot():
     assert torch.equal(fast(x), ref(x)) and float(fast.scale) == eps
     with pytest.raises(TypeError, match="moving-average"):
         fxquant.FusedMovingAvgObsFakeQuantize(observer=MinMaxObserver)
+    # per-channel on an axis other than 0 (the native kernel takes axis 0 only): the exact path, same values
+    spec = dict(observer=MovingAveragePerChannelMinMaxObserver, dtype=torch.qint8,
+                qscheme=torch.per_channel_symmetric, ch_axis=1)
+    fast, ref = fxquant.FusedMovingAvgObsFakeQuantize(**spec), FakeQuantize(**spec)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, generator=gen())
+        assert torch.equal(fast(x), ref(x))
+    assert fast.qparams().axis == 1 and torch.equal(fast.qparams().scale, ref.qparams().scale)
 
 
 def test_learnable_fake_quant_initialises_from_the_observer_then_learns():
