@@ -59,7 +59,26 @@ POST_OPS: dict[str, PostOp] = {
 }
 
 
-class _Grid(nn.Module):
+class _Mirrors(nn.Module):
+    """Keeps qparams as float64 buffers (rows of scale, zero point, quant_min, quant_max), so ``state_dict``
+    carries them, and mirrors them as Python numbers for the hot path (refreshed on load)."""
+
+    def _keep(self, name: str, grids: list[QParams]) -> None:
+        rows = [[float(qp.scale), float(qp.zero_point), float(qp.quant_min), float(qp.quant_max)] for qp in grids]
+        self.register_buffer(name, torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 4))
+
+    def _rows(self, name: str) -> list[tuple[float, int, int, int]]:
+        return [(float(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in getattr(self, name).tolist()]
+
+    def _refresh(self) -> None:
+        """Set the Python mirrors from the buffers."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
+
+
+class _Grid(_Mirrors):
     """Holds the output scale / zero point (buffers, mirrored as Python numbers for the hot path).
 
     Attributes:
@@ -79,8 +98,7 @@ class _Grid(nn.Module):
     def _describe(self) -> str:
         return f"{type(self).__name__} at {self.where}" if self.where else type(self).__name__
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _refresh(self) -> None:
         self._scale, self._zp = float(self.scale), int(self.zero_point)
 
     def extra_repr(self) -> str:
@@ -145,8 +163,10 @@ class _Prepacked(_Grid):
         self._w_zp = torch.zeros(self.weight_int.shape[0], dtype=torch.int32)
         self._packed = self._pack()
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(*args, **kwargs)
+    def _refresh(self) -> None:
+        super()._refresh()
+        if "accum_qparams" in self._buffers:
+            self._accum = self._rows("accum_qparams")[0][:2]
         self._repack()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -186,6 +206,8 @@ class OneDNNConv(_Prepacked):
         self.binary = accum is not None
         self.clone_accum = clone_accum
         self._accum = accum.scalar() if accum is not None else (1.0, 0)
+        if accum is not None:
+            self._keep("accum_qparams", [accum])
         self._repack()
 
     def _pack(self) -> torch.Tensor:
@@ -235,6 +257,8 @@ class OneDNNLinear(_Prepacked):
         self.binary = accum is not None
         self.clone_accum = clone_accum
         self._accum = accum.scalar() if accum is not None else (1.0, 0)
+        if accum is not None:
+            self._keep("accum_qparams", [accum])
         self._repack()
 
     def _pack(self) -> torch.Tensor:

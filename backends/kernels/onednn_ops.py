@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.backends.kernels.onednn import POST_OPS, OneDNNConv, OneDNNLinear, PostOp, _Grid, from_u8, to_u8
+from fxquant.backends.kernels.onednn import (POST_OPS, OneDNNConv, OneDNNLinear, PostOp, _Grid, _Mirrors, from_u8,
+                                             to_u8)
 from fxquant.backends.kernels.qtensor import LoweringSpec
 from fxquant.qparams import QParams, dequantize, quantize_int
 
@@ -36,7 +37,7 @@ class OpCall:
     target: Any
 
 
-class _Invoke(nn.Module):
+class _Invoke(_Mirrors):
     """Calls the original op (function, method name or module) on a float tensor and the node's other args."""
 
     def __init__(self, call: OpCall) -> None:
@@ -66,8 +67,11 @@ class OnIntegers(_Invoke):
 
     def __init__(self, call: OpCall, grid: QParams) -> None:
         super().__init__(call)
-        self._zp = int(grid.scalar()[1])
-        self._lo, self._hi = int(grid.quant_min), int(grid.quant_max)
+        self._keep("grid", [grid])
+        self._refresh()
+
+    def _refresh(self) -> None:
+        _, self._zp, self._lo, self._hi = self._rows("grid")[0]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.invoke(x.to(torch.float32).sub_(self._zp), args, kwargs)
@@ -77,15 +81,18 @@ class OnIntegers(_Invoke):
         return f"{self._name()} on the integers"
 
 
-class GlobalMeanU8(nn.Module):
+class GlobalMeanU8(_Mirrors):
     """Global average pooling (``adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3), keepdim)``) on uint8: the integer
     sum in float32 (no float copy of the input), divided and rounded to the same grid."""
 
     def __init__(self, dims: tuple[int, ...], keepdim: bool, grid: QParams) -> None:
         super().__init__()
         self.dims, self.keepdim = dims, keepdim
-        self._zp = int(grid.scalar()[1])
-        self._lo, self._hi = int(grid.quant_min), int(grid.quant_max)
+        self._keep("grid", [grid])
+        self._refresh()
+
+    def _refresh(self) -> None:
+        _, self._zp, self._lo, self._hi = self._rows("grid")[0]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         n = 1
@@ -113,9 +120,14 @@ class FloatOp(_Invoke):
 
     def __init__(self, call: OpCall, x: QParams, out: QParams) -> None:
         super().__init__(call)
-        self._x = x.scalar()
-        self._out = out.scalar()
-        self._lo, self._hi = int(out.quant_min), int(out.quant_max)
+        self._keep("input_qparams", [x])
+        self._keep("output_qparams", [out])
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._x = self._rows("input_qparams")[0][:2]
+        out = self._rows("output_qparams")[0]
+        self._out, self._lo, self._hi = out[:2], out[2], out[3]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.invoke(from_u8(x, *self._x), args, kwargs)
@@ -125,12 +137,16 @@ class FloatOp(_Invoke):
         return f"{self._name()} in float (dequantize, op, quantize)"
 
 
-class ReluU8(nn.Module):
+class ReluU8(_Mirrors):
     """relu on uint8: ``max(q, zero_point)``, exact."""
 
     def __init__(self, grid: QParams) -> None:
         super().__init__()
-        self._zp = int(grid.scalar()[1])
+        self._keep("grid", [grid])
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._zp = self._rows("grid")[0][1]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x.clamp_min(self._zp)
@@ -212,8 +228,13 @@ class FloatKernel(_Grid):
         super().__init__(output)
         self.target = target
         self.fn = module
-        self._inputs = [qp.scalar() for qp in inputs]
+        self._keep("input_qparams", list(inputs))
         self._kwargs = dict(kwargs or {})
+        self._refresh()
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._inputs = [r[:2] for r in self._rows("input_qparams")]
 
     def forward(self, *xs: Any) -> torch.Tensor:
         if self.target == "mul" and len(xs) == 2 and xs[0].dim() == xs[1].dim():
@@ -244,7 +265,12 @@ class CatU8(_Grid):
     def __init__(self, dim: int, inputs: tuple[QParams, ...], output: QParams) -> None:
         super().__init__(output)
         self.dim = int(dim)
-        self._inputs = [qp.scalar() for qp in inputs]
+        self._keep("input_qparams", list(inputs))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._inputs = [r[:2] for r in self._rows("input_qparams")]
 
     def forward(self, xs: list[torch.Tensor], dim: Optional[int] = None) -> torch.Tensor:
         parts = [x if self._inputs[i] == (self._scale, self._zp) else
