@@ -59,6 +59,11 @@ POST_OPS: dict[str, PostOp] = {
 }
 
 
+#: the overloads themselves (calling the packet resolves the overload on every call)
+_QCONV = torch.ops.onednn.qconv_pointwise.default if hasattr(torch.ops.onednn, "qconv_pointwise") else None
+_QLINEAR = torch.ops.onednn.qlinear_pointwise.default if hasattr(torch.ops.onednn, "qlinear_pointwise") else None
+
+
 class _Mirrors(nn.Module):
     """Keeps qparams as float64 buffers (rows of scale, zero point, quant_min, quant_max), so ``state_dict``
     carries them, and mirrors them as Python numbers for the hot path (refreshed on load)."""
@@ -159,6 +164,7 @@ class _Prepacked(_Grid):
         raise NotImplementedError
 
     def _repack(self) -> None:
+        self._scalars = list(self.post.scalars)  # built once, not per call
         self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
         self._w_zp = torch.zeros(self.weight_int.shape[0], dtype=torch.int32)
         self._packed = self._pack()
@@ -227,17 +233,16 @@ class OneDNNConv(_Prepacked):
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels or x.dtype != torch.uint8:
             self._check(x)
         if accum is None:
-            y = torch.ops.onednn.qconv_pointwise(
-                x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias, self.stride,
-                self.padding, self.dilation, self.groups, self._scale, self._zp, None, self.post.attr,
-                list(self.post.scalars), self.post.algorithm)
+            y = _QCONV(x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias,
+                       self.stride, self.padding, self.dilation, self.groups, self._scale, self._zp, None,
+                       self.post.attr, self._scalars, self.post.algorithm)
             return y.clamp_min_(self._zp) if self.relu_after else y
         if self.clone_accum:
             accum = accum.clone(memory_format=torch.channels_last)
         return torch.ops.onednn.qconv2d_pointwise.binary(
             x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, accum, self.bias,
             self.stride, self.padding, self.dilation, self.groups, self._scale, self._zp, None, self._accum[0],
-            self._accum[1], "sum", 1.0, self.post.attr, list(self.post.scalars), self.post.algorithm or None)
+            self._accum[1], "sum", 1.0, self.post.attr, self._scalars, self.post.algorithm or None)
 
     def extra_repr(self) -> str:
         post = "" if self.post.attr == "none" else f", post={self.post.attr}"
@@ -273,14 +278,13 @@ class OneDNNLinear(_Prepacked):
                                f"dimension, like the float Linear, got shape {tuple(x.shape)}; pass inputs shaped like "
                                "the example the model was prepared with")
         if accum is None:
-            return torch.ops.onednn.qlinear_pointwise(
-                x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias, self._scale,
-                self._zp, None, self.post.attr, list(self.post.scalars), self.post.algorithm)
+            return _QLINEAR(x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias,
+                            self._scale, self._zp, None, self.post.attr, self._scalars, self.post.algorithm)
         accum = accum.clone() if self.clone_accum else accum
         return torch.ops.onednn.qlinear_pointwise.binary(
             x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, accum, self.bias,
             self._scale, self._zp, None, self._accum[0], self._accum[1], "sum", 1.0, self.post.attr,
-            list(self.post.scalars), self.post.algorithm)
+            self._scalars, self.post.algorithm)
 
     def extra_repr(self) -> str:
         post = "" if self.post.attr == "none" else f", post={self.post.attr}"
