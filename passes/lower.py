@@ -11,7 +11,15 @@ Contract:
       trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
     * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
       output, built from the float module and the qconfig's weight observer (no calibration data needed);
-    * no dead nodes: values the model computes but never uses (a dead branch in the user's code) are dropped.
+    * no dead nodes: values the model computes but never uses (a dead branch in the user's code) are dropped;
+    * the kernel layer decides how values cross the border and how ops without a kernel run: quantized tensors
+      dequantize themselves (``.dequantize()``), plain integer tensors through the layer's dequantize module; a
+      shares-input / fixed-qparams op runs as it is on the quantized value, or through the module the layer
+      returns for it (``kernels.native``); every kernel gets the qparams of its inputs (``LoweringSpec.inputs``);
+    * kernel fusions (``BackendConfig.kernel_fusions``): a conv / linear whose only user is the consumer of a
+      listed pair is built into the consumer's kernel (a oneDNN post-op, or the residual add), with the consumer's
+      output qparams; for an add, the other operand is copied first unless nothing reads it later and it is a
+      tensor a kernel allocated (oneDNN writes the sum into it).
 
 The graph is rebuilt in one forward walk. Each old value has up to two views in the new graph, a float
 one and a quantized one, made on first use and cached.
