@@ -72,8 +72,15 @@ def build(family: str, nodes: int) -> tuple[nn.Module, torch.Tensor]:
             layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
         return nn.Sequential(*layers).eval(), torch.randn(1, WIDTH)
     if family == "rescnn":
-        blocks = [Block(CHANNELS) for _ in range(max(1, (nodes - 2) // 7))]
-        return nn.Sequential(*blocks).eval(), torch.randn(1, CHANNELS, SPATIAL, SPATIAL)
+        model = nn.Sequential(*[Block(CHANNELS) for _ in range(max(1, (nodes - 2) // 7))])
+        # batch-norm statistics from one batch (as fxquant.zoo does for torchvision models): with the default
+        # running statistics every block scales its input up, and activations overflow after ~4k blocks
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # cumulative average: one batch sets the statistics exactly
+        with torch.no_grad():
+            model.train()(torch.randn(8, CHANNELS, SPATIAL, SPATIAL))
+        return model.eval(), torch.randn(1, CHANNELS, SPATIAL, SPATIAL)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
