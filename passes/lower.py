@@ -177,8 +177,11 @@ def _plan_one(b: _Builder, consumer: fx.Node, order: dict[fx.Node, int]) -> Opti
         accum = inputs[1 - i]
         if accum == producer or accum not in b.qparams or _shape(accum) is None or _shape(accum) != _shape(producer):
             continue
-        later = any(order.get(u, len(order)) > order[consumer] for u in _real_users(accum, b.modules) if u is not consumer)
-        return _Fusion(fusion, producer, accum, later or accum.op in ("placeholder", "get_attr"))
+        others = [u for u in _real_users(accum, b.modules) if u is not consumer]
+        later = any(order.get(u, len(order)) > order[consumer] for u in others)
+        # a user that is not a kernel (a reshape, ...) may return a view of the tensor the kernel writes into
+        aliased = any(record(u).entry is None or record(u).entry.lowering is None for u in others)
+        return _Fusion(fusion, producer, accum, later or aliased or accum.op in ("placeholder", "get_attr"))
     return None
 
 
