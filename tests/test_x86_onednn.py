@@ -254,3 +254,29 @@ def test_x86_default_activations_are_full_8_bit_on_vnni():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert X86.entry("conv2d").constraints.depthwise_weight_range is None  # 8-bit depthwise weights too
+
+
+class _Reused(nn.Module):
+    """The added tensor is read again after the add, directly and through a view (oneDNN writes the sum into it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        view = x.flatten(1)
+        out = self.b(x) + x
+        return self.c(out), view, x
+
+
+def test_a_fused_add_never_overwrites_a_tensor_read_later():
+    torch.manual_seed(0)
+    model = _Reused().eval()
+    x = torch.randn(2, 4, 5, 5)
+    prepared, q = _quantize(model, x)
+    fused = [m for m in q.modules() if isinstance(m, OneDNNConv) and m.binary]
+    assert len(fused) == 1 and fused[0].clone_accum
+    with torch.no_grad():
+        for ref, out in zip(model(x), q(x)):
+            assert fxquant.sqnr(ref, out) > 35
