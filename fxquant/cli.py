@@ -422,13 +422,17 @@ def _quantize_dynamic(model: nn.Module, args: argparse.Namespace, stages: Stages
     return quantized, time.perf_counter() - start
 
 
-def _save(quantized: nn.Module, path: str) -> None:
-    """torch.save of the module, as docs/cli.md says (fxquant.save writes data for fxquant.load instead, which needs
-    the float model: docs/export.md)."""
+def _save(quantized: nn.Module, path: str, fmt: str = "module") -> None:
+    """``module``: torch.save of the module (load with ``torch.load(path, weights_only=False)``); ``data``:
+    :func:`fxquant.save` (load with ``fxquant.load(path, float_model)``, ``weights_only``-safe: docs/export.md)."""
     try:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(quantized, target)
+        if fmt == "data":
+            from fxquant.save import save
+            save(quantized, target)
+        else:
+            torch.save(quantized, target)
     except CliError:
         raise
     except Exception as exc:  # noqa: BLE001 - disk full, permissions, unpicklable modules
@@ -455,7 +459,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rep = _measure(model, quantized, data.example, args.runs, args.threads)
         if args.output:
             stages.step("save")
-            _save(quantized, args.output)
+            _save(quantized, args.output, args.save_format)
     finally:
         stages.close()
     result = QuantizeResult(args.model, args.backend, args.mode, "none (dynamic)" if args.mode == "dynamic" else data.source,
@@ -600,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static: int8 activations, calibrated (default); dynamic: int8 weights, activations "
                         "quantized at run time (Linear/LSTM/GRU), no calibration")
     q.add_argument("--output", "-o", default="", metavar="PATH", help="save the quantized model here")
+    q.add_argument("--save-format", choices=("module", "data"), default="module",
+                   help="module: torch.save of the GraphModule (default); data: fxquant.save, loaded with "
+                        "fxquant.load(PATH, float_model) and safe with weights_only=True")
     q.add_argument("--runs", type=int, default=20, help="timed rounds for the latency medians (default 20)")
     q.add_argument("--threads", type=int, default=1, help="torch threads while timing (default 1)")
     q.add_argument("--worst", type=int, default=5, metavar="K", help="how many worst layers to list (default 5)")

@@ -160,6 +160,18 @@ def test_output_is_loadable_and_matches(capsys: pytest.CaptureFixture, files: Pa
         assert fxquant.sqnr(model(x), loaded(x)) > 20
 
 
+def test_output_as_data_loads_with_fxquant_load(capsys: pytest.CaptureFixture, files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.fxq"
+    spec = f"{files}/models.py:cnn"
+    run_json(capsys, ["quantize", spec, "--input-size", "12", "--output", str(out), "--save-format", "data"])
+    from fxquant.save import load
+    model = fxquant.cli.load_model(spec)
+    loaded = load(out, model)
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), loaded(x)) > 20
+
+
 def test_inspect_annotates_every_node(capsys: pytest.CaptureFixture, files: Path) -> None:
     spec = f"{files}/models.py:cnn"
     assert main(["inspect", spec, "--input-size", "12", "--skip", "fc"]) == ExitCode.OK
