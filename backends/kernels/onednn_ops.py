@@ -273,10 +273,14 @@ class CatU8(_Grid):
         self._inputs = [r[:2] for r in self._rows("input_qparams")]
 
     def forward(self, xs: list[torch.Tensor], dim: Optional[int] = None) -> torch.Tensor:
-        parts = [x if self._inputs[i] == (self._scale, self._zp) else
-                 to_u8(from_u8(x, *self._inputs[i]), self._scale, self._zp, self._lo, self._hi)
+        parts = [x if self._inputs[i] == (self._scale, self._zp) else self._requantize(x, *self._inputs[i])
                  for i, x in enumerate(xs)]
         return torch.cat(parts, self.dim)
+
+    def _requantize(self, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+        """uint8 on (scale, zp) -> uint8 on the output grid: ``round((q - zp) * scale / out_scale) + out_zp``."""
+        y = x.to(torch.float32).sub_(zp).mul_(scale / self._scale)
+        return y.round_().add_(self._zp).clamp_(self._lo, self._hi).to(torch.uint8)
 
     def extra_repr(self) -> str:
         shared = sum(qp == (self._scale, self._zp) for qp in self._inputs)
