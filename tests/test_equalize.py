@@ -71,10 +71,10 @@ def test_equalization_preserves_the_function(c, act, depthwise, seed):
 def test_equalization_balances_ranges_through_a_depthwise_layer():
     model = Block(8, "relu", True, 0).eval()
     eq = equalize(model, high_bias_absorption=False)
-    w1, w2, w3 = eq.conv1.weight, eq.conv2.weight, eq.conv3.weight
+    w1, w2, w3 = eq.conv1.weight.detach(), eq.conv2.weight.detach(), eq.conv3.weight.detach()
     r1, r2, r3 = w1.abs().amax((1, 2, 3)), w2.abs().amax((1, 2, 3)), w3.abs().amax((0, 2, 3))
     assert torch.allclose(r1, r2, rtol=1e-3) and torch.allclose(r2, r3, rtol=1e-3)  # converged: one range each
-    before = Block(8, "relu", True, 0).conv1.weight.abs().amax((1, 2, 3))
+    before = Block(8, "relu", True, 0).conv1.weight.detach().abs().amax((1, 2, 3))
     assert float(r1.max() / r1.min()) < float(before.max() / before.min())
 
 
