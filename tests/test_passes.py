@@ -21,6 +21,7 @@ from models import (DepthwiseBlock, Residual, SingleConv, SingleLinear, SmallCNN
                     quantize, seeded)
 from fxquant.api import STATE_KEY, convert_pipeline, prepare_pipeline
 from fxquant.backends import get_backend_config
+from fxquant.backends.kernels.onednn import OneDNNConv
 from fxquant.backends.kernels.qtensor import (Quantize, QuantizedBinary, QuantizedConv, QuantizedLinear)
 from fxquant.errors import QConfigError
 from fxquant.observers import HistogramObserver, ObserverBase, PerChannelMinMaxObserver
@@ -356,7 +357,7 @@ def test_property_convert_stays_within_k_steps_of_fake_quant(cin, cout, kernel, 
     calib = [torch.randn(*shape, generator=gen) for _ in range(2)]
     x = torch.randn(*shape, generator=gen)
     prepared, converted = quantize(model, calib[0], backend, calib)
-    assert isinstance(converted.get_submodule("0"), QuantizedConv)
+    assert isinstance(converted.get_submodule("0"), OneDNNConv if backend == "x86" else QuantizedConv)
     expected, step = _simulate(prepared, converted, "0", x, relu=relu)
     with torch.no_grad():
         out = converted(x)

@@ -550,11 +550,15 @@ def test_convert_quantizes_weights_with_the_trained_fake_quant_qparams(restore_e
     prepared.eval()
     fxquant.disable_observer(prepared)
     converted = fxquant.convert_fx(prepared)
-    qw = converted.conv1.weight  # the quantized folded weight
+    conv = converted.conv1
+    if conv.weight.is_quantized:  # fbgemm/qnnpack: a per-channel QTensor
+        scales, weight = conv.weight.q_per_channel_scales().float(), conv.weight.dequantize()
+    else:  # x86/oneDNN: plain int8 values and their float scales
+        scales, weight = conv.weight_scale, conv.weight
     trained = prepared.conv1.weight_fake_quant
-    torch.testing.assert_close(qw.q_per_channel_scales().float(), trained.scale)
+    torch.testing.assert_close(scales, trained.scale)
     folded = prepared.conv1.to_float().op.weight
-    torch.testing.assert_close(qw.dequantize(), fake_quantize(folded, trained.qparams()))
+    torch.testing.assert_close(weight, fake_quantize(folded, trained.qparams()))
 
 
 def test_lsq_model_converts_with_its_learned_qparams(restore_engine):
