@@ -179,7 +179,7 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     mapping = _mapping(qconfig_mapping)
     backend = _default_backend(backend_config)
     config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
-    model = copy.deepcopy(model)
+    model = _copy_sharing_weights(model)
     decompose_attention(model)
     try:
         gm = _trace_with_shapes(model, inputs, config)
@@ -189,6 +189,25 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
         return _prepare_partially(model, inputs, mapping, backend, verify, exc, pipeline)
     return _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs), verify,
                     pipeline)
+
+
+def _copy_sharing_weights(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``'s modules whose parameters and buffers are new tensor objects on the *same* memory.
+
+    Post-training prepare reads the float weights and never writes them (fusion builds new folded tensors; the
+    passes that change weights, equalization and bias correction, assign new tensors instead of writing in
+    place), so copying them would only double the model's memory and prepare's time. The user's modules are
+    never shared: attaching observers, swapping modules or assigning a new tensor leaves the user's model as it
+    was. prepare_qat_fx, whose training writes the weights, copies them.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if type(p) is nn.Parameter:
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if type(b) is torch.Tensor:
+            memo[id(b)] = b.detach()
+    return copy.deepcopy(model, memo)
 
 
 def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConfigMapping, backend: BackendConfig,

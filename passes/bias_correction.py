@@ -153,10 +153,9 @@ def _correct_layer(paths: _TwoPaths, node: fx.Node, op: nn.Module, relu: bool) -
     diff = torch.stack([(q - f).movedim(axis, 0).reshape(q.shape[axis], -1).mean(1) for q, f in zip(qnt, flt)])
     weights = torch.tensor([float(f.numel()) for f in flt])
     shift = (diff * (weights / weights.sum()).unsqueeze(1)).sum(0)
-    with torch.no_grad():
-        if op.bias is None:
-            op.bias = nn.Parameter(torch.zeros_like(shift))
-        op.bias.sub_(shift)
+    # a new tensor, not an in-place write: the prepared model shares its float weights with the user's model
+    old_bias = op.bias.detach() if op.bias is not None else torch.zeros_like(shift)
+    op.bias = nn.Parameter((old_bias - shift).detach(), requires_grad=False if op.bias is None else op.bias.requires_grad)
     shape = [1] * flt[0].dim()
     shape[axis] = -1
     post = torch.relu if relu else (lambda t: t)

@@ -213,21 +213,25 @@ def _in_ranges(mod: nn.Module) -> torch.Tensor:
 def _scale_out(mod: nn.Module, factor: torch.Tensor) -> None:
     """Multiply output channel ``i`` of ``mod`` (weights and bias) by ``factor[i]``."""
     shape = [-1] + [1] * (mod.weight.dim() - 1)
-    with torch.no_grad():
-        mod.weight.mul_(factor.reshape(shape))
-        if mod.bias is not None:
-            mod.bias.mul_(factor)
+    _assign(mod, "weight", mod.weight.detach() * factor.reshape(shape))
+    if mod.bias is not None:
+        _assign(mod, "bias", mod.bias.detach() * factor)
 
 
 def _scale_in(mod: nn.Module, factor: torch.Tensor) -> None:
     """Multiply input channel ``i`` of ``mod`` by ``factor[i]`` (a depthwise conv: its channel ``i``)."""
     if _is_depthwise(mod):
-        with torch.no_grad():
-            mod.weight.mul_(factor.reshape([-1] + [1] * (mod.weight.dim() - 1)))
+        _assign(mod, "weight", mod.weight.detach() * factor.reshape([-1] + [1] * (mod.weight.dim() - 1)))
         return
     shape = [1, -1] + [1] * (mod.weight.dim() - 2)
-    with torch.no_grad():
-        mod.weight.mul_(factor.reshape(shape))
+    _assign(mod, "weight", mod.weight.detach() * factor.reshape(shape))
+
+
+def _assign(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Give ``mod`` a new tensor instead of writing into the old one: a prepared model shares its float weights'
+    memory with the user's model (see fxquant.api), which must not change."""
+    old = getattr(mod, name)
+    setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def _chain_order(chains: list[Chain]) -> list[list[Chain]]:
@@ -278,11 +282,10 @@ def _absorb_high_bias(modules: dict[str, nn.Module], chains: list[Chain], stats:
         w = b.weight.detach()
         shift = w.reshape(w.shape[0], -1).sum(1) * absorbed if _is_depthwise(b) else \
             w.reshape(w.shape[0], w.shape[1], -1).sum(2) @ absorbed
-        with torch.no_grad():
-            a.bias.sub_(absorbed)
-            if b.bias is None:
-                b.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-            b.bias.add_(shift)
+        _assign(a, "bias", a.bias.detach() - absorbed)
+        if b.bias is None:
+            b.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        _assign(b, "bias", b.bias.detach() + shift)
         moved += 1
     return moved
 

@@ -169,6 +169,7 @@ def test_fold_batch_norms_leaves_shared_and_training_norms():
 def test_equalize_pass_in_the_prepare_pipeline():
     model = rescale_channels(Block(6, "relu", False, 3).eval(), seed=4)
     x = torch.randn(4, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     pm = prepare_pipeline()
     pm.insert_after("normalize", EqualizePass(high_bias_absorption=False))
     mapping = get_calibration_qconfig_mapping("x86", "histogram", "minmax", per_channel=False)
@@ -181,6 +182,8 @@ def test_equalize_pass_in_the_prepare_pipeline():
         with torch.no_grad():
             results.append(fxquant.sqnr(model(x), fxquant.convert_fx(prepared)(x)))
     assert results[1] > results[0] + 6.0  # per-tensor weights over rescaled channels: equalization pays
+    # the prepared model reads the user's weight memory; equalization gives it new tensors instead of writing
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------- bias correction
@@ -206,7 +209,9 @@ def test_bias_correction_reduces_the_mean_output_error():
     calib = [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(3)]
     held_out = [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(3)]
     plain, corrected = _prepared(model, calib), _prepared(model, calib)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     report = correct_bias(corrected, calib, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # new biases, not written in place
     assert set(report.shifts) == {"conv1", "conv2", "conv3", "fc"} and report.batches == 3
     q_plain, q_corrected = fxquant.convert_fx(plain), fxquant.convert_fx(corrected)
     for data in (calib, held_out):
