@@ -198,7 +198,9 @@ class KernelFusion:
 
     Unlike ``OpEntry.patterns`` (fused into one float module before observers are placed), both ops keep their
     entries, observers and fake-quant simulation; lowering builds one kernel for the pair, whose output has the
-    consumer's qparams, and the producer's output is never quantized (it stays inside the kernel).
+    consumer's qparams, and the producer's output is never quantized (it stays inside the kernel). Lowering finds
+    the pairs with a pattern per fusion (two for an add: the producer on either side), listed by
+    ``fxquant.passes.lower.kernel_fusion_patterns(table)``.
 
     Attributes:
         producer: the producer's entry name (``"conv2d"``).

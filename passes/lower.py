@@ -19,7 +19,10 @@ Contract:
     * kernel fusions (``BackendConfig.kernel_fusions``): a conv / linear whose only user is the consumer of a
       listed pair is built into the consumer's kernel (a oneDNN post-op, or the residual add), with the consumer's
       output qparams; for an add, the other operand is copied first unless nothing reads it later and it is a
-      tensor a kernel allocated (oneDNN writes the sum into it).
+      tensor a kernel allocated (oneDNN writes the sum into it). Where they apply is found with the public
+      pattern API: :func:`kernel_fusion_patterns` turns each listed pair into a
+      :class:`~fxquant.passes.matching.Pattern` on the observed graph (looking through observers); the
+      planner keeps the matches whose values have qparams and whose module the kernel layer supports.
 
 The graph is rebuilt in one forward walk. Each old value has up to two views in the new graph, a float
 one and a quantized one, made on first use and cached.
@@ -35,7 +38,8 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from fxquant.backends.config import KernelFusion, Observation, OpEntry
+from fxquant.backends import ops
+from fxquant.backends.config import BackendConfig, KernelFusion, Observation, OpEntry
 from fxquant.backends.kernels import LoweringSpec, get_kernels
 from fxquant.backends.kernels.onednn_ops import OpCall
 from fxquant.errors import ConvertError
@@ -43,10 +47,18 @@ from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
 from fxquant.passes.dynamic import dynamic_spec
+from fxquant.passes.matching import Entry, Match, Op, Pattern, find
 from fxquant.passes.observe import is_observer_node, tensor_inputs, weight_observer
 from fxquant.qparams import QParams
 
-__all__ = ["LowerPass"]
+__all__ = ["LowerPass", "KernelFusionPattern", "kernel_fusion_patterns"]
+
+#: consumers whose other operand the kernel adds in (oneDNN's ``sum`` post-op): the fused add's accumulator
+_ACCUMULATING = ("add", "add_relu")
+
+#: ``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``: the same answer on the quantized view
+_SHAPE_QUERY = Op(ops.SIZE, "shape_query",
+                  check=lambda n, m: n.op != "call_function" or n.args[1:2] in (("shape",), ("ndim",)))
 
 
 def _tag(node: fx.Node, quantized_output: bool, quantized_inputs: bool, like: Optional[fx.Node] = None) -> None:
@@ -76,9 +88,7 @@ class _Builder:
     # ------------------------------------------------------------------ values
     def source(self, n: fx.Node) -> fx.Node:
         """The value an observer node stands for (observers are identities)."""
-        while is_observer_node(n, self.modules):
-            n = n.args[0]
-        return n
+        return _source(n, self.modules)
 
     def flt(self, n: Any) -> Any:
         """The float view of an old value (dequantizing once if it only exists quantized)."""
@@ -157,39 +167,117 @@ def _shape(n: fx.Node) -> Optional[tuple]:
     return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
-def _plan_one(b: _Builder, consumer: fx.Node, order: dict[fx.Node, int]) -> Optional[_Fusion]:
-    rec = record(consumer)
-    inputs = [b.source(t) for t in (tensor_inputs(consumer) or []) if isinstance(t, fx.Node)]
-    if not rec.quantizable or not inputs or consumer not in b.qparams and rec.entry.observation is Observation.OWN:
+def _source(n: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """The value an observer node stands for (observers are identities)."""
+    while is_observer_node(n, modules):
+        n = n.args[0]
+    return n
+
+
+def _sources(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
+    """The tensor inputs of ``node`` that are nodes, looking through observers."""
+    return [_source(t, modules) for t in (tensor_inputs(node) or []) if isinstance(t, fx.Node)]
+
+
+def _calls_module(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operands:
+    """The extra check of a kernel-fusion pattern: the producer is the consumer's tensor input ``position``; for
+    an add, the other operand is another tensor of the producer's shape (the accumulator the kernel adds in)."""
+
+    position: int
+    accumulate: bool
+
+    def __call__(self, match: Match, modules: dict[str, nn.Module]) -> bool:
+        inputs, producer = _sources(match["consumer"], modules), match["producer"]
+        if len(inputs) <= self.position or inputs[self.position] is not producer:
+            return False
+        if not self.accumulate:
+            return True
+        if len(inputs) < 2:  # x + 1.0
+            return False
+        accum = inputs[1 - self.position]
+        return accum is not producer and _shape(accum) is not None and _shape(accum) == _shape(producer)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFusionPattern:
+    """Where one of the table's kernel fusions can apply: a pattern on the observed graph.
+
+    Attributes:
+        fusion: the table's :class:`~fxquant.backends.config.KernelFusion`.
+        pattern: steps ``"producer"`` (a module call annotated with the fusion's producer entry, used only by the
+            consumer) and ``"consumer"`` (annotated with its consumer entry), looking through observers; its
+            ``extra_check`` wants the producer at ``position`` among the consumer's tensor inputs and, for an
+            add, another operand of the producer's shape.
+        position: the consumer's tensor input the producer feeds (an add's producer may be either operand).
+    """
+
+    fusion: KernelFusion
+    pattern: Pattern
+    position: int = 0
+
+    def accumulator(self, match: Match, modules: dict[str, nn.Module]) -> Optional[fx.Node]:
+        """The other operand of a fused add (the tensor the kernel adds in); ``None`` for a unary consumer."""
+        if self.fusion.consumer not in _ACCUMULATING:
+            return None
+        return _sources(match["consumer"], modules)[1 - self.position]
+
+
+def kernel_fusion_patterns(backend: BackendConfig) -> tuple[KernelFusionPattern, ...]:
+    """The table's kernel fusions as patterns, in table order (an add's two positions: the first operand first).
+
+    Lowering fuses, for each consumer in graph order, the first match (first position, then table order) whose
+    values have qparams and whose module the kernel layer supports.
+
+    Example:
+        >>> from fxquant.backends import get_backend_config
+        >>> from fxquant.backends.config import KernelFusion
+        >>> table = get_backend_config("fbgemm").replace(kernel_fusions=(
+        ...     KernelFusion("conv2d", "hardswish", "conv2d+hardswish"), KernelFusion("conv2d", "add", "conv2d+add")))
+        >>> for p in kernel_fusion_patterns(table):
+        ...     print(p.fusion.target, p.position, [(op.name, op.args) for op in p.pattern.ops])
+        conv2d+hardswish 0 [('producer', ()), ('consumer', ('producer',))]
+        conv2d+add 0 [('producer', ()), ('consumer', ('producer',))]
+        conv2d+add 1 [('producer', ()), ('consumer', (None, 'producer'))]
+    """
+    out = []
+    for fusion in backend.kernel_fusions:
+        accumulate = fusion.consumer in _ACCUMULATING
+        for position in (0, 1) if accumulate else (0,):
+            steps = (Op(Entry(fusion.producer), "producer", check=_calls_module),
+                     Op(Entry(fusion.consumer), "consumer", args=(None,) * position + ("producer",)))
+            pattern = Pattern(steps, extra_check=_Operands(position, accumulate), through=is_observer_node)
+            out.append(KernelFusionPattern(fusion, pattern, position))
+    return tuple(out)
+
+
+def _plan_one(b: _Builder, kp: KernelFusionPattern, match: Match, order: dict[fx.Node, int]) -> Optional[_Fusion]:
+    """The fusion of a pattern match, if its values have qparams and the kernel layer supports the module."""
+    consumer, producer = match["consumer"], match["producer"]
+    if consumer not in b.qparams and record(consumer).entry.observation is Observation.OWN:
         return None
-    binary = rec.entry.name in ("add", "add_relu")
-    for i, producer in enumerate(inputs[:2] if binary else inputs[:1]):
-        prec = record(producer)
-        fusion = prec.quantizable and b.ctx.backend.kernel_fusion(prec.entry.name, rec.entry.name)
-        if not fusion or producer.op != "call_module" or producer in b.producers:
-            continue
-        if _real_users(producer, b.modules) != [consumer] or b.source(producer.args[0]) not in b.qparams:
-            continue
-        if b.kernels.supports(fusion.target, b.modules[str(producer.target)]):
-            continue
-        if not binary:
-            return _Fusion(fusion, producer)
-        accum = inputs[1 - i]
-        if accum == producer or accum not in b.qparams or _shape(accum) is None or _shape(accum) != _shape(producer):
-            continue
-        others = [u for u in _real_users(accum, b.modules) if u is not consumer]
-        later = any(order.get(u, len(order)) > order[consumer] for u in others)
-        # a user that is not a kernel (a reshape, ...) may return a view of the tensor the kernel writes into
-        aliased = any(record(u).entry is None or record(u).entry.lowering is None for u in others)
-        return _Fusion(fusion, producer, accum, later or aliased or accum.op in ("placeholder", "get_attr"))
-    return None
+    if producer in b.producers or b.source(producer.args[0]) not in b.qparams:
+        return None
+    if b.kernels.supports(kp.fusion.target, b.modules[str(producer.target)]):
+        return None
+    accum = kp.accumulator(match, b.modules)
+    if accum is None:
+        return _Fusion(kp.fusion, producer)
+    if accum not in b.qparams:
+        return None
+    others = [u for u in _real_users(accum, b.modules) if u is not consumer]
+    later = any(order.get(u, len(order)) > order[consumer] for u in others)
+    # a user that is not a kernel (a reshape, ...) may return a view of the tensor the kernel writes into
+    aliased = any(record(u).entry is None or record(u).entry.lowering is None for u in others)
+    return _Fusion(kp.fusion, producer, accum, later or aliased or accum.op in ("placeholder", "get_attr"))
 
 
-def _plan_fusions(b: _Builder) -> None:
-    """Find the producer / consumer pairs of the table's ``kernel_fusions`` (see ``KernelFusion``)."""
-    if not b.ctx.backend.kernel_fusions:
-        return
-    order = {n: i for i, n in enumerate(b.old.graph.nodes)}
+def _share_qparams(b: _Builder) -> None:
+    """Shares-input ops get their input's qparams, in one forward walk (a fusion into one needs them)."""
     for node in b.old.graph.nodes:
         if is_observer_node(node, b.modules) or node.op not in ("call_function", "call_method", "call_module"):
             continue
@@ -197,10 +285,30 @@ def _plan_fusions(b: _Builder) -> None:
             src = (tensor_inputs(node) or [None])[0]
             if isinstance(src, fx.Node) and b.source(src) in b.qparams:
                 b.qparams.setdefault(node, b.qparams[b.source(src)])
-        plan = _plan_one(b, node, order)
-        if plan is not None:
-            b.fusions[node] = plan
-            b.producers.add(plan.producer)
+
+
+def _plan_fusions(b: _Builder) -> None:
+    """Plan the table's ``kernel_fusions`` (see ``KernelFusion``): the matches of their patterns, per consumer in
+    graph order, the first that :func:`_plan_one` accepts."""
+    if not b.ctx.backend.kernel_fusions:
+        return
+    _share_qparams(b)
+    order = {n: i for i, n in enumerate(b.old.graph.nodes)}
+    records = (n.meta.get(RECORD_KEY) for n in b.old.graph.nodes)
+    present = {rec.entry.name for rec in records if rec is not None and rec.quantizable}
+    found: dict[fx.Node, list[tuple[tuple[int, int], KernelFusionPattern, Match]]] = {}
+    for rank, kp in enumerate(kernel_fusion_patterns(b.ctx.backend)):
+        if not {kp.fusion.producer, kp.fusion.consumer} <= present:  # a step no node can match: skip the search
+            continue
+        for match in find(b.old, kp.pattern, b.modules):
+            found.setdefault(match["consumer"], []).append(((kp.position, rank), kp, match))
+    for consumer in sorted(found, key=order.__getitem__):
+        for _, kp, match in sorted(found[consumer], key=lambda c: c[0]):
+            plan = _plan_one(b, kp, match, order)
+            if plan is not None:
+                b.fusions[consumer] = plan
+                b.producers.add(plan.producer)
+                break
 
 
 def _fresh(b: _Builder, new: fx.Node) -> bool:
@@ -277,7 +385,7 @@ class LowerPass:
             return self._lower_dynamic(b, node, rec)
         inputs = tensor_inputs(node) or []
         if entry.observation is Observation.NONE:
-            if not _is_shape_query(node):
+            if not _SHAPE_QUERY.matches(node, b.modules):
                 return False
             new = b.graph.create_node(node.op, node.target, fx.node.map_arg(node.args, b.any_view),
                                       b.map_float(node.kwargs), node.name)
@@ -412,13 +520,6 @@ def _static_args_reason(entry: OpEntry, node: fx.Node, module: Optional[nn.Modul
         if isinstance(value, fx.Node) or value is None:
             return f"its argument '{name}' is {'computed at run time' if value is not None else 'not given'}"
     return None
-
-
-def _is_shape_query(node: fx.Node) -> bool:
-    """``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``: the same answer on the quantized view."""
-    if node.op == "call_method":
-        return node.target in ("size", "dim")
-    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
 
 
 def _kernel_args(entry: OpEntry, qargs: tuple) -> tuple:

@@ -11,10 +11,17 @@ three ways:
 * ``Pattern.trace(lambda x, y: torch.relu(x + y))``: a small traced function (its placeholders match
   anything; each call becomes a step whose kind is found in fxquant's op vocabulary).
 
+A step's kind may also be any predicate ``(node, modules) -> bool``; :class:`Entry` is the one for graphs after
+the ``annotate`` pass: it matches the nodes annotated with a given table entry, whatever their spelling. A pattern
+on an observed graph names the identity nodes it looks through (``through=``, e.g. observers): ``conv -> observer
+-> add`` then matches ``conv -> add``.
+
 :func:`find` returns every :class:`Match` (steps -> graph nodes), in graph order. By default a match is
 *private*: every step but the last is used only inside the match, so rewriting the match cannot change
 what the rest of the graph sees. Fusion (``passes/fuse.py``) is written on this API, through the rewrite
-driver in :mod:`fxquant.passes.rewrite`.
+driver in :mod:`fxquant.passes.rewrite`; so is lowering's choice of kernel fusions (``passes/lower.py``:
+:func:`~fxquant.passes.lower.kernel_fusion_patterns`, one pattern per table ``KernelFusion``, looking through
+observers).
 
 Example:
     >>> import torch
@@ -24,6 +31,11 @@ Example:
     >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()))
     >>> [m.names() for m in find(gm, Pattern.chain(ops.CONV2D, ops.BN2D, ops.RELU))]
     [['_0', '_1', '_2']]
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Identity(), nn.ReLU()))
+    >>> is_identity = lambda node, modules: isinstance(modules.get(node.target), nn.Identity)
+    >>> find(gm, Pattern.chain(ops.CONV2D, ops.RELU)), [m.names() for m in find(
+    ...     gm, Pattern.chain(ops.CONV2D, ops.RELU, through=is_identity))]
+    ([], [['_0', '_2']])
 """
 
 from __future__ import annotations
@@ -38,8 +50,9 @@ from networkx.algorithms import isomorphism
 from torch import fx, nn
 
 from fxquant.backends.config import OpKind
+from fxquant.passes.context import RECORD_KEY
 
-__all__ = ["Op", "Pattern", "Match", "find", "to_networkx"]
+__all__ = ["Op", "Entry", "Pattern", "Match", "find", "to_networkx"]
 
 #: a node predicate: ``(node, modules) -> bool`` (``modules`` maps qualified names to submodules)
 NodeCheck = Callable[[fx.Node, Mapping[str, nn.Module]], bool]
@@ -68,6 +81,22 @@ class Op:
             return False
         hit = self.kind.matches(node, modules) if isinstance(self.kind, OpKind) else self.kind(node, modules)
         return bool(hit) and (self.check is None or bool(self.check(node, modules)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A step kind for graphs after the ``annotate`` pass: the nodes annotated with the table entry ``name`` that
+    will be quantized (``record(node).quantizable``: an entry, a qconfig, no reason to stay float), in any spelling.
+
+    Example: ``Op(Entry("conv2d"), "conv")`` matches the convs annotate gave the ``conv2d`` entry; a conv whose
+    qconfig is ``None`` is no match. Reading the record creates none (nodes without one do not match).
+    """
+
+    name: str
+
+    def __call__(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+        rec = node.meta.get(RECORD_KEY)
+        return rec is not None and rec.quantizable and rec.entry.name == self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +131,17 @@ class Pattern:
         ops: the steps, each after the steps that feed it; the last one is the match's output.
         extra_check: a predicate on the whole match, run after the structure matched.
         private: every step but the last must have no user outside the match (on by default).
+        through: identity nodes the pattern looks through, ``(node, modules) -> bool`` (observers, fake
+            quantizers: nodes that pass their first argument on unchanged). ``x -> obs -> y`` is then the edge
+            ``x -> y``; such nodes never match a step, and ``private`` counts the users behind them (``x`` whose
+            observer feeds ``y`` and the output is not private). The rewrite driver leaves them to dead-code
+            elimination.
     """
 
     ops: tuple[Op, ...]
     extra_check: Optional[MatchCheck] = None
     private: bool = True
+    through: Optional[NodeCheck] = None
 
     def __post_init__(self) -> None:
         if not self.ops:
@@ -124,21 +159,23 @@ class Pattern:
             seen.add(op.name)
 
     @classmethod
-    def chain(cls, *kinds: Union[OpKind, Op], extra_check: Optional[MatchCheck] = None) -> "Pattern":
+    def chain(cls, *kinds: Union[OpKind, Op, NodeCheck], extra_check: Optional[MatchCheck] = None,
+              private: bool = True, through: Optional[NodeCheck] = None) -> "Pattern":
         """``kinds[0] -> kinds[1] -> ...``, each step fed by the previous one as its first argument."""
         ops: list[Op] = []
         for i, k in enumerate(kinds):
             op = k if isinstance(k, Op) else Op(k)
             name = op.name or str(i)
             ops.append(dataclasses.replace(op, name=name, args=(ops[-1].name,) if ops else op.args))
-        return cls(tuple(ops), extra_check)
+        return cls(tuple(ops), extra_check, private, through)
 
     @classmethod
     def trace(cls, fn: Union[Callable[..., Any], nn.Module], extra_check: Optional[MatchCheck] = None,
-              vocabulary: Sequence[OpKind] = ()) -> "Pattern":
+              vocabulary: Sequence[OpKind] = (), private: bool = True,
+              through: Optional[NodeCheck] = None) -> "Pattern":
         """The pattern of a small function or module, traced with torch.fx (see :func:`_from_graph`)."""
         gm = fn if isinstance(fn, fx.GraphModule) else fx.symbolic_trace(fn)
-        return cls(_from_graph(gm, tuple(vocabulary) or _vocabulary()), extra_check)
+        return cls(_from_graph(gm, tuple(vocabulary) or _vocabulary()), extra_check, private, through)
 
     def index(self, name: str) -> int:
         for i, op in enumerate(self.ops):
@@ -190,25 +227,42 @@ def _from_graph(gm: fx.GraphModule, vocabulary: Sequence[OpKind]) -> tuple[Op, .
                     tuple(names.get(a) if isinstance(a, fx.Node) else None for a in n.args)) for n in calls)
 
 
-def to_networkx(graph: fx.Graph, keep: Optional[Callable[[fx.Node], bool]] = None) -> nx.DiGraph:
+def to_networkx(graph: fx.Graph, keep: Optional[Callable[[fx.Node], bool]] = None,
+                through: Optional[Callable[[fx.Node], bool]] = None) -> nx.DiGraph:
     """The data-flow graph of ``graph`` (node -> its users; edge attribute ``args``: the argument positions
-    at which the source feeds the user). ``keep`` restricts it to the nodes it accepts."""
+    at which the source feeds the user). ``keep`` restricts it to the nodes it accepts; nodes ``through``
+    accepts are left out, their users fed by what they read (see ``Pattern.through``)."""
     g = nx.DiGraph()
     for node in graph.nodes:
-        if keep is not None and not keep(node):
+        if (keep is not None and not keep(node)) or (through is not None and through(node)):
             continue
         g.add_node(node, fx=node)
-        for pos, arg in enumerate(node.args):
-            for inp in _nodes_in(arg):
-                if keep is None or keep(inp):
-                    g.add_edge(inp, node)
-                    g.edges[inp, node].setdefault("args", set()).add(pos)
-        for arg in node.kwargs.values():
-            for inp in _nodes_in(arg):
-                if keep is None or keep(inp):
-                    g.add_edge(inp, node)
-                    g.edges[inp, node].setdefault("args", set())
+        inputs = [(pos, inp) for pos, arg in enumerate(node.args) for inp in _nodes_in(arg)]
+        inputs += [(None, inp) for arg in node.kwargs.values() for inp in _nodes_in(arg)]
+        for pos, inp in inputs:
+            inp = _behind(inp, through)
+            if (keep is None or keep(inp)) and (through is None or not through(inp)):
+                g.add_edge(inp, node)
+                positions = g.edges[inp, node].setdefault("args", set())
+                if pos is not None:
+                    positions.add(pos)
     return g
+
+
+def _behind(node: fx.Node, through: Optional[Callable[[fx.Node], bool]]) -> fx.Node:
+    """The node ``node`` stands for: itself, or what a chain of ``through`` nodes reads."""
+    while through is not None and through(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _users(node: fx.Node, through: Optional[Callable[[fx.Node], bool]]) -> Iterator[fx.Node]:
+    """The users of ``node``, those behind ``through`` nodes instead of the ``through`` nodes."""
+    for user in node.users:
+        if through is not None and through(user):
+            yield from _users(user, through)
+        else:
+            yield user
 
 
 def _nodes_in(arg: Any) -> list[fx.Node]:
@@ -217,9 +271,9 @@ def _nodes_in(arg: Any) -> list[fx.Node]:
     return found
 
 
-def _private(nodes: Sequence[fx.Node]) -> bool:
+def _private(nodes: Sequence[fx.Node], through: Optional[Callable[[fx.Node], bool]] = None) -> bool:
     inside = set(nodes)
-    return all(set(n.users) <= inside for n in nodes[:-1])
+    return all(set(_users(n, through)) <= inside for n in nodes[:-1])
 
 
 def _pieces(data: nx.DiGraph, wanted: nx.DiGraph) -> list[nx.DiGraph]:
@@ -244,11 +298,13 @@ def find(gm: fx.GraphModule, pattern: Pattern, modules: Optional[Mapping[str, nn
     """
     modules = dict(gm.named_modules()) if modules is None else modules
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    candidates = {n for n in gm.graph.nodes if any(op.matches(n, modules) for op in pattern.ops)}
+    skipped = set() if pattern.through is None else {n for n in gm.graph.nodes if pattern.through(n, modules)}
+    through = skipped.__contains__ if skipped else None
+    candidates = {n for n in gm.graph.nodes if n not in skipped and any(op.matches(n, modules) for op in pattern.ops)}
     if len(pattern.ops) == 1:
         mappings: Iterator[dict[Any, int]] = ({n: 0} for n in candidates if pattern.ops[0].matches(n, modules))
     else:
-        data, wanted = to_networkx(gm.graph, keep=candidates.__contains__), pattern.to_networkx()
+        data, wanted = to_networkx(gm.graph, candidates.__contains__, through), pattern.to_networkx()
         mappings = itertools.chain.from_iterable(
             isomorphism.DiGraphMatcher(part, wanted, node_match=lambda a, b: b["op"].matches(a["fx"], modules),
                                        edge_match=lambda a, b: b["arg"] in a["args"]).subgraph_monomorphisms_iter()
@@ -256,7 +312,7 @@ def find(gm: fx.GraphModule, pattern: Pattern, modules: Optional[Mapping[str, nn
     matches: dict[tuple[fx.Node, ...], Match] = {}
     for mapping in mappings:
         nodes = tuple(n for n, _ in sorted(mapping.items(), key=operator.itemgetter(1)))
-        if nodes in matches or (pattern.private and not _private(nodes)):
+        if nodes in matches or (pattern.private and not _private(nodes, through)):
             continue
         m = Match(pattern, nodes)
         if pattern.extra_check is None or pattern.extra_check(m, modules):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import doctest
 import operator
 import warnings
 
@@ -15,12 +16,17 @@ from hypothesis import given, settings
 from torch import fx, nn
 
 import fxquant
-from fxquant.backends import OpKind, get_backend_config, ops
+from fxquant.backends import OpKind, cpu, get_backend_config, ops
+from fxquant.backends.config import KernelFusion
 from fxquant.fused import fold_bn
 from fxquant.passes import (Op, PassManager, PassOrderError, PassResult, PassVerificationError, Pattern, QuantContext,
                             Rewrite, RewritePass, TimingReport, convert_pipeline, find, fuse_pipeline,
                             prepare_pipeline, record, rewrite, timing_report)
 from fxquant.passes.fuse import fusion_rules
+from fxquant.passes import lower
+from fxquant.passes.lower import kernel_fusion_patterns
+from fxquant.passes.matching import Entry
+from fxquant.passes.observe import is_observer_node
 from fxquant.testing import examples, models
 from fxquant.tracer import trace
 
@@ -93,6 +99,42 @@ def test_patterns_reject_backward_references_and_duplicate_names():
         Pattern.chain(ops.RELU).index("nope")
 
 
+def _is_identity(node, modules):
+    return node.op == "call_module" and isinstance(modules[node.target], nn.Identity)
+
+
+class _Observed(nn.Module):
+    """conv -> identity -> relu twice; the second identity also feeds the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.id1, self.id2 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        a = torch.relu(self.id1(self.c1(x)))
+        b = self.id2(self.c2(a))
+        return torch.relu(b), b
+
+
+def test_patterns_look_through_the_nodes_they_name():
+    gm = fx.symbolic_trace(_Observed())
+    assert find(gm, Pattern.chain(ops.CONV2D, ops.RELU)) == []     # an identity sits between
+    through = Pattern.chain(ops.CONV2D, ops.RELU, through=_is_identity)
+    assert [m.names() for m in find(gm, through)] == [["c1", "relu"]]  # c2's value also reaches the output
+    shared = Pattern.chain(ops.CONV2D, ops.RELU, through=_is_identity, private=False)
+    assert [m.names() for m in find(gm, shared)] == [["c1", "relu"], ["c2", "relu_1"]]
+    assert find(gm, Pattern.chain(Op(_is_identity), ops.RELU, through=_is_identity)) == []  # never a step
+
+
+def test_entry_steps_match_what_annotate_chose():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 3), nn.Hardswish()).eval()
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("3", None)   # the last one stays float
+    prepared = fxquant.prepare_fx(model, mapping, (X,), backend_config="fbgemm")
+    conv_hardswish = Pattern.chain(Entry("conv2d"), Entry("hardswish"), through=is_observer_node)
+    assert [m.names() for m in find(prepared, conv_hardswish)] == [["_0", "_1"]]
+    assert find(prepared, Pattern.chain(Entry("conv2d"), Entry("hardswish"))) == []  # observers in between
+
+
 def _chains_by_walking(gm: fx.GraphModule, kinds: tuple) -> set[tuple[str, ...]]:
     """Test oracle: private chains found by walking first arguments backwards from every node."""
     modules = dict(gm.named_modules())
@@ -154,6 +196,59 @@ def test_builtin_fusion_is_written_on_the_public_pattern_api():
     assert kinds.index((ops.CONV2D, ops.BN2D, ops.RELU)) < kinds.index((ops.CONV2D, ops.RELU))
     qat = fusion_rules(QuantContext(FBGEMM, is_qat=True))
     assert len(qat) > len(rules)                      # plus the single-module QAT swaps
+
+
+def test_lowering_kernel_fusions_are_patterns_one_per_table_pair():
+    table = FBGEMM.replace(kernel_fusions=(KernelFusion("conv2d", "hardswish", "conv2d+hardswish"),
+                                           KernelFusion("linear", "add_relu", "linear+add_relu")))
+    found = [(p.fusion.target, p.position, [op.kind for op in p.pattern.ops]) for p in kernel_fusion_patterns(table)]
+    assert found == [("conv2d+hardswish", 0, [Entry("conv2d"), Entry("hardswish")]),     # a post-op
+                     ("linear+add_relu", 0, [Entry("linear"), Entry("add_relu")]),       # an add: the linear on
+                     ("linear+add_relu", 1, [Entry("linear"), Entry("add_relu")])]       # either side
+    assert all(p.pattern.through is is_observer_node and p.pattern.private for p in kernel_fusion_patterns(table))
+    assert kernel_fusion_patterns(FBGEMM) == ()
+    doc = doctest.testmod(lower, optionflags=doctest.ELLIPSIS)   # the module's example of this listing
+    assert doc.attempted > 0 and doc.failed == 0
+
+
+class _PostOps(nn.Module):
+    """conv + hardswish, conv + add + relu (the accumulator on the left), and a conv whose output also reaches
+    a mean, so its hardswish cannot run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        a = F.hardswish(self.c1(x))
+        b = torch.relu(a + self.c2(a))
+        c = self.c3(b)
+        return F.hardswish(c) + c.mean()
+
+
+@pytest.mark.skipif(get_backend_config("x86").kernels != "onednn",
+                    reason=f"oneDNN int8 unavailable: {cpu.onednn_int8_missing()}")
+def test_lowering_fuses_exactly_the_matches_of_the_tables_kernel_fusion_patterns():
+    x86 = get_backend_config("x86")
+    model, x = seeded(_PostOps()), torch.randn(2, 4, 8, 8)
+    without_hardswish = x86.replace(kernel_fusions=tuple(f for f in x86.kernel_fusions if f.consumer != "hardswish"))
+    for table in (x86, without_hardswish):
+        prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(table), (x,), backend_config=table)
+        fxquant.calibrate(prepared, [x], progress=False)
+        matched = [(m["producer"].name, m["consumer"].name, p.position) for p in kernel_fusion_patterns(table)
+                   for m in find(prepared, p.pattern)]
+        consumers = {n.name: record(n).entry.name for n in prepared.graph.nodes if n.name in {c for _, c, _ in matched}}
+        quantized = fxquant.convert_fx(prepared)
+        left = {n.name for n in quantized.graph.nodes}
+        assert all(c not in left and p in left for p, c, _ in matched)    # each consumer runs inside its producer
+        assert {"hardswish_1"} <= left                                    # c3 also feeds the mean: no match
+        if table is x86:
+            assert [(p, consumers[c], pos) for p, c, pos in matched] == [
+                ("c1", "hardswish", 0), ("c2", "add_relu", 1)]
+        else:   # the pair the table dropped has no pattern, and its consumer is lowered on its own
+            assert [(p, consumers[c], pos) for p, c, pos in matched] == [("c2", "add_relu", 1)]
+            assert "hardswish" in left
+        assert fxquant.sqnr(model(x), quantized(x)) > 25
 
 
 # =============================================================================== pass manager
