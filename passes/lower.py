@@ -431,6 +431,8 @@ class LowerPass:
     @staticmethod
     def _emit_kernel(b: _Builder, node: fx.Node, spec: LoweringSpec, args: tuple) -> None:
         name = str(node.target) if node.op == "call_module" else b._module_name(node.name)
+        if name in b.new_modules:  # a module called from several places: one kernel (and grid) per call site
+            name = b._module_name(node.name)
         b.new_modules[name] = b.kernels.build(spec)
         b.new_modules[name].where = f"node '{node.name}'"  # named in the kernel's input checks
         LowerPass._emit(b, node, "call_module", name, args, {})

@@ -606,3 +606,31 @@ def test_property_pipeline_verifies_after_every_pass_and_prepare_keeps_float_out
         out = converted(x)
     assert out.shape == (2, 4) and torch.isfinite(out).all()
     assert fxquant.sqnr(model(x), out) > 10
+
+
+class _CalledTwice(nn.Module):
+    """One conv called from two places whose inputs have different ranges (10x apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.SiLU()
+
+    def forward(self, x):
+        return self.c1(10 * self.act(self.c1(x))) + x
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
+def test_a_module_called_twice_gets_one_kernel_per_call_site(backend):
+    """Both call sites used to store their kernel under the module's name, so the last one built ran at both (with
+    the other call's grids; on x86 it could be the wrong fused kernel and raise)."""
+    model = seeded(_CalledTwice(), 0)
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(2, 4, 8, 8, generator=gen) for _ in range(2)]
+    _, converted = quantize(model, calib[0], backend, calib)
+    calls = [n for n in converted.graph.nodes if n.op == "call_module"
+             and isinstance(converted.get_submodule(str(n.target)), (QuantizedConv, OneDNNConv))]
+    assert len(calls) == 2 and calls[0].target != calls[1].target
+    first, second = (converted.get_submodule(str(n.target)) for n in calls)
+    assert first is not second
+    with torch.no_grad():
+        assert fxquant.sqnr(model(calib[1]), converted(calib[1])) > 25
