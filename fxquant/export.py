@@ -14,6 +14,11 @@ accepts only the ranges (0, 255), (-128, 127) and (0, 127) (qnnpack's weights ar
 quantizer on a float weight leaves ONNX Runtime a float initializer to quantize; ours stores the integers.
 Narrow ranges get a ``Clip`` after ``QuantizeLinear`` (ONNX saturates to the full dtype range).
 
+One rewrite makes the file compute what the int8 kernels do where the float reading would not: average pooling
+and ``mean`` on a quantized tensor are written on the integer grid
+(:class:`fxquant.passes.reference.IntegerPoolingPass`), so that an exact half (the mean of 2x2 values) rounds to
+even as fbgemm's integer mean does, not by float noise either way.
+
 Example:
     >>> import torch, fxquant                                              # doctest: +SKIP
     >>> fxquant.export_onnx(prepared, (x,), "model.onnx")                  # doctest: +SKIP
@@ -21,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Any, Callable, Union
@@ -29,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import FxQuantError
+from fxquant.passes.reference import IntegerPoolingPass
 
 __all__ = ["export_onnx", "onnx_translation_table", "DEFAULT_OPSET"]
 
@@ -87,7 +94,7 @@ def _reference_of(model: nn.Module, fn: str) -> fx.GraphModule:
                            "export the calibrated prepared model it came from (the same qparams: fxquant builds the "
                            "reference form from it), or fxquant.convert_to_reference_fx(prepared)")
     if state.stage == "reference":
-        return model
+        return copy.deepcopy(model)  # rewritten below: never the user's model
     return convert_to_reference_fx(model)
 
 
@@ -113,7 +120,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                            f"opset_version={opset_version}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    ref = _reference_of(model, "export_onnx").eval()
+    ref = IntegerPoolingPass().run(_reference_of(model, "export_onnx").eval()).graph_module
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")

@@ -16,6 +16,13 @@
     * dynamic / weight-only nodes stay float modules (their activations are quantized at run time);
     * observers that saw nothing raise :class:`~fxquant.errors.ConvertError` listing them all.
 
+``IntegerPoolingPass`` contract (for exporters; :func:`fxquant.export_onnx` runs it): every span
+``dequantize(q, s, zp) -> ops -> quantize(s, zp)`` whose ops are single-user, commute with a positive scale
+(average / adaptive average pooling, mean, ReLU, max pooling, reshapes) and hold at least one average becomes
+``dequantize(q, 1, zp) -> ops -> quantize(1, zp)``, its ``dequantize(s, zp)`` users unchanged: the same integers as
+the int8 kernels' integer mean, exact halves rounded to even (the float reading lands a rounding error either side
+of them); idempotent.
+
 ``DecomposeQDQPass`` contract: every :mod:`fxquant.qdq` call becomes the plain aten ops it stands for
 (``mul`` by the float32 reciprocal of the scale, ``round``, ``add``, ``clamp``, ``to(uint8)``; ``to(float32)``,
 ``sub``, ``mul``), bit for bit the same values; idempotent.
@@ -31,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxquant.backends import ops
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
 from fxquant.observers import NoDataError
@@ -40,7 +48,7 @@ from fxquant.passes.observe import is_observer_node, weight_observer
 from fxquant.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
 from fxquant.qparams import QParams, quantize_int
 
-__all__ = ["ReferencePass", "DecomposeQDQPass", "quantized_weight_calls"]
+__all__ = ["ReferencePass", "IntegerPoolingPass", "DecomposeQDQPass", "quantized_weight_calls"]
 
 _Q = torch.ops.fxquant
 _STORAGE = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.qint32: torch.int32}
@@ -183,6 +191,56 @@ def quantized_weight_calls(gm: fx.GraphModule) -> list[fx.Node]:
     targets = {F.linear, *_CONVS.values(), *_TRANSPOSED.values()}
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets and len(n.args) > 1
             and isinstance(n.args[1], fx.Node) and n.args[1].target in DEQUANTIZE_OPS]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerPoolingPass:
+    """Average pooling and ``mean`` of a reference graph on the integer grid (see module docstring).
+
+    The reference form writes a quantized average pool as ``dequantize(q, s, zp) -> avg_pool -> quantize(s, zp)
+    -> dequantize(s, zp)``: the mean of the float values ``s * (q - zp)``, multiplied by ``1 / s`` and rounded. The
+    int8 kernels (PyTorch's quantized avg / adaptive avg pool, ``mean``) average the integers and round that. Both
+    are the same number except at exact halves (the mean of two or four values: a quarter of a 2x2 pool's outputs),
+    where the float path lands a rounding error above or below the half and the integer path rounds half to even;
+    ONNX Runtime, which runs the float ops between DequantizeLinear and QuantizeLinear, would differ from fxquant's
+    int8 model there. Pooling is positively homogeneous, so the same integers come out of ``dequantize(q, 1, zp) ->
+    avg_pool -> quantize(1, zp)`` exactly (sums of integers, division by the window, round half to even), followed
+    by ``dequantize(s, zp)``. Rewrites in place.
+    """
+
+    name: str = "integer_pooling"
+
+    def run(self, gm: fx.GraphModule, ctx: Optional[QuantContext] = None) -> PassResult:
+        averages = (ops.AVGPOOL, ops.ADAPTIVE_AVGPOOL, ops.MEAN)
+        homogeneous = averages + (ops.RELU, ops.MAXPOOL, ops.FLATTEN, ops.RESHAPE, ops.PERMUTE, ops.TRANSPOSE,
+                                  ops.CONTIGUOUS, ops.SQUEEZE, ops.UNSQUEEZE, ops.DROPOUT, ops.IDENTITY)
+        graph, modified = gm.graph, False
+        for quant in [n for n in graph.nodes if n.target is _Q.quantize_per_tensor.default]:
+            _, scale, zero_point, quant_min, quant_max, dtype = quant.args
+            if scale == 1.0:  # on the integer grid already (rewritten before, or a unit scale)
+                continue
+            span, node = [], quant.args[0]
+            while (isinstance(node, fx.Node) and len(node.users) == 1 and node.args
+                   and record(node).entry is not None and record(node).entry.op in homogeneous):
+                span.append(node)
+                node = node.args[0]
+            if not (span and isinstance(node, fx.Node) and node.target is _Q.dequantize_per_tensor.default
+                    and tuple(node.args[1:3]) == (scale, zero_point)
+                    and any(record(n).entry.op in averages for n in span)
+                    and all(u.target is _Q.dequantize_per_tensor.default for u in quant.users)):
+                continue
+            with graph.inserting_before(span[-1]):
+                unit = graph.call_function(_Q.dequantize_per_tensor.default, (node.args[0], 1.0, zero_point))
+            record(unit).quantized_inputs = True
+            record(unit).is_tensor = True
+            span[-1].replace_input_with(node, unit)
+            quant.args = (quant.args[0], 1.0, zero_point, quant_min, quant_max, dtype)
+            modified = True
+        if modified:
+            graph.eliminate_dead_code()
+            graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """ONNX export (fxquant.export_onnx) checked in ONNX Runtime against fxquant's int8 model.
 
-"Steps" are units of the model output's quantization scale. Lean: the digits CNN (scikit-learn digits, the model
-of tests/bench_qat.py) and small models; slow: resnet18 and mobilenet_v2 (small and full image size).
+"Steps" are units of the model output's quantization scale, counted as integers (``bench_onnx.steps``). Lean: the
+digits CNN (scikit-learn digits, the model of tests/bench_qat.py) and small models; slow: resnet18 and mobilenet_v2
+(small and full image size). ``python tests/bench_onnx.py --layers resnet18 --size 64`` prints the per-layer figures
+behind the resnet18 tests.
 """
 
 from __future__ import annotations
 
 import collections
 import warnings
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -15,9 +18,12 @@ from torch import nn
 
 import fxquant
 from fxquant.errors import FxQuantError
+from fxquant.passes.reference import IntegerPoolingPass
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+
+from bench_onnx import _round_bias_like_ort, steps  # noqa: E402  (tests/ is on the path, as for bench_qat)
 
 
 def _quiet(fn, *args, **kwargs):
@@ -46,8 +52,10 @@ def _run(session, x: torch.Tensor) -> torch.Tensor:
 
 
 def _output_scale(prepared) -> float:
-    ref = fxquant.convert_to_reference_fx(prepared)
-    return float([n for n in ref.graph.nodes if n.op == "output"][0].args[0].args[1])
+    out = fxquant.convert_to_reference_fx(prepared).graph.output_node().args[0]
+    while out.target is not torch.ops.fxquant.dequantize_per_tensor.default:  # through flatten and the like
+        out = out.args[0]
+    return float(out.args[1])
 
 
 def _steps_to_int8(prepared, quantized, path, x: torch.Tensor, optimized: str | None = None) -> torch.Tensor:
@@ -55,7 +63,19 @@ def _steps_to_int8(prepared, quantized, path, x: torch.Tensor, optimized: str | 
     fxquant.export_onnx(prepared, (x[:4],), path, dynamic_batch=True)
     with torch.no_grad():
         expected = quantized(x)
-    return (_run(_session(path, optimized), x) - expected).abs() / _output_scale(prepared)
+    return steps(_run(_session(path, optimized), x), expected, _output_scale(prepared))
+
+
+def _steps_to_int8_with_ort_bias(prepared, quantized, path, x: torch.Tensor) -> torch.Tensor:
+    """|ORT - fxquant int8| where fxquant's convs / linears get the int32 bias ORT computes (``round(bias /
+    (x_scale * w_scale))``, fbgemm adds the float bias): what is left of the difference once that is taken out."""
+    import copy
+
+    rounded = copy.deepcopy(quantized)
+    _round_bias_like_ort(rounded, prepared)
+    with torch.no_grad():
+        expected = rounded(x)
+    return steps(_run(_session(path), x), expected, _output_scale(prepared))
 
 
 def _digits():
@@ -74,10 +94,13 @@ def test_digits_cnn_in_onnx_runtime_matches_fxquant_int8(backend, tmp_path):
     model, x_train, x_test = _digits()
     prepared, quantized = _quantize(model, backend, x_test[:4], [x_train[i:i + 64] for i in range(0, 512, 64)])
     optimized = str(tmp_path / "opt.onnx")
-    steps = _steps_to_int8(prepared, quantized, tmp_path / "digits.onnx", x_test, optimized)
-    assert float((steps <= 2).float().mean()) >= 0.999, steps.max()
+    diff = _steps_to_int8(prepared, quantized, tmp_path / "digits.onnx", x_test, optimized)
+    assert float((diff <= 2).float().mean()) >= 0.999, diff.max()
     ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
     assert ops["QLinearConv"] == 3 and "Conv" not in ops, ops  # ORT ran every conv in int8
+    if backend == "fbgemm":  # the only arithmetic difference left is the bias: ORT's QLinearConv / QGemm add it as
+        # int32, fbgemm in float (qnnpack's kernels round it too, but requantize differently from ORT)
+        assert int(_steps_to_int8_with_ort_bias(prepared, quantized, tmp_path / "digits.onnx", x_test).max()) == 0
 
 
 def test_the_onnx_file_holds_int8_weights_and_per_axis_qdq(tmp_path):
@@ -106,8 +129,27 @@ def test_narrow_activation_ranges_get_a_clip(tmp_path):
     assert "Clip" in {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     with torch.no_grad():
         ref = fxquant.convert_to_reference_fx(prepared)(10 * x)  # far outside the calibrated range: clamps bite
-    steps = (_run(_session(tmp_path / "m.onnx"), 10 * x) - ref).abs() / _output_scale(prepared)
-    assert float(steps.max()) <= 1
+    assert float(steps(_run(_session(tmp_path / "m.onnx"), 10 * x), ref, _output_scale(prepared)).max()) <= 1
+
+
+def test_average_pooling_is_exported_on_the_integer_grid(tmp_path):
+    """A 2x2 average of integers is an exact half in a quarter of the cases; fbgemm rounds it to even, the float
+    reading of dequantize -> avg_pool -> quantize lands a rounding error either side. export_onnx writes pooling
+    spans as dequantize(q, 1, zp) -> ... -> quantize(1, zp), so ORT returns fxquant's int8 integers exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.AvgPool2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten())
+    x = torch.randn(64, 8, 8, 8)
+    prepared, quantized = _quantize(model, "fbgemm", x, [x])
+    ref = fxquant.convert_to_reference_fx(prepared)
+    assert IntegerPoolingPass().run(ref).modified
+    dq = torch.ops.fxquant.dequantize_per_tensor.default
+    assert sum(n.target is dq and n.args[1] == 1.0 for n in ref.graph.nodes) == 2  # avg_pool; relu -> adaptive
+    assert not IntegerPoolingPass().run(ref).modified  # idempotent
+    fxquant.export_onnx(prepared, (x,), tmp_path / "m.onnx")
+    with torch.no_grad():
+        expected = quantized(x)
+    assert int(steps(_run(_session(tmp_path / "m.onnx"), x), expected, _output_scale(prepared)).max()) == 0
 
 
 def test_export_onnx_refuses_converted_models_and_old_opsets(tmp_path):
@@ -121,7 +163,17 @@ def test_export_onnx_refuses_converted_models_and_old_opsets(tmp_path):
         fxquant.export_onnx(model, (x_test[:4],), tmp_path / "m.onnx")
 
 
-def _zoo_case(name: str, size: int, tmp_path) -> tuple[torch.Tensor, float, float]:
+class _Case(NamedTuple):
+    diff: torch.Tensor  # steps between ORT and fxquant int8
+    sqnr_int8: float  # dB against fp32
+    sqnr_ort: float
+    prepared: nn.Module
+    quantized: nn.Module
+    x: torch.Tensor
+    path: Any
+
+
+def _zoo_case(name: str, size: int, tmp_path) -> _Case:
     """Steps between ORT and fxquant int8 on 16 images, and the SQNR (dB) of each against fp32."""
     from fxquant.zoo import torchvision_model
 
@@ -131,31 +183,34 @@ def _zoo_case(name: str, size: int, tmp_path) -> tuple[torch.Tensor, float, floa
     prepared, quantized = _quantize(model, "fbgemm", calibration[0], calibration)
     x = torch.randn(16, 3, size, size, generator=gen)
     path = tmp_path / f"{name}.onnx"
-    steps = _steps_to_int8(prepared, quantized, path, x)
+    diff = _steps_to_int8(prepared, quantized, path, x)
     with torch.no_grad():
         fp32, int8 = model(x), quantized(x)
     ort_out = _run(_session(path), x)
-    return steps, fxquant.sqnr(fp32, int8), fxquant.sqnr(fp32, ort_out)
+    return _Case(diff, fxquant.sqnr(fp32, int8), fxquant.sqnr(fp32, ort_out), prepared, quantized, x, path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [64, 224])
 def test_mobilenet_v2_in_onnx_runtime_matches_fxquant_int8(size, tmp_path):
-    steps, _, _ = _zoo_case("mobilenet_v2", size, tmp_path)
-    assert float((steps <= 2).float().mean()) >= 0.999, steps.max()
+    diff = _zoo_case("mobilenet_v2", size, tmp_path).diff
+    assert float((diff <= 2).float().mean()) >= 0.999, diff.max()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [64, 224])
-def test_resnet18_in_onnx_runtime_stays_near_fxquant_int8(size, tmp_path):
-    """Misses the 99.9%-within-2-steps target (docs/export.md): ORT and fbgemm each agree with the reference on a
-    single conv layer to 1 element in 10^4 (ORT rounds the bias to int32, fbgemm adds it in float), but a one-step
-    difference spreads through the next layers' receptive fields, and after resnet18's 20 convs 2-6% of the logits
-    differ by 3-5 steps (measured: 97.8% within 2 steps at 64 px, 93.6% at 224 px). What holds: ORT is as accurate
-    as fxquant's int8 model against fp32, and never far from it."""
-    steps, sqnr_int8, sqnr_ort = _zoo_case("resnet18", size, tmp_path)
-    assert sqnr_ort >= sqnr_int8 - 0.5, (sqnr_ort, sqnr_int8)
-    assert float((steps <= 2).float().mean()) >= 0.9 and float(steps.max()) <= 6, steps.max()
+def test_resnet18_in_onnx_runtime_differs_from_fxquant_int8_by_orts_bias_rounding(size, tmp_path):
+    """Misses the 99.9%-within-2-steps target at 64 px (docs/export.md: 97.8% on this model, max 5 steps; 100% at
+    224 px on this model, 99.5% on bench_onnx's). The cause is one rounding: ORT's QLinearConv / QGemm take the bias
+    as int32 in units of x_scale * w_scale (the ONNX definition), fbgemm adds the float bias. That moves 0.01-0.05%
+    of each conv's outputs by one step; resnet18 (random weights) spreads those through its receptive fields to half
+    the elements of layer4 and, at 64 px after a 2x2 average pool, to 2% of the logits by 3-5 steps. Given ORT's
+    int32 bias, fxquant's int8 model meets the target against ORT (at 64 px bit for bit)."""
+    case = _zoo_case("resnet18", size, tmp_path)
+    assert float((case.diff <= 2).float().mean()) >= 0.95 and float(case.diff.max()) <= 6, case.diff.max()
+    assert case.sqnr_ort >= case.sqnr_int8 - 0.5, (case.sqnr_ort, case.sqnr_int8)
+    same_bias = _steps_to_int8_with_ort_bias(case.prepared, case.quantized, case.path, case.x)
+    assert float((same_bias <= 2).float().mean()) >= 0.999, same_bias.max()
 
 
 def test_the_example_on_docs_export_md_runs():
