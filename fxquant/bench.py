@@ -1,13 +1,24 @@
-"""Benchmark: fxquant vs torch.ao vs fp32 on torchvision models (``fxquant bench``, ``python -m fxquant.bench``).
+"""Benchmark suite: fxquant vs torch.ao vs fp32 (``fxquant bench``, ``python -m fxquant.bench``).
 
-Per model and backend, in one process on the same inputs: prepare+convert seconds of torch.ao and fxquant,
-median batch-1 latency of fp32, torch.ao int8 and fxquant int8 (interleaved rounds, 1 thread by default),
-output SQNR of both int8 models vs fp32, and state_dict size vs fp32. A summary line gives the geometric
-means of fxquant/torch.ao latency and compile time, the figures the project's targets are stated in.
+Per model and backend, in one process on the same inputs: prepare+convert seconds of torch.ao and fxquant
+(timed on 1 thread, after both pipelines have been warmed on a tiny model), output SQNR of both int8 models vs
+fp32 on a batch of 4, state_dict size vs fp32, and the median batch-1 latency of fp32, torch.ao int8 and fxquant
+int8 in interleaved rounds, once per ``--threads`` setting. ``--onnxruntime`` adds two ONNX Runtime columns on
+the fbgemm rows: fxquant's calibrated model exported by ``fxquant.export_onnx``, and ORT's own
+``quantize_static`` (QDQ, per-channel, MinMax) on the exported fp32 model with the same calibration batches.
+``--minilm`` adds dynamic quantization of the pretrained all-MiniLM-L6-v2 (the variants of
+tests/bench_dynamic.py; needs a source checkout). The summary prints the project's targets with verdicts.
 
-Models are random-init torchvision models with batch-norm statistics re-estimated (fxquant.zoo): nothing
-is downloaded. torch.ao.quantization is the reference and is imported here, inside the benchmark only, never
-by the library; without it (``--no-ao``, or a torch without it) the torch.ao columns read "-".
+Suites: ``lean`` (default; resnet18, mobilenet_v2, shufflenet_v2_x1_0 on fbgemm, 1 thread: a minute or two) and
+``zoo`` (every torchvision classification model, on fbgemm and qnnpack, 1 thread and all threads, MiniLM and
+ONNX Runtime; hours on 2 cores). Options given explicitly override the suite's. Each model and backend runs in
+its own process (``--no-isolate`` to run in this one), so a crash or a torch.ao failure is recorded as a cell
+and the run goes on; models ``torch.fx.symbolic_trace`` cannot trace are listed and left out of the targets.
+``--out FILE.jsonl`` appends every result as it comes and a rerun skips the cells already there (resume).
+
+Models are random-init torchvision models with batch-norm statistics re-estimated (fxquant.zoo): nothing is
+downloaded. torch.ao.quantization is the reference; it is imported here, inside the benchmark only, never by
+the library. Without it (``--no-ao``, or a torch without it) the torch.ao columns read "-".
 """
 
 from __future__ import annotations
@@ -15,9 +26,16 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -26,65 +44,118 @@ from torch import nn
 import fxquant
 from fxquant.report import interleaved_latency, state_dict_bytes
 
-__all__ = ["MODELS", "Case", "Result", "Quantized", "bench_case", "summary", "table", "add_arguments", "run", "main"]
+__all__ = ["MODELS", "SUITES", "Case", "Latency", "Result", "Quantized", "measure", "measure_isolated", "measure_minilm",
+           "ort_quantize_static", "quantize_fxquant", "quantize_torch_ao", "summary", "table", "markdown",
+           "add_arguments", "run", "main"]
 
-#: default models: a residual net, a depthwise/inverted-residual net, and channel shuffles
+#: the lean suite: a residual net, a depthwise/inverted-residual net, and channel shuffles
 MODELS = ("resnet18", "mobilenet_v2", "shufflenet_v2_x1_0")
+#: model families whose patch embeddings fix the input at 224x224
+FIXED_224 = ("vit", "swin", "maxvit")
+#: per suite, the defaults of the options left unset on the command line ("*": every zoo model)
+SUITES: dict[str, dict[str, Any]] = {
+    "lean": {"models": ",".join(MODELS), "backends": "fbgemm", "threads": "1", "minilm": False,
+             "onnxruntime": False, "out": ""},
+    "zoo": {"models": "*", "backends": "fbgemm,qnnpack", "threads": "1,all", "minilm": True, "onnxruntime": True,
+            "out": "fxquant-bench-zoo.jsonl"},
+}
+BEGIN, END = "<!-- fxquant bench: begin -->", "<!-- fxquant bench: end -->"
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmark case: a model, a backend and the measurement settings."""
+    """One benchmark cell: a model, a backend and the measurement settings."""
 
     model: str
     backend: str = "fbgemm"
     image_size: int = 224
     calib_batches: int = 4
     runs: int = 20
-    threads: int = 1
+    threads: tuple[int, ...] = (1,)
+    onnxruntime: bool = False
+    with_ao: bool = True
+
+    def key(self) -> str:
+        """The identity of the cell in a results file (a rerun with other settings measures again)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
 @dataclasses.dataclass
-class Quantized:
-    """One int8 model and what producing it cost."""
+class Latency:
+    """Median batch-1 milliseconds under ``threads`` torch (and ORT intra-op) threads."""
 
-    module: nn.Module
-    compile_s: float
+    threads: int
+    fp32_ms: float
+    fxq_ms: float
+    ao_ms: Optional[float] = None
+    ort_fxq_ms: Optional[float] = None   #: fxquant.export_onnx run by ONNX Runtime
+    ort_qs_ms: Optional[float] = None    #: ONNX Runtime's quantize_static
 
 
 @dataclasses.dataclass
 class Result:
-    """Measurements of one case; ``ao_*`` are ``None`` when torch.ao was not run."""
+    """Measurements of one cell. ``error`` set: the cell failed as a whole (crash, fxquant error, or not
+    traceable when ``traceable`` is False); ``ao_error``/``ort_error``: only those columns failed."""
 
     case: Case
-    fp32_ms: float
-    fxq_ms: float
-    fxq_compile_s: float
-    fxq_sqnr: float
-    fxq_size: float
-    ao_ms: Optional[float] = None
+    error: str = ""
+    traceable: bool = True
+    fxq_compile_s: float = math.nan
+    fxq_sqnr: float = math.nan
+    fxq_size: float = math.nan
     ao_compile_s: Optional[float] = None
     ao_sqnr: Optional[float] = None
     ao_size: Optional[float] = None
+    ao_error: str = ""
+    ort_fxq_sqnr: Optional[float] = None
+    ort_qs_sqnr: Optional[float] = None
+    ort_error: str = ""
+    latency: list[Latency] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "Result":
+        d = json.loads(text)
+        d["case"] = Case(**{**d["case"], "threads": tuple(d["case"]["threads"])})
+        d["latency"] = [Latency(**lat) for lat in d["latency"]]
+        return Result(**d)
+
+    def at(self, threads: int) -> Optional[Latency]:
+        return next((lat for lat in self.latency if lat.threads == threads), None)
 
 
-def _with_fxquant(model: nn.Module, backend: str, x: torch.Tensor, calib: list[torch.Tensor]) -> Quantized:
+@dataclasses.dataclass
+class Quantized:
+    """One int8 model and what producing it cost (prepare + convert seconds, calibration excluded)."""
+
+    module: nn.Module
+    compile_s: float
+    prepared: Optional[nn.Module] = None
+
+
+# ------------------------------------------------------------------------------------------ quantizers
+def quantize_fxquant(model: nn.Module, backend: str, x: torch.Tensor, calib: list[torch.Tensor]) -> Quantized:
+    """fxquant's default static PTQ of ``model`` for ``backend``; prepare and convert timed."""
     start = time.perf_counter()
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend), (x,), backend_config=backend)
     compile_s = time.perf_counter() - start
     fxquant.calibrate(prepared, calib, progress=False)
     start = time.perf_counter()
     quantized = fxquant.convert_fx(prepared)
-    return Quantized(quantized, compile_s + time.perf_counter() - start)
+    return Quantized(quantized, compile_s + time.perf_counter() - start, prepared)
 
 
-def _with_torch_ao(model: nn.Module, backend: str, x: torch.Tensor, calib: list[torch.Tensor]) -> Quantized:
+def quantize_torch_ao(model: nn.Module, backend: str, x: torch.Tensor, calib: list[torch.Tensor]) -> Quantized:
+    """torch.ao's default FX static PTQ (the reference); the copy torch.ao mutates is inside the timing, as
+    fxquant's own copy is inside its prepare."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = backend
     start = time.perf_counter()
-    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping(backend), (x,))  # torch.ao mutates it
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping(backend), (x,))
     compile_s = time.perf_counter() - start
     with torch.no_grad():
         for batch in calib:
@@ -94,93 +165,421 @@ def _with_torch_ao(model: nn.Module, backend: str, x: torch.Tensor, calib: list[
     return Quantized(quantized, compile_s + time.perf_counter() - start)
 
 
-def bench_case(case: Case, with_ao: bool = True) -> Result:
-    """Build the model, quantize it with fxquant (and torch.ao), and measure all of them side by side."""
+def _ort_session(path: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda t: torch.from_numpy(session.run(None, {name: np.ascontiguousarray(t.numpy())})[0])
+
+
+def ort_quantize_static(model: nn.Module, x: torch.Tensor, calib: list[torch.Tensor], workdir: str,
+                        threads: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax) of the fp32
+    model exported by ``torch.onnx.export``, calibrated on ``calib``; a callable on torch tensors."""
+    import logging
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": b.numpy()} for b in calib])
+
+        def get_next(self) -> Any:
+            return next(self.batches, None)
+
+    ort.set_default_logger_severity(3)  # no per-initializer warnings
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's "consider pre-processing" notice
+    fp32, int8 = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "int8_qs.onnx")
+    torch.onnx.export(model, (x,), fp32, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}},
+                      dynamo=False, opset_version=17)
+    quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return _ort_session(int8, threads)
+
+
+def _warm_up(backend: str, with_ao: bool) -> None:
+    """Run both pipelines once on a tiny model, so that one-time costs (lazy imports, first kernel calls) are
+    not charged to whichever quantizer is timed first."""
+    tiny = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    quantize_fxquant(tiny, backend, x, [x]).module(x)
+    if with_ao:
+        try:
+            quantize_torch_ao(tiny, backend, x, [x]).module(x)
+        except Exception:  # noqa: BLE001 - a torch.ao failure shows on the model itself, as a cell
+            pass
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def _traceable(model: nn.Module) -> str:
+    try:
+        torch.fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - recorded as a cell
+        return _one_line(exc)
+    return ""
+
+
+def _add_ort(result: Result, model: nn.Module, fxq: Quantized, x: torch.Tensor, calib: list[torch.Tensor],
+             workdir: str) -> dict[int, tuple[Callable, Callable]]:
+    """ORT sessions per thread count for the fxquant export and for ORT's quantize_static; SQNRs filled in."""
+    sessions: dict[int, tuple[Callable, Callable]] = {}
+    try:
+        path = os.path.join(workdir, "fxquant_int8.onnx")
+        fxquant.export_onnx(fxq.prepared, (x,), path, dynamic_batch=True)
+        ort_quantize_static(model, x, calib, workdir)
+        for t in result.case.threads:
+            sessions[t] = (_ort_session(path, t), _ort_session(os.path.join(workdir, "int8_qs.onnx"), t))
+        with torch.no_grad():
+            ref = model(calib[0])
+        result.ort_fxq_sqnr = float(fxquant.sqnr(ref, sessions[result.case.threads[0]][0](calib[0])))
+        result.ort_qs_sqnr = float(fxquant.sqnr(ref, sessions[result.case.threads[0]][1](calib[0])))
+    except Exception as exc:  # noqa: BLE001 - only the ORT columns fail
+        result.ort_error, sessions = _one_line(exc), {}
+    return sessions
+
+
+def _time_all(result: Result, fns: dict[str, Callable[[], Any]], ort: dict[int, tuple[Callable, Callable]],
+              x: torch.Tensor) -> None:
+    for t in result.case.threads:
+        calls = dict(fns)
+        if t in ort:
+            calls["ort_fxq"], calls["ort_qs"] = (lambda f=ort[t][0]: f(x)), (lambda f=ort[t][1]: f(x))
+        ms = dict(zip(calls, (s * 1e3 for s in interleaved_latency(list(calls.values()), runs=result.case.runs,
+                                                                    threads=t))))
+        result.latency.append(Latency(t, ms["fp32"], ms["fxq"], ms.get("ao"), ms.get("ort_fxq"), ms.get("ort_qs")))
+
+
+def measure(case: Case) -> Result:
+    """Build the model, quantize it with fxquant and torch.ao (and ONNX Runtime), and measure them side by side.
+    A torch.ao or ORT failure fills ``ao_error``/``ort_error``; an fxquant failure raises."""
     from fxquant.zoo import torchvision_model
 
-    model = torchvision_model(case.model, image_size=case.image_size)
+    case = _sized(case)
+    size = case.image_size
+    model = torchvision_model(case.model, image_size=size)
+    result = Result(case)
+    untraceable = _traceable(model)
+    if untraceable:
+        return Result(case, error=f"not traceable by torch.fx: {untraceable}", traceable=False)
     gen = torch.Generator().manual_seed(1)
-    calib = [torch.randn(4, 3, case.image_size, case.image_size, generator=gen) for _ in range(case.calib_batches)]
-    x = torch.randn(1, 3, case.image_size, case.image_size, generator=gen)
+    calib = [torch.randn(4, 3, size, size, generator=gen) for _ in range(case.calib_batches)]
+    x = torch.randn(1, 3, size, size, generator=gen)
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(case.threads)  # compile is timed on the same threads as the latencies
+    torch.set_num_threads(1)  # prepare+convert is timed on 1 thread, as the targets are stated
     try:
-        ao = _with_torch_ao(model, case.backend, x, calib) if with_ao else None
-        fxq = _with_fxquant(model, case.backend, x, calib)
+        _warm_up(case.backend, case.with_ao)
+        ao = None
+        if case.with_ao:
+            try:
+                ao = quantize_torch_ao(model, case.backend, x, calib)
+                with torch.no_grad():
+                    ao.module(calib[0])
+            except Exception as exc:  # noqa: BLE001 - torch.ao fails on some models: recorded, fxquant still runs
+                ao, result.ao_error = None, _one_line(exc)
+        fxq = quantize_fxquant(model, case.backend, x, calib)
     finally:
         torch.set_num_threads(old_threads)
     torch.backends.quantized.engine = case.backend
-    fns: list[Callable[[], Any]] = [lambda: model(x), lambda: fxq.module(x)]
-    if ao is not None:
-        fns.append(lambda: ao.module(x))
-    times = interleaved_latency(fns, runs=case.runs, threads=case.threads)
+    fp32_size = state_dict_bytes(model)
     with torch.no_grad():
         ref = model(calib[0])
-        fxq_sqnr = float(fxquant.sqnr(ref, fxq.module(calib[0])))
-        ao_sqnr = float(fxquant.sqnr(ref, ao.module(calib[0]))) if ao is not None else None
-    fp32_size = state_dict_bytes(model)
-    result = Result(case, times[0] * 1e3, times[1] * 1e3, fxq.compile_s, fxq_sqnr, state_dict_bytes(fxq.module) / fp32_size)
+        result.fxq_sqnr = float(fxquant.sqnr(ref, fxq.module(calib[0])))
+        if ao is not None:
+            result.ao_sqnr = float(fxquant.sqnr(ref, ao.module(calib[0])))
+    result.fxq_compile_s, result.fxq_size = fxq.compile_s, state_dict_bytes(fxq.module) / fp32_size
     if ao is not None:
-        result.ao_ms, result.ao_compile_s, result.ao_sqnr = times[2] * 1e3, ao.compile_s, ao_sqnr
-        result.ao_size = state_dict_bytes(ao.module) / fp32_size
+        result.ao_compile_s, result.ao_size = ao.compile_s, state_dict_bytes(ao.module) / fp32_size
+    fns: dict[str, Callable[[], Any]] = {"fp32": lambda: model(x), "fxq": lambda: fxq.module(x)}
+    if ao is not None:
+        fns["ao"] = lambda: ao.module(x)
+    with tempfile.TemporaryDirectory() as workdir:
+        ort = _add_ort(result, model, fxq, x, calib, workdir) if case.onnxruntime else {}
+        _time_all(result, fns, ort, x)
     return result
 
 
-HEADER = ("model", "backend", "compile s ao", "compile s fxq", "fp32 ms", "ao int8 ms", "fxq int8 ms",
-          "fxq/ao latency", "fxq speed-up vs fp32", "SQNR ao dB", "SQNR fxq dB", "size ao", "size fxq")
+def _sized(case: Case) -> Case:
+    return dataclasses.replace(case, image_size=224) if case.model.startswith(FIXED_224) else case
 
 
-def _f(value: Optional[float], fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def measure_isolated(case: Case, timeout_s: float) -> Result:
+    """:func:`measure` in a child process: a crash, a hang past ``timeout_s`` or an error becomes the cell."""
+    cmd = [sys.executable, "-m", "fxquant.bench", "--one", case.key()]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return Result(case, error=f"timed out after {timeout_s:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return Result.from_json(lines[-1])
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return Result(case, error=" ".join(f"crashed ({how}): {tail}".split())[:300])
 
 
-def _cells(r: Result) -> tuple[str, ...]:
-    ratio = r.fxq_ms / r.ao_ms if r.ao_ms else None
-    return (r.case.model, r.case.backend, _f(r.ao_compile_s, ".2f"), f"{r.fxq_compile_s:.2f}", f"{r.fp32_ms:.2f}",
-            _f(r.ao_ms, ".2f"), f"{r.fxq_ms:.2f}", _f(ratio, ".2f") + ("x" if ratio else ""),
-            f"{r.fp32_ms / r.fxq_ms:.2f}x", _f(r.ao_sqnr, ".1f"), f"{r.fxq_sqnr:.1f}", _f(r.ao_size, ".3f"),
-            f"{r.fxq_size:.3f}")
+def _measure_here(case: Case) -> Result:
+    try:
+        return measure(case)
+    except Exception as exc:  # noqa: BLE001 - the cell records the failure
+        return Result(case, error=f"fxquant failed: {_one_line(exc)}")
+
+
+# ------------------------------------------------------------------------------------------ MiniLM (dynamic)
+def _tests_dir() -> Path:
+    tests = Path(fxquant.__file__).resolve().parent.parent / "tests"
+    if not (tests / "bench_dynamic.py").exists():
+        raise FileNotFoundError(f"--minilm reuses tests/bench_dynamic.py and tests/minilm_data.py of a source "
+                                f"checkout; {tests} has none (run from a clone with pip install -e .)")
+    return tests
+
+
+def measure_minilm(threads: Sequence[int], runs: int, batch: int) -> list[dict[str, Any]]:
+    """The variants of tests/bench_dynamic.py on all-MiniLM-L6-v2: latency of a batch of ``batch`` sentences per
+    thread count (median wall ms of interleaved rounds), embedding cosine vs fp32 on all 80 sentences, and the
+    encoder's state_dict size vs fp32."""
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(_tests_dir()))
+    from bench_dynamic import interleaved, state_dict_mb, variants
+    from minilm_data import SENTENCES, embed, load_minilm
+
+    model, tokenizer = load_minilm()
+    small = tokenizer(SENTENCES[:batch], padding=True, truncation=True, return_tensors="pt")
+    full = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+    models = variants(model)
+    ref, enc0 = embed(model, full), state_dict_mb(model.encoder)
+    rows = [{"variant": name, "ms": {}, "tokens": int(small["input_ids"].shape[1]), "batch": batch} for name in models]
+    for t in threads:
+        for row, (wall, _) in zip(rows, interleaved([lambda m=m: m(**small) for m in models.values()], runs, t)):
+            row["ms"][str(t)] = wall
+    for row, m in zip(rows, models.values()):
+        cos = F.cosine_similarity(ref, embed(m, full), dim=1)
+        row.update(cos_mean=float(cos.mean()), cos_min=float(cos.min()), encoder=state_dict_mb(m.encoder) / enc0)
+    return rows
+
+
+def _minilm_isolated(threads: Sequence[int], runs: int, batch: int, timeout_s: float) -> Any:
+    cmd = [sys.executable, "-m", "fxquant.bench", "--one-minilm", json.dumps([list(threads), runs, batch])]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout_s:.0f} s"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return " ".join((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1].split())[:300]
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _f(value: Optional[float], fmt: str, suffix: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, fmt) + suffix
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a and b else None
 
 
 def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def summary(results: Sequence[Result]) -> str:
-    """Geometric means over the cases: fxquant/torch.ao latency and compile time, fp32/fxquant speed-up."""
-    lines = [f"fxquant int8 speed-up vs fp32, geomean: {_geomean([r.fp32_ms / r.fxq_ms for r in results]):.2f}x "
-             f"(slower than fp32 on {sum(r.fxq_ms > r.fp32_ms for r in results)} of {len(results)})"]
-    with_ao = [r for r in results if r.ao_ms is not None and r.ao_compile_s]
-    if with_ao:
-        lat = _geomean([r.fxq_ms / r.ao_ms for r in with_ao])  # type: ignore[operator]
-        comp = _geomean([r.fxq_compile_s / r.ao_compile_s for r in with_ao])  # type: ignore[operator]
-        lines.append(f"fxquant/torch.ao int8 latency, geomean: {lat:.2f}x (target <= 0.9x)")
-        lines.append(f"fxquant/torch.ao prepare+convert time, geomean: {comp:.2f}x (target <= 0.5x on every model; "
-                     f"worst {max(r.fxq_compile_s / r.ao_compile_s for r in with_ao):.2f}x)")  # type: ignore[operator]
-    return "\n".join(lines)
+LATENCY_HEADER = ("model", "backend", "threads", "fp32 ms", "ao int8 ms", "fxq int8 ms", "fxq/ao", "fxq vs fp32",
+                  "ORT fxq-export ms", "ORT quantize_static ms")
+COMPILE_HEADER = ("model", "backend", "input", "prep+conv s ao", "prep+conv s fxq", "fxq/ao compile", "SQNR ao dB",
+                  "SQNR fxq dB", "SQNR ORT fxq-export dB", "SQNR ORT quantize_static dB", "size ao", "size fxq", "notes")
+
+
+def _latency_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in results:
+        for lat in r.latency:
+            rows.append((r.case.model, r.case.backend, str(lat.threads), f"{lat.fp32_ms:.2f}", _f(lat.ao_ms, ".2f"),
+                         f"{lat.fxq_ms:.2f}", _f(_ratio(lat.fxq_ms, lat.ao_ms), ".2f", "x"),
+                         f"{lat.fp32_ms / lat.fxq_ms:.2f}x", _f(lat.ort_fxq_ms, ".2f"), _f(lat.ort_qs_ms, ".2f")))
+    return rows
+
+
+def _compile_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in results:
+        notes = "; ".join(s for s in (r.error, r.ao_error and f"torch.ao failed: {r.ao_error}",
+                                      r.ort_error and f"ONNX Runtime failed: {r.ort_error}") if s)
+        rows.append((r.case.model, r.case.backend, str(r.case.image_size), _f(r.ao_compile_s, ".2f"),
+                     _f(r.fxq_compile_s, ".2f"), _f(_ratio(r.fxq_compile_s, r.ao_compile_s), ".2f", "x"),
+                     _f(r.ao_sqnr, ".1f"), _f(r.fxq_sqnr, ".1f"), _f(r.ort_fxq_sqnr, ".1f"), _f(r.ort_qs_sqnr, ".1f"),
+                     _f(r.ao_size, ".3f"), _f(r.fxq_size, ".3f"), notes.replace("|", "/")))
+    return rows
+
+
+def _render(header: Sequence[str], rows: list[tuple[str, ...]], md: bool) -> str:
+    if md:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(r[i]) for r in [tuple(header)] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 or i == len(header) - 1 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in [tuple(header)] + rows)
 
 
 def table(results: Sequence[Result], markdown: bool = False) -> str:
-    """The results as an aligned text table, or as a markdown table."""
-    rows = [HEADER] + [_cells(r) for r in results]
-    if markdown:
-        out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    """Two tables: latency per model, backend and thread count; compile time, SQNR, size and failures."""
+    return (_render(LATENCY_HEADER, _latency_rows(results), markdown) + "\n\n"
+            + _render(COMPILE_HEADER, _compile_rows(results), markdown))
 
 
+def _verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def _targets(results: Sequence[Result], zoo_note: str) -> list[str]:
+    ok = [r for r in results if not r.error]
+    ones = [(r, r.at(1)) for r in ok if r.case.backend == "fbgemm" and r.at(1) is not None]
+    failed = [r.case.model for r in results if r.case.backend == "fbgemm" and r.error and r.traceable]
+    with_ao = [(r, lat) for r, lat in ones if lat.ao_ms and r.ao_compile_s]
+    if not ones:
+        return ["targets: no fbgemm 1-thread results in this run"]
+    lines = [f"targets (fbgemm, 1 thread; {zoo_note}):"]
+    if with_ao:
+        lat = _geomean([lat.fxq_ms / lat.ao_ms for _, lat in with_ao])  # type: ignore[operator]
+        lines.append(f"  int8 latency fxquant/torch.ao geomean {lat:.2f}x over {len(with_ao)} models "
+                     f"(target <= 0.9x): {_verdict(lat <= 0.9)}")
+    slower = [r.case.model for r, lat in ones if lat.fxq_ms >= lat.fp32_ms] + [f"{m} (failed)" for m in failed]
+    lines.append(f"  int8 faster than fp32 on {len(ones) + len(failed) - len(slower)} of {len(ones) + len(failed)} models (target: every one): "
+                 f"{_verdict(not slower)}" + (f"; slower or failed: {', '.join(slower)}" if slower else ""))
+    if with_ao:
+        comp = {r.case.model: r.fxq_compile_s / r.ao_compile_s for r, _ in with_ao}  # type: ignore[operator]
+        over = [f"{m} {v:.3f}x" for m, v in comp.items() if v > 0.5] + [f"{m} (failed)" for m in failed]
+        lines.append(f"  prepare+convert <= 0.5x torch.ao's on {len(comp) + len(failed) - len(over)} of "
+                     f"{len(comp) + len(failed)} models (geomean "
+                     f"{_geomean(list(comp.values())):.2f}x, worst {max(comp.values()):.2f}x): {_verdict(not over)}"
+                     + (f"; over: {', '.join(over)}" if over else ""))
+    missing_ao = [r.case.model for r, lat in ones if not lat.ao_ms]
+    if missing_ao:
+        lines.append(f"  without a torch.ao result (left out of the ratios): {', '.join(missing_ao)}")
+    return lines
+
+
+def _geomean_lines(ok: list[Result]) -> list[str]:
+    lines = []
+    keys = sorted({(r.case.backend, lat.threads) for r in ok for lat in r.latency})
+    for backend, t in keys:
+        lats = [lat for r in ok if r.case.backend == backend for lat in r.latency if lat.threads == t]
+        parts = [f"fxq vs fp32 {_geomean([x.fp32_ms / x.fxq_ms for x in lats]):.2f}x "
+                 f"(slower than fp32 on {sum(x.fxq_ms >= x.fp32_ms for x in lats)} of {len(lats)})"]
+        for label, attr in (("fxq/ao", "ao_ms"), ("fxq/ORT fxq-export", "ort_fxq_ms"),
+                            ("fxq/ORT quantize_static", "ort_qs_ms")):
+            pairs = [(x.fxq_ms, getattr(x, attr)) for x in lats if getattr(x, attr)]
+            if pairs:
+                parts.append(f"{label} {_geomean([a / b for a, b in pairs]):.2f}x")
+        lines.append(f"  {backend}, {t} thread(s), {len(lats)} models: " + ", ".join(parts))
+    return lines
+
+
+def summary(results: Sequence[Result], zoo_note: str = "the models of this run") -> str:
+    """The targets with verdicts, geomeans per backend and thread count, and the failed cells."""
+    ok = [r for r in results if not r.error]
+    lines = _targets(results, zoo_note) + ["geomeans:"] + _geomean_lines(ok)
+    untraceable = sorted({r.case.model for r in results if not r.traceable})
+    failed = [f"{r.case.model}/{r.case.backend}" for r in results if r.error and r.traceable]
+    ao_failed = [f"{r.case.model}/{r.case.backend}" for r in results if r.ao_error]
+    lines.append(f"cells: {len(ok)} measured, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else "")
+                 + f", torch.ao failed on {len(ao_failed)}" + (f" ({', '.join(ao_failed)})" if ao_failed else "")
+                 + f", {len(untraceable)} models not traceable by torch.fx"
+                 + (f" ({', '.join(untraceable)})" if untraceable else ""))
+    return "\n".join(lines)
+
+
+def _minilm_table(rows: Any, md: bool) -> str:
+    if isinstance(rows, str):
+        return f"MiniLM: failed: {rows}"
+    threads = list(rows[0]["ms"])
+    header = ("all-MiniLM-L6-v2 variant",) + tuple(f"{t} thr ms" for t in threads) + tuple(
+        f"{t} thr vs fp32" for t in threads) + ("mean cos", "min cos", "encoder size")
+    base = rows[0]["ms"]
+    body = [(r["variant"],) + tuple(f"{r['ms'][t]:.1f}" for t in threads)
+            + tuple(f"{base[t] / r['ms'][t]:.2f}x" for t in threads)
+            + (f"{r['cos_mean']:.4f}", f"{r['cos_min']:.4f}", f"{r['encoder']:.3f}") for r in rows]
+    note = (f"all-MiniLM-L6-v2, dynamic quantization: latency of a batch of {rows[0]['batch']} sentences padded to "
+            f"{rows[0]['tokens']} tokens; cosine vs fp32 on all 80 sentences (tests/bench_dynamic.py's variants)")
+    return note + "\n\n" + _render(header, body, md)
+
+
+# ------------------------------------------------------------------------------------------ the command
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``python -m fxquant.bench`` and ``fxquant bench``)."""
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated torchvision names (default {','.join(MODELS)})")
-    ap.add_argument("--backends", default="fbgemm", help="comma-separated: fbgemm, x86, qnnpack (default fbgemm)")
-    ap.add_argument("--runs", type=int, default=20, help="timed interleaved rounds per model (default 20)")
+    ap.add_argument("--suite", choices=tuple(SUITES), default="lean",
+                    help="lean: 3 models, fbgemm, 1 thread (default); zoo: every torchvision classification model "
+                         "x fbgemm,qnnpack x 1,all threads + MiniLM + ONNX Runtime, results in "
+                         "fxquant-bench-zoo.jsonl (hours)")
+    ap.add_argument("--models", default=None, help="comma-separated torchvision names (default: the suite's)")
+    ap.add_argument("--backends", default=None, help="comma-separated: fbgemm, x86, qnnpack (default: the suite's)")
+    ap.add_argument("--threads", default=None, metavar="LIST",
+                    help="comma-separated thread counts for the latencies, 'all' = torch's default "
+                         f"({torch.get_num_threads()} here); default: the suite's")
+    ap.add_argument("--runs", type=int, default=20, help="timed interleaved rounds per latency (default 20)")
     ap.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 4 (default 4)")
-    ap.add_argument("--input-size", type=int, default=224, help="input height and width (default 224)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for compile and latency (default 1)")
+    ap.add_argument("--input-size", type=int, default=224,
+                    help="input height and width (default 224; vit/swin/maxvit always 224)")
+    ap.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=None,
+                    help="add the MiniLM dynamic-quantization table (default: on in the zoo suite)")
+    ap.add_argument("--minilm-batch", type=int, default=80, metavar="N", help="sentences per MiniLM batch (<= 80)")
+    ap.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=None,
+                    help="add the ONNX Runtime columns on the fbgemm rows (default: on in the zoo suite)")
     ap.add_argument("--no-ao", action="store_true", help="skip torch.ao (fxquant vs fp32 only)")
-    ap.add_argument("--markdown", default="", metavar="PATH", help="also write the table as markdown to PATH")
+    ap.add_argument("--out", default=None, metavar="FILE.jsonl",
+                    help="append results here and skip the cells already in it (resume); default: the suite's")
+    ap.add_argument("--markdown", default="", metavar="PATH",
+                    help=f"write the tables and verdicts to PATH (between {BEGIN} and {END} if PATH has them)")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                    help="each model and backend in its own process, so a crash is one cell (default: on)")
+    ap.add_argument("--timeout", type=float, default=3600, metavar="S", help="seconds per cell (default 3600)")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--one-minilm", default="", help=argparse.SUPPRESS)
+
+
+def _zoo_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _settings(args: argparse.Namespace) -> argparse.Namespace:
+    """The options with the suite's defaults filled in and checked (bad ones: ``CliError``, exit 2 or 3)."""
+    from fxquant.cli import CliError, ExitCode
+
+    for name, value in SUITES[args.suite].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    zoo = _zoo_names()
+    args.model_list = zoo if args.models == "*" else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.model_list if m not in zoo]
+    if unknown:
+        raise CliError(ExitCode.MODEL, f"not torchvision classification models: {', '.join(unknown)} (see "
+                         "torchvision.models.list_models(module=torchvision.models))")
+    args.backend_list = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in args.backend_list if b not in ("fbgemm", "x86", "qnnpack")]
+    if bad or not args.backend_list:
+        raise CliError(ExitCode.USAGE, f"--backends takes fbgemm, x86, qnnpack; got {args.backends!r}")
+    try:
+        counts = [torch.get_num_threads() if t.strip() == "all" else int(t) for t in args.threads.split(",")]
+    except ValueError:
+        raise CliError(ExitCode.USAGE, f"--threads takes a comma-separated list of counts or 'all'; got {args.threads!r}") from None
+    if not counts or min(counts) < 1 or args.runs < 1 or args.calib_batches < 1:
+        raise CliError(ExitCode.USAGE, "--threads, --runs and --calib-batches must be at least 1")
+    if not 1 <= args.minilm_batch <= 80:
+        raise CliError(ExitCode.USAGE, f"--minilm-batch takes 1 to 80 sentences; got {args.minilm_batch}")
+    args.thread_list = tuple(dict.fromkeys(counts))
+    args.with_ao = not args.no_ao and _ao_available()
+    return args
 
 
 def _ao_available() -> bool:
@@ -191,23 +590,120 @@ def _ao_available() -> bool:
     return True
 
 
+def _load(path: str) -> dict[str, Result]:
+    done: dict[str, Result] = {}
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith('{"case"'):
+                    r = Result.from_json(line)
+                    done[r.case.key()] = r
+    return done
+
+
+def _cases(args: argparse.Namespace, model: str) -> list[Case]:
+    ort_backend = "fbgemm" if "fbgemm" in args.backend_list else args.backend_list[0]
+    return [Case(model, b, args.input_size, args.calib_batches, args.runs, args.thread_list,
+                 bool(args.onnxruntime) and b == ort_backend, args.with_ao) for b in args.backend_list]
+
+
+def _sweep(args: argparse.Namespace) -> list[Result]:
+    done, results = _load(args.out), []
+    for model in args.model_list:
+        for case in _cases(args, model):
+            case = _sized(case)
+            r = done.get(case.key())
+            if r is None:
+                r = measure_isolated(case, args.timeout) if args.isolate else _measure_here(case)
+                if args.out:
+                    with open(args.out, "a", encoding="utf-8") as f:
+                        f.write(r.to_json() + "\n")
+            results.append(r)
+            print(" | ".join(_compile_rows([r])[0]) + "".join(f"\n    {' | '.join(row[2:])}"
+                                                             for row in _latency_rows([r])), flush=True)
+            if not r.traceable:
+                break  # untraceable on one backend is untraceable on all
+    return results
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every setting spelled out."""
+    parts = ["fxquant", "bench", "--suite", args.suite]
+    if args.models != "*":
+        parts += ["--models", ",".join(args.model_list)]
+    parts += ["--backends", ",".join(args.backend_list), "--threads", args.threads, "--runs", str(args.runs),
+              "--calib-batches", str(args.calib_batches), "--input-size", str(args.input_size),
+              "--onnxruntime" if args.onnxruntime else "--no-onnxruntime"]
+    parts += ["--minilm", "--minilm-batch", str(args.minilm_batch)] if args.minilm else ["--no-minilm"]
+    parts += ["--no-ao"] if args.no_ao else []
+    return shlex.join(parts)
+
+
+def markdown(results: Sequence[Result], args: argparse.Namespace, minilm: Any = None) -> str:
+    """The generated block of docs/benchmarks.md: command, settings, verdicts, tables."""
+    zoo = len(args.model_list) == len(_zoo_names())
+    note = "every zoo model" if zoo else f"{len(args.model_list)} of the {len(_zoo_names())} zoo models"
+    parts = [BEGIN, "", f"Command: `{_command(args)}` (results kept in, and a rerun resumed from, `--out FILE.jsonl`)", "",
+             f"Settings: batch-1 latency, median of {args.runs} interleaved rounds per thread count "
+             f"({', '.join(map(str, args.thread_list))}); prepare+convert timed on 1 thread; SQNR on a batch of 4; "
+             f"{args.calib_batches} calibration batches of 4; input {args.input_size}x{args.input_size} "
+             f"(vit/swin/maxvit 224); torch {torch.__version__}, {os.cpu_count()} CPUs; measured "
+             f"{time.strftime('%Y-%m-%d', time.gmtime())}.", "",
+             "### Targets and geomeans", "", "```text", summary(results, note), "```", "",
+             "### Latency", "", _render(LATENCY_HEADER, _latency_rows(results), md=True), "",
+             "### Prepare+convert time, SQNR, size", "", _render(COMPILE_HEADER, _compile_rows(results), md=True)]
+    if minilm is not None:
+        parts += ["", "### MiniLM", "", _minilm_table(minilm, md=True)]
+    return "\n".join(parts + ["", END])
+
+
+def _write_markdown(path: str, block: str) -> None:
+    old = Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
+    if BEGIN in old and END in old:
+        text = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        text = "# Benchmarks\n\n" + block + "\n"
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def _minilm(args: argparse.Namespace) -> Any:
+    """The MiniLM rows: from ``--out`` when a run with the same settings stored them, else measured (and stored)."""
+    key = [list(args.thread_list), args.runs, args.minilm_batch]
+    if args.out and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            stored = [json.loads(line)["minilm"] for line in f if line.startswith('{"minilm"')]
+        rows = next((m["rows"] for m in stored if m["key"] == key), None)
+        if rows is not None:
+            return rows
+    rows = (_minilm_isolated(args.thread_list, args.runs, args.minilm_batch, args.timeout) if args.isolate
+            else measure_minilm(*key))
+    if args.out and not isinstance(rows, str):
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"minilm": {"key": key, "rows": rows}}) + "\n")
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark for parsed ``args``; prints one line per case as it goes, then the table."""
+    """Run the benchmark for parsed ``args``: one line per cell as it goes, then the tables and the verdicts."""
     warnings.simplefilter("ignore")
-    with_ao = not args.no_ao and _ao_available()
-    cases = [Case(m.strip(), b.strip(), args.input_size, args.calib_batches, args.runs, args.threads)
-             for m in args.models.split(",") if m.strip() for b in args.backends.split(",") if b.strip()]
-    results = []
-    for case in cases:
-        results.append(bench_case(case, with_ao))
-        print(" | ".join(_cells(results[-1])), flush=True)
-    text = (f"\n{table(results)}\n\n{summary(results)}\n"
-            f"({args.threads} thread(s), batch 1, median of {args.runs} interleaved rounds, input {args.input_size}; "
-            "a shared machine: compare ratios within one run, not absolute times across runs)")
-    print(text)
+    if args.one:
+        fields = json.loads(args.one)
+        print(_measure_here(Case(**{**fields, "threads": tuple(fields["threads"])})).to_json())
+        return 0
+    if args.one_minilm:
+        print(json.dumps(measure_minilm(*json.loads(args.one_minilm))))
+        return 0
+    args = _settings(args)
+    results = _sweep(args)
+    minilm = _minilm(args) if args.minilm else None
+    note = "every zoo model" if len(args.model_list) == len(_zoo_names()) else "the models of this run"
+    print(f"\n{table(results)}\n\n{summary(results, note)}")
+    if minilm is not None:
+        print("\n" + _minilm_table(minilm, md=False))
+    print(f"(batch 1, median of {args.runs} interleaved rounds, input {args.input_size}; a shared machine: compare "
+          "ratios within one run, not absolute times across runs)")
     if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(table(results, markdown=True) + "\n\n" + summary(results).replace("\n", "  \n") + "\n")
+        _write_markdown(args.markdown, markdown(results, args, minilm))
     return 0
 
 
@@ -216,7 +712,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fxquant.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    from fxquant.cli import CliError
+
+    try:
+        return run(ap.parse_args(argv))
+    except CliError as exc:
+        print(f"python -m fxquant.bench: error: {exc}", file=sys.stderr)
+        return int(exc.code)
 
 
 if __name__ == "__main__":

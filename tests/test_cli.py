@@ -230,13 +230,58 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture, files: Path) -
     assert "Traceback (most recent call last)" in err and "cannot build" in err
 
 
-def test_bench_runs_and_prints_the_comparison(capsys: pytest.CaptureFixture) -> None:
-    argv = ["bench", "--models", "resnet18", "--input-size", "32", "--runs", "2", "--calib-batches", "1"]
+BENCH = ["bench", "--models", "resnet18", "--input-size", "32", "--runs", "2", "--calib-batches", "1"]
+
+
+def test_bench_prints_the_tables_and_verdicts_writes_the_page_and_resumes(capsys: pytest.CaptureFixture,
+                                                                         tmp_path: Path) -> None:
+    page, out = tmp_path / "bench.md", tmp_path / "results.jsonl"
+    page.write_text("# Page\n\nbefore\n<!-- fxquant bench: begin -->\nold\n<!-- fxquant bench: end -->\nafter\n")
+    argv = BENCH + ["--threads", "1,2", "--out", str(out), "--markdown", str(page), "--no-isolate"]
     assert main(argv) == ExitCode.OK
-    out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("resnet18 | fbgemm"))
-    assert len(row.split(" | ")) == 13 and "-" not in row.split(" | ")[2:]
-    assert "fxquant/torch.ao int8 latency, geomean" in out and "fxquant/torch.ao prepare+convert time" in out
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines() if line.startswith("resnet18  fbgemm")]
+    assert [r[2] for r in rows[:2]] == ["1", "2"] and all("-" not in r[3:8] for r in rows[:2])   # fp32, ao, fxq
+    assert "-" not in rows[2][3:8]   # compile times, ratio, SQNRs of the compile/SQNR/size table
+    for line in ("int8 latency fxquant/torch.ao geomean", "int8 faster than fp32 on", "prepare+convert <= 0.5x",
+                 "fbgemm, 2 thread(s), 1 models", "cells: 1 measured, 0 failed"):
+        assert line in text
+    md = page.read_text()
+    assert md.startswith("# Page\n\nbefore\n") and md.endswith("after\n") and "old" not in md
+    assert "Command: `fxquant bench --suite lean --models resnet18" in md and "| resnet18 | fbgemm | 2 |" in md
+    assert len(out.read_text().splitlines()) == 1
+    assert main(argv) == ExitCode.OK   # resumed from the results file: nothing measured again
+    assert len(out.read_text().splitlines()) == 1 and "| resnet18 | fbgemm | 1 |" in page.read_text()
+
+
+def test_bench_records_a_torch_ao_failure_as_a_cell(capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxquant import bench
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("torch.ao cannot")
+
+    monkeypatch.setattr(bench, "quantize_torch_ao", broken)
+    assert main(BENCH + ["--no-isolate"]) == ExitCode.OK
+    text = capsys.readouterr().out
+    assert "torch.ao failed: RuntimeError: torch.ao cannot" in text and "torch.ao failed on 1 (resnet18/fbgemm)" in text
+    row = next(r for r in map(str.split, text.splitlines()) if r[:3] == ["resnet18", "fbgemm", "1"])
+    assert row[4] == "-" and float(row[5]) > 0   # no torch.ao latency, fxquant's measured
+
+
+def test_bench_records_a_failed_child_as_a_cell_and_goes_on(capsys: pytest.CaptureFixture) -> None:
+    assert main(BENCH + ["--backends", "fbgemm,qnnpack", "--timeout", "0.5"]) == ExitCode.OK
+    text = capsys.readouterr().out
+    assert text.count("timed out after 0 s") >= 2 and "2 failed (resnet18/fbgemm, resnet18/qnnpack)" in text
+
+
+@pytest.mark.parametrize("extra, code, words", [(["--models", "resnet1"], ExitCode.MODEL, "resnet1"),
+                                                (["--backends", "tpu"], ExitCode.USAGE, "--backends"),
+                                                (["--threads", "one"], ExitCode.USAGE, "--threads")])
+def test_bench_bad_options(capsys: pytest.CaptureFixture, extra: list[str], code: ExitCode, words: str) -> None:
+    assert main(["bench"] + extra) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"fxquant: error ({code.name.lower()}):") and words in err
 
 
 def test_console_script_in_a_subprocess(files: Path) -> None:
