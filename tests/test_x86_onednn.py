@@ -280,3 +280,128 @@ def test_a_fused_add_never_overwrites_a_tensor_read_later():
     with torch.no_grad():
         for ref, out in zip(model(x), q(x)):
             assert fxquant.sqnr(ref, out) > 35
+
+
+# ------------------------------------------------------------------------------ squeeze-excite fast paths (batch 1)
+class _SqueezeExcite(nn.Module):
+    """A mobilenet_v3 / efficientnet block: expand, depthwise, squeeze-excite (pool, fc convs, gate, mul), project."""
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.SiLU())
+        self.pool, self.gate = nn.AdaptiveAvgPool2d(1), gate
+        self.fc1, self.fc2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.project = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        x = self.dw(self.expand(x))
+        s = self.gate(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+        return self.project(x * s)
+
+
+def _se_model(gate: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    model = _SqueezeExcite(gate).train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(4, 8, 12, 12))
+    return model.eval()
+
+
+@pytest.mark.parametrize("gate", [nn.Hardsigmoid(), nn.Sigmoid()], ids=["hardsigmoid", "sigmoid"])
+def test_squeeze_excite_fast_paths_match_the_float_paths(gate):
+    """Batch 1: the fc convs on the pooled 1x1 input run as oneDNN's linear (same integers), the gate as a 256-entry
+    table (same integers), the gate multiply as oneDNN's depthwise conv (within one step of the float multiply);
+    the block stays within a few steps of the simulation and creates no quantized tensor."""
+    from fxquant.backends.kernels import onednn_ops
+
+    model = _se_model(gate)
+    x = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(3))
+    prepared, q = _quantize(model, x, calib=4)
+    kinds = [type(m).__name__ for m in q.modules()]
+    assert kinds.count("OneDNNConv") == 5 and "GlobalMeanU8" in kinds
+    tables = [m for m in q.modules() if isinstance(m, onednn_ops.FloatOp)]
+    assert len(tables) == 1 and tables[0].elementwise
+
+    seen: dict[str, torch.Tensor] = {}
+    for name, m in q.named_modules():
+        if isinstance(m, (OneDNNConv, onednn_ops.FloatOp, onednn_ops.FloatKernel)):
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args))
+    mode = _NoQuantizedTensors()
+    with torch.no_grad(), mode:
+        out = q(x)
+    assert mode.seen == [] and any("onednn.qlinear" in op for op in mode.ops)
+    as_linear = 0
+    with torch.no_grad():
+        for name, args in seen.items():
+            m = q.get_submodule(name)
+            if isinstance(m, OneDNNConv) and m.pointwise and args[0].shape[2:] == (1, 1):  # fc1 and fc2
+                as_linear += 1
+                m.pointwise = False
+                assert torch.equal(m(*args), m._as_linear(args[0])), name
+                m.pointwise = True
+            elif isinstance(m, onednn_ops.FloatOp):
+                assert torch.equal(m(*args), m._float(args[0], (), {}))
+            elif isinstance(m, onednn_ops.FloatKernel):
+                (a, qa), (b, qb) = sorted(zip(args, m._inputs), key=lambda t: -t[0].numel())
+                fast, slow = m(*args), m._float_mul(a, *qa, b, *qb)
+                assert int((fast.int() - slow.int()).abs().max()) <= 1
+                assert float((fast != slow).float().mean()) < 0.02
+        sim = fxquant.convert_to_reference_fx(prepared)(x)
+        assert torch.equal(copy.deepcopy(q)(x), out)  # the cached tables and packings are rebuilt, not copied
+    assert as_linear == 2
+    assert float((out - sim).abs().max()) / _output_step(q) <= 3.0
+    assert fxquant.sqnr(model(x), out) > 25
+
+
+def test_elementwise_tables_equal_the_float_op_and_keep_channels_last():
+    """sigmoid, hardsigmoid, clamp, gelu on uint8 run as a 256-entry table: the same integers as the float path, on
+    contiguous, channels-last and strided inputs; a tensor argument takes the float path."""
+    from fxquant.backends.kernels import onednn_ops
+    from fxquant.backends.kernels.onednn_ops import OpCall
+    from fxquant.qparams import QParams
+
+    grid = QParams(torch.tensor([0.05]), torch.tensor([100]), 0, 255)
+    fixed = QParams(torch.tensor([1 / 256]), torch.tensor([0]), 0, 255)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(1, 4, 8, 8)
+    cl = codes.contiguous(memory_format=torch.channels_last)
+    cases = (("hardsigmoid", OpCall("call_module", nn.Hardsigmoid()), fixed, ()),
+             ("sigmoid", OpCall("call_function", torch.sigmoid), fixed, ()),
+             ("clamp", OpCall("call_method", "clamp"), grid, (0.0, 2.0)),
+             ("gelu", OpCall("call_module", nn.GELU()), grid, ()))
+    for entry, call, out, args in cases:
+        op = onednn_ops.native(entry, call, grid, out)
+        assert op.elementwise
+        for x in (codes, cl, codes[:, :, ::2]):
+            y = op(x, *args)
+            assert torch.equal(y, op._float(x, args, {})), entry
+        assert op(cl, *args).is_contiguous(memory_format=torch.channels_last)
+    clamp = onednn_ops.native("clamp", OpCall("call_method", "clamp"), grid, grid)
+    bound = torch.tensor(1.0)
+    assert torch.equal(clamp(codes, bound), clamp._float(codes, (bound,), {}))  # tensor argument: the float path
+    assert torch.equal(copy.deepcopy(clamp)(codes, 0.0, 2.0), clamp(codes, 0.0, 2.0))
+
+
+def test_global_mean_on_onednn_is_within_one_step_of_the_exact_mean():
+    """2-d global average pooling runs as oneDNN's depthwise conv with a ones kernel (float32 scaling): within one
+    step of the exact rounded mean, and equal to it but for means half-way between two steps."""
+    from fxquant.backends.kernels import onednn_ops
+    from fxquant.qparams import QParams
+
+    grid = QParams(torch.tensor([0.1]), torch.tensor([37]), 0, 255)
+    pool = onednn_ops.GlobalMeanU8((2, 3), True, grid)
+    flat = onednn_ops.GlobalMeanU8((2, 3), False, grid)
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((1, 40, 14, 14), (3, 7, 9, 11), (1, 24, 56, 56)):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        n = x.shape[2] * x.shape[3]
+        total = x.to(torch.float64).sum((2, 3), keepdim=True) - n * 37
+        exact = ((total / n).round() + 37).clamp(0, 255).to(torch.uint8)
+        halfway = (total.remainder(n) * 2 == n)
+        for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+            y = pool(layout)
+            assert y.shape == exact.shape and int((y.int() - exact.int()).abs().max()) <= 1
+            assert torch.equal(y[~halfway], exact[~halfway])
+            assert torch.equal(flat(layout), y.reshape(shape[:2]))
+    assert torch.equal(copy.deepcopy(pool)(x), pool(x))
