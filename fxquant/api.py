@@ -179,16 +179,29 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     mapping = _mapping(qconfig_mapping)
     backend = _default_backend(backend_config)
     config = PrepareCustomConfig.from_dict(prepare_custom_config)  # type: ignore[arg-type]
-    model = _copy_sharing_weights(model)
+    user, model = model, _copy_sharing_weights(model)
+    versions = [(name, p, p._version) for name, p in user.named_parameters()]
     decompose_attention(model)
     try:
         gm = _trace_with_shapes(model, inputs, config)
     except TraceError as exc:
         if not partial:
             raise
-        return _prepare_partially(model, inputs, mapping, backend, verify, exc, pipeline)
-    return _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs), verify,
-                    pipeline)
+        prepared = _prepare_partially(model, inputs, mapping, backend, verify, exc, pipeline)
+    else:
+        prepared = _prepare(gm, QuantContext(backend=backend, qconfig_mapping=mapping, example_inputs=inputs),
+                            verify, pipeline)
+    written = [name for name, p, v in versions if p._version != v]
+    if written:
+        raise FxQuantError(f"prepare_fx wrote into the model's own weights ({', '.join(written[:5])}): a pass of the "
+                           "pipeline, or the model's forward on the example inputs, changed them in place (in your float model too). A pass "
+                           "must assign new tensors (the prepared model reads the float weights where they are); "
+                           "a forward that writes its parameters cannot be prepared")
+    return _guard_shared_weights(prepared)
+
+
+#: set on a prepared model while its parameters still share memory with the user's float model
+SHARED_WEIGHTS_ATTR = "_fxquant_shares_weights"
 
 
 def _copy_sharing_weights(model: nn.Module) -> nn.Module:
@@ -204,10 +217,37 @@ def _copy_sharing_weights(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         if type(p) is nn.Parameter:
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        if type(b) is torch.Tensor:
-            memo[id(b)] = b.detach()
+    # buffers are copied: they are small, and a forward may write them (batch-norm statistics in train mode,
+    # counters, caches), which must not reach the user's model
     return copy.deepcopy(model, memo)
+
+
+def _unshare_weights(model: nn.Module) -> None:
+    """Give every parameter of a prepared model its own memory, once (see :func:`_guard_shared_weights`)."""
+    if model.__dict__.get(SHARED_WEIGHTS_ATTR):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
+        model.__dict__[SHARED_WEIGHTS_ATTR] = False
+
+
+def _unshare_before_load(module: nn.Module, *args: Any) -> None:
+    _unshare_weights(module)
+
+
+def _unshare_in_train_mode(module: nn.Module, args: Any) -> None:
+    if module.training:
+        _unshare_weights(module)
+
+
+def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
+    """A prepared model reads the user's float weights without copying them; the two ways a prepared model's
+    weights get written, ``load_state_dict`` and running it in train mode (an optimizer step may follow), first
+    give it copies of its own, so the user's model never changes."""
+    prepared.__dict__[SHARED_WEIGHTS_ATTR] = True
+    prepared.register_load_state_dict_pre_hook(_unshare_before_load)
+    prepared.register_forward_pre_hook(_unshare_in_train_mode)
+    return prepared
 
 
 def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConfigMapping, backend: BackendConfig,

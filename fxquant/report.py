@@ -31,7 +31,8 @@ def state_dict_bytes(model: nn.Module) -> int:
 
 def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
                         threads: int = 1) -> list[float]:
-    """Median seconds per call of each function, timed in interleaved rounds under ``threads`` threads."""
+    """Median seconds per call of each function, timed in interleaved rounds (the order rotating from round to
+    round) under ``threads`` threads."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -40,10 +41,11 @@ def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup
             for _ in range(warmup):
                 for f in fns:
                     f()
-            for _ in range(runs):
-                for i, f in enumerate(fns):
+            for r in range(runs):
+                for k in range(len(fns)):  # the order rotates each round: none always runs after the same one
+                    i = (r + k) % len(fns)
                     start = time.perf_counter()
-                    f()
+                    fns[i]()
                     times[i].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(old)

@@ -290,7 +290,9 @@ def _search(model: nn.Module, mapping: Any, example: Any, calibration: Any, targ
             backend_config: Any, fallback: Any = None) -> _Search:
     from fxquant.api import _default_backend, _example_inputs, _mapping
 
-    model = model.eval()
+    if model.training:  # not model.eval(): the user's model is not ours to change
+        raise SensitivityError("sensitivity analysis quantizes for post-training inference and needs the model in "
+                               "eval mode: call model.eval() first")
     backend = _default_backend(backend_config)
     evaluation = _batches(evaluation if evaluation is not None else calibration)
     target.baseline(model, evaluation)

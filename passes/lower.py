@@ -30,6 +30,7 @@ one and a quantized one, made on first use and cached.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import inspect
@@ -84,6 +85,15 @@ class _Builder:
         self.constants: dict[str, torch.Tensor] = {}
         self.fusions: dict[fx.Node, _Fusion] = {}  # consumer -> the kernel fusion that computes it
         self.producers: set[fx.Node] = set()  # nodes computed inside their consumer's kernel
+        # modules called from several places: each call gets its own kernel under its own name (the module's
+        # name stays with the float module, for a call that stays float)
+        self.call_sites = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+    def kernel_name(self, node: fx.Node) -> str:
+        """Where the kernel replacing ``node`` lives: the module's own name when it is called once."""
+        if node.op == "call_module" and self.call_sites[str(node.target)] == 1:
+            return str(node.target)
+        return self._module_name(node.name)
 
     # ------------------------------------------------------------------ values
     def source(self, n: fx.Node) -> fx.Node:
@@ -430,9 +440,7 @@ class LowerPass:
 
     @staticmethod
     def _emit_kernel(b: _Builder, node: fx.Node, spec: LoweringSpec, args: tuple) -> None:
-        name = str(node.target) if node.op == "call_module" else b._module_name(node.name)
-        if name in b.new_modules:  # a module called from several places: one kernel (and grid) per call site
-            name = b._module_name(node.name)
+        name = b.kernel_name(node)
         b.new_modules[name] = b.kernels.build(spec)
         b.new_modules[name].where = f"node '{node.name}'"  # named in the kernel's input checks
         LowerPass._emit(b, node, "call_module", name, args, {})
@@ -472,8 +480,9 @@ class LowerPass:
     def _lower_dynamic(b: _Builder, node: fx.Node, rec: NodeRecord) -> bool:
         """Dynamic / weight-only branch: the kernel module takes and returns float (activations are quantized
         inside it at run time, or not at all), so no quantize / dequantize surrounds it."""
-        name = str(node.target)
-        b.new_modules[name] = b.kernels.build(dynamic_spec(rec.entry, rec.qconfig, b.modules[name], b.ctx.backend))
+        name = b.kernel_name(node)
+        b.new_modules[name] = b.kernels.build(dynamic_spec(rec.entry, rec.qconfig, b.modules[str(node.target)],
+                                                           b.ctx.backend))
         new = b.graph.create_node("call_module", name, b.map_float(node.args), b.map_float(node.kwargs), node.name)
         new.meta = dict(node.meta)
         _tag(new, False, False, like=node)

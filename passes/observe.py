@@ -99,6 +99,9 @@ class ObservePass:
             if inputs is None or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):
                 ctx.keep_float(node, entry.name, "an operand is not a float tensor (scalar or non-tensor operand)")
                 continue
+            if entry.name.startswith(("add", "sub")) and node.kwargs.get("alpha", 1) != 1:
+                ctx.keep_float(node, entry.name, f"alpha={node.kwargs['alpha']!r} (the kernel computes a + b)")
+                continue
             for t in inputs:
                 if self._observer_of(t, modules) is None:
                     self._insert(gm, t, rec.qconfig.activation(), modules)

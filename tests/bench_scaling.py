@@ -14,7 +14,8 @@ Synthetic models (random init, eval mode):
 Each (family, size) runs in a fresh subprocess, so its peak memory is its own: the peak RSS reached during
 ``prepare_fx`` minus the RSS just before it (the float model already built, and a 30-node model of the same
 family already quantized, so imports and kernel libraries are not counted), compared with the model's
-parameter and buffer bytes. ``prepare_fx`` deep-copies the model, so 1.0x is the floor; the target is 1.5x.
+parameter and buffer bytes. ``prepare_fx`` copies the model's modules but not its weights (it reads them where
+they are), so only what prepare adds is counted: folded weights, observers, graph objects; the target is 1.5x.
 Time is ``prepare_fx`` + ``convert_fx`` (one calibration batch in between, not counted), 1 torch thread.
 The exponent is the least-squares slope of log(time) against log(nodes); the target is <= 1.1.
 Timings come from a shared machine: compare within one run.

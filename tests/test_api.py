@@ -338,3 +338,71 @@ def test_property_save_load_round_trips_exactly(seed, backend, calib_scale):
         _, twin = quantize(model, x, backend, [x])
         twin.load_state_dict(converted.state_dict())
         assert torch.equal(twin(x), expected)
+
+
+# ------------------------------------------------------- prepare_fx reads the user's weights where they are
+
+class _Counting(nn.Module):
+    """An unfusable conv -> relu -> bn -> conv whose forward also writes a buffer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.body(x)
+
+
+def _users_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prepare_shares_weight_memory_but_nothing_the_prepared_model_does_reaches_the_user():
+    model, x = seeded(_Counting(), 0).eval(), torch.randn(2, 3, 8, 8)
+    before = _users_state(model)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,), backend_config="fbgemm")
+    # no copy of the float weights (the memory win) ...
+    assert prepared.get_submodule("body.3").weight.data_ptr() == model.body[3].weight.data_ptr()
+    # ... yet the forward run on the example (a buffer write), calibration, a state_dict load and training
+    # leave the user's model as it was
+    fxquant.calibrate(prepared, [x], progress=False)
+    assert _unchanged(model, before)
+    prepared.load_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in prepared.state_dict().items()})
+    assert _unchanged(model, before)
+    other = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,), backend_config="fbgemm")
+    other.train()
+    opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    other(x).sum().backward()
+    opt.step()
+    assert _unchanged(model, before)
+    assert other.get_submodule("body.3").weight.data_ptr() != model.body[3].weight.data_ptr()
+
+
+def test_a_pass_that_writes_weights_in_place_is_an_error():
+    class Scale:
+        name = "scale_in_place"
+
+        def run(self, gm, ctx=None):
+            from fxquant.passes.base import PassResult
+
+            with torch.no_grad():
+                for p in gm.parameters():
+                    p.mul_(2)
+            return PassResult(gm, True)
+
+    from fxquant.passes.pipelines import prepare_pipeline
+
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    before = _users_state(model)
+    pm = prepare_pipeline()
+    pm.insert_after("normalize", Scale())
+    with pytest.raises(FxQuantError, match=r"wrote into the model's own weights \(0.weight"):
+        fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (torch.randn(2, 4),),
+                           backend_config="fbgemm", pipeline=pm)
+    assert not _unchanged(model, before)  # it did write (the error says so rather than pass silently)

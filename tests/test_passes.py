@@ -634,3 +634,47 @@ def test_a_module_called_twice_gets_one_kernel_per_call_site(backend):
     assert first is not second
     with torch.no_grad():
         assert fxquant.sqnr(model(calib[1]), converted(calib[1])) > 25
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "x86"])
+@pytest.mark.parametrize("float_call", [1, 2])
+def test_a_module_called_twice_with_one_call_left_float(backend, float_call):
+    """The float call keeps the module's own name; the quantized call's kernel lives under another (the float call
+    used to find the kernel under the module's name and fail on the float tensor)."""
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(self.c(self.c0(x)))
+
+    model = seeded(Twice(), 0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mapping = fxquant.get_default_qconfig_mapping(backend).set_module_name_object_type_order("", nn.Conv2d,
+                                                                                             float_call, None)
+    prepared = fxquant.prepare_fx(model, mapping, (x,), backend_config=backend)
+    fxquant.calibrate(prepared, [x], progress=False)
+    converted = fxquant.convert_fx(prepared)
+    assert type(converted.c) is nn.Conv2d  # the float call
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), converted(x)) > 25
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "x86"])
+def test_add_with_alpha_stays_float_instead_of_dropping_alpha(backend):
+    """torch.add(a, b, alpha=3) was lowered to the a + b kernel: 4 units off with no error."""
+    class AddAlpha(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return torch.add(self.a(x), self.b(x), alpha=3.0)
+
+    model = seeded(AddAlpha(), 0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    _, converted = quantize(model, x, backend, [x])
+    assert [(f.op, f.reason) for f in float_ops(converted)] == [("add", "alpha=3.0 (the kernel computes a + b)")]
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), converted(x)) > 25

@@ -121,6 +121,10 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="not conv / linear layers of the model: \\['convs.9'\\]"):
         sensitivity(seeded(_Chain()), MAPPING, DATA[0], DATA, layers=["convs.9"], backend_config="fbgemm",
                     progress=False)
+    training = seeded(_Chain()).train()
+    with pytest.raises(ValueError, match="needs the model in eval mode: call model.eval"):
+        auto_mixed_precision(training, MAPPING, DATA[0], DATA, MinSQNR(30.0), progress=False)
+    assert training.training  # the user's flag is left as it was
 
 
 @pytest.mark.slow

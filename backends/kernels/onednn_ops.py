@@ -85,7 +85,8 @@ class OnIntegers(_Invoke):
 
 
 class GlobalMeanU8(_Mirrors):
-    """Global average pooling (``adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3), keepdim)``) on uint8.
+    """Global average pooling on uint8: ``nn.AdaptiveAvgPool2d(1)`` / ``nn.AdaptiveAvgPool3d(1)`` modules (the
+    functional and ``mean`` spellings take the generic averaging path).
 
     2-d: oneDNN's depthwise int8 conv with an all-ones H x W kernel and weight scale ``1 / (H * W)``, from and to the
     input's grid (packed once per input shape): it reads the uint8 tensor once, where ``torch.sum`` first copies it
@@ -123,6 +124,8 @@ class GlobalMeanU8(_Mirrors):
             ones = torch.ones(channels, 1, height, width, dtype=torch.int8)
             pack = (torch.ops.onednn.qconv_prepack(ones, scales, self._scale, self._zp, [1, 1], [0, 0], [1, 1],
                                                    channels, None), scales, torch.zeros(channels, dtype=torch.int32))
+            if len(self._packs) >= 8:  # inputs of ever-changing sizes must not grow the cache without bound
+                self._packs.clear()
             self._packs[(channels, height, width)] = pack
         y = _QCONV(x, self._scale, self._zp, pack[0], pack[1], pack[2], None, [1, 1], [0, 0], [1, 1], channels,
                    self._scale, self._zp, None, "none", [], "")
