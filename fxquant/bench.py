@@ -17,15 +17,17 @@ and the run goes on; models ``torch.fx.symbolic_trace`` cannot trace are listed 
 ``--out FILE.jsonl`` appends every result as it comes and a rerun skips the cells already there (resume).
 
 Models are random-init torchvision models with batch-norm statistics re-estimated (fxquant.zoo): nothing is
-downloaded. torch.ao.quantization is the reference; it is imported here, inside the benchmark only, never by
-the library. Without it (``--no-ao``, or a torch without it) the torch.ao columns read "-".
+downloaded. torch.ao.quantization is the reference; it is imported by tests/bench_torch_ao.py of a source
+checkout, never by the library. Without it (``--no-ao``, an installed package without tests/, or a torch without
+torch.ao) the torch.ao columns read "-".
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -148,23 +150,29 @@ def quantize_fxquant(model: nn.Module, backend: str, x: torch.Tensor, calib: lis
 
 
 def quantize_torch_ao(model: nn.Module, backend: str, x: torch.Tensor, calib: list[torch.Tensor]) -> Quantized:
-    """torch.ao's default FX static PTQ (the reference). It gets its own copy of the model, made outside the timing:
-    torch.ao's prepare_fx shares the user's modules (without changing them), as fxquant's shares the weights, so
-    neither pays for a full copy inside the timed part."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    """torch.ao's default FX static PTQ, the reference: ``quantize_torch_ao`` of tests/bench_torch_ao.py in a source
+    checkout (the library itself never imports the deprecated torch.ao)."""
+    quantize = _torch_ao_quantizer()
+    if quantize is None:
+        raise RuntimeError("the torch.ao reference needs tests/bench_torch_ao.py of a source checkout and a torch "
+                           "that still ships torch.ao.quantization")
+    return quantize(model, backend, x, calib)
 
-    torch.backends.quantized.engine = backend
-    model = copy.deepcopy(model)  # so nothing torch.ao does can reach the model fxquant and fp32 are timed on
-    start = time.perf_counter()
-    prepared = prepare_fx(model, get_default_qconfig_mapping(backend), (x,))
-    compile_s = time.perf_counter() - start
-    with torch.no_grad():
-        for batch in calib:
-            prepared(batch)
-    start = time.perf_counter()
-    quantized = convert_fx(prepared)
-    return Quantized(quantized, compile_s + time.perf_counter() - start)
+
+@functools.lru_cache(maxsize=None)
+def _torch_ao_quantizer() -> Optional[Callable[..., Quantized]]:
+    """tests/bench_torch_ao.py's quantizer, or ``None`` without a source checkout or without torch.ao."""
+    try:
+        path = _tests_dir("bench_torch_ao.py", "the torch.ao columns") / "bench_torch_ao.py"
+    except FileNotFoundError:
+        return None
+    spec = importlib.util.spec_from_file_location("fxquant_bench_torch_ao", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except ImportError:  # a torch without torch.ao
+        return None
+    return module.quantize_torch_ao
 
 
 def _ort_session(path: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -337,11 +345,12 @@ def _measure_here(case: Case) -> Result:
 
 
 # ------------------------------------------------------------------------------------------ MiniLM (dynamic)
-def _tests_dir() -> Path:
+def _tests_dir(needed: str = "bench_dynamic.py", what: str = "--minilm") -> Path:
+    """The tests/ folder of the source checkout fxquant runs from, holding ``needed``."""
     tests = Path(fxquant.__file__).resolve().parent.parent / "tests"
-    if not (tests / "bench_dynamic.py").exists():
-        raise FileNotFoundError(f"--minilm reuses tests/bench_dynamic.py and tests/minilm_data.py of a source "
-                                f"checkout; {tests} has none (run from a clone with pip install -e .)")
+    if not (tests / needed).exists():
+        raise FileNotFoundError(f"{what} reuses tests/{needed} of a source checkout; {tests} has none (run from a "
+                                "clone with pip install -e .)")
     return tests
 
 
@@ -585,11 +594,7 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _ao_available() -> bool:
-    try:
-        import torch.ao.quantization.quantize_fx  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _torch_ao_quantizer() is not None
 
 
 def _load(path: str) -> dict[str, Result]:

@@ -23,9 +23,11 @@ import torch
 
 import fxquant
 from fxquant import bench
-from fxquant.bench import ort_quantize_static, quantize_fxquant, quantize_torch_ao
+from fxquant.bench import ort_quantize_static, quantize_fxquant
 from fxquant.report import interleaved_latency
 from fxquant.zoo import torchvision_model
+
+from bench_torch_ao import quantize_torch_ao  # tests/ is on sys.path when this file runs
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "googlenet", "regnet_x_400mf",
           "efficientnet_b0", "shufflenet_v2_x1_0"]
