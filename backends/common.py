@@ -111,11 +111,13 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
                                lowering=f"batch_norm{n}d_relu", quantized_args=(0,),
                                doc=f"BatchNorm{n}d + ReLU"))
     for name, kind, fused_kind in (("add", ops.ADD, ops.ADD_RELU), ("mul", ops.MUL, ops.MUL_RELU)):
+        fixed = (("alpha", 1, "a + b"),) if name == "add" else ()  # torch.add(a, b, alpha=k): the kernel has none
         entries.append(OpEntry(name, kind, Observation.OWN, (_U8,), ((kind,),), constraints=binary_limits,
-                               lowering=name, quantized_args=(0, 1), doc=f"tensor {name} (a scalar operand too)"))
+                               lowering=name, quantized_args=(0, 1), fixed_args=fixed,
+                               doc=f"tensor {name} (a scalar operand too)"))
         entries.append(OpEntry(f"{name}_relu", fused_kind, Observation.OWN, (_U8,), ((kind, ops.RELU),),
                                constraints=binary_limits, lowering=f"{name}_relu", quantized_args=(0, 1),
-                               doc=f"{name} + ReLU"))
+                               fixed_args=fixed, doc=f"{name} + ReLU"))
     entries.append(OpEntry("cat", ops.CAT, Observation.OWN, (_U8,), ((ops.CAT,),), lowering="cat",
                            quantized_args=(0,), op_args=(("dim", 1, 0),),
                            doc="concatenation, requantized to one output scale"))

@@ -175,6 +175,9 @@ class OpEntry:
     #: op arguments the kernel needs: (name, position in the functional call, default); read from the
     #: module attribute of that name for module forms (``("dim", 1, 0)`` for cat, softmax, stack)
     op_args: tuple[tuple[str, int, Any], ...] = ()
+    #: keyword arguments the kernel computes only at one value, ``(name, value, what the kernel computes)``: a
+    #: call giving another value stays float (add: ``("alpha", 1, "a + b")``, not ``a + alpha * b``)
+    fixed_args: tuple[tuple[str, Any, str], ...] = ()
     #: shares-input ops whose float result can fall between the input's grid points (averages, interpolation,
     #: clamps at off-grid bounds, gelu): the quantized op rounds its result to that grid, so quantization-aware
     #: training fake-quantizes the output too (with the input's fake quantizer, see ``SharedFakeQuantize``)
@@ -190,6 +193,10 @@ class OpEntry:
         """Weights quantized ahead of time, activations at run time or not at all: no activation observers,
         float output. Such entries are chosen only for dynamic / weight-only qconfigs."""
         return bool(self.dtypes) and all(d.dynamic for d in self.dtypes)
+
+
+#: consumer entries of a kernel fusion that add the producer's output to another tensor (the kernel's accumulator)
+ACCUMULATING_CONSUMERS = frozenset({"add", "add_relu"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +218,12 @@ class KernelFusion:
     producer: str
     consumer: str
     target: str
+
+    @property
+    def accumulates(self) -> bool:
+        """The consumer adds another tensor of the producer's shape, which the kernel takes as its accumulator (a
+        residual add, oneDNN's ``sum`` post-op); the producer may then be either operand."""
+        return self.consumer in ACCUMULATING_CONSUMERS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,9 +54,6 @@ from fxquant.qparams import QParams
 
 __all__ = ["LowerPass", "KernelFusionPattern", "kernel_fusion_patterns"]
 
-#: consumers whose other operand the kernel adds in (oneDNN's ``sum`` post-op): the fused add's accumulator
-_ACCUMULATING = ("add", "add_relu")
-
 #: ``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``: the same answer on the quantized view
 _SHAPE_QUERY = Op(ops.SIZE, "shape_query",
                   check=lambda n, m: n.op != "call_function" or n.args[1:2] in (("shape",), ("ndim",)))
@@ -232,7 +229,7 @@ class KernelFusionPattern:
 
     def accumulator(self, match: Match, modules: dict[str, nn.Module]) -> Optional[fx.Node]:
         """The other operand of a fused add (the tensor the kernel adds in); ``None`` for a unary consumer."""
-        if self.fusion.consumer not in _ACCUMULATING:
+        if not self.fusion.accumulates:
             return None
         return _sources(match["consumer"], modules)[1 - self.position]
 
@@ -256,7 +253,7 @@ def kernel_fusion_patterns(backend: BackendConfig) -> tuple[KernelFusionPattern,
     """
     out = []
     for fusion in backend.kernel_fusions:
-        accumulate = fusion.consumer in _ACCUMULATING
+        accumulate = fusion.accumulates
         for position in (0, 1) if accumulate else (0,):
             steps = (Op(Entry(fusion.producer), "producer", check=_calls_module),
                      Op(Entry(fusion.consumer), "consumer", args=(None,) * position + ("producer",)))

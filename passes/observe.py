@@ -99,8 +99,10 @@ class ObservePass:
             if inputs is None or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):
                 ctx.keep_float(node, entry.name, "an operand is not a float tensor (scalar or non-tensor operand)")
                 continue
-            if entry.name.startswith(("add", "sub")) and node.kwargs.get("alpha", 1) != 1:
-                ctx.keep_float(node, entry.name, f"alpha={node.kwargs['alpha']!r} (the kernel computes a + b)")
+            unfit = [(k, what) for k, v, what in entry.fixed_args if node.kwargs.get(k, v) != v]
+            if unfit:
+                name, what = unfit[0]
+                ctx.keep_float(node, entry.name, f"{name}={node.kwargs[name]!r} (the kernel computes {what})")
                 continue
             for t in inputs:
                 if self._observer_of(t, modules) is None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from fxquant.backends.kernels.onednn import (_QCONV, POST_OPS, OneDNNConv, OneDNNLinear, PostOp, _Grid, _Mirrors,
                                              from_u8, to_u8)
+from fxquant.backends.config import ACCUMULATING_CONSUMERS
 from fxquant.backends.kernels.qtensor import LoweringSpec
 from fxquant.qparams import QParams, dequantize, quantize_int
 
@@ -94,6 +95,8 @@ class GlobalMeanU8(_Mirrors):
     float32, so a mean that lies exactly half-way between two steps may round to either (within one step of exact).
     Otherwise: the integer sum in float32, divided and rounded half to even to the same grid (exact)."""
 
+    _CACHES = ("_packs",)
+
     def __init__(self, dims: tuple[int, ...], keepdim: bool, grid: QParams) -> None:
         super().__init__()
         self.dims, self.keepdim = dims, keepdim
@@ -131,15 +134,6 @@ class GlobalMeanU8(_Mirrors):
                    self._scale, self._zp, None, "none", [], "")
         return y if self.keepdim else y.reshape(x.shape[0], channels)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_packs"] = {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._refresh()
-
 
 def _global_mean(call: OpCall, grid: QParams) -> Optional[nn.Module]:
     """A global-average-pool module where ``call`` is one (adaptive pool to 1, 2-d or 3-d), else ``None``."""
@@ -159,6 +153,9 @@ class FloatOp(_Invoke):
     the 256 input codes to one output code, so they run as a 256-entry table built by that same float computation
     on the first call (per distinct set of scalar arguments): one gather instead of ~10 tensor ops, the same
     integers (a squeeze-excite gate on 1x960x1x1: 3 vs 18 us)."""
+
+    _CACHES = ("_tables",)
+    elementwise: bool = False  # the class default covers modules pickled before the tables existed
 
     def __init__(self, call: OpCall, x: QParams, out: QParams, elementwise: bool = False) -> None:
         super().__init__(call)
@@ -197,16 +194,6 @@ class FloatOp(_Invoke):
             if table is not None:
                 return _lookup(table, x)
         return self._float(x, args, kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_tables"] = {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("elementwise", False)
-        self._tables = {}
 
     def extra_repr(self) -> str:
         how = "a 256-entry table of the float op" if self.elementwise else "in float (dequantize, op, quantize)"
@@ -309,6 +296,8 @@ class FloatKernel(_Grid):
     quantized, in one module. Modules with weights (transposed convs) use their quantized-dequantized weight,
     so the result is what the int8 simulation computes."""
 
+    _CACHES = ("_gates", "_gate_zp")
+
     def __init__(self, target: str, inputs: tuple[QParams, ...], output: QParams,
                  module: Optional[nn.Module] = None, kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__(output)
@@ -365,15 +354,6 @@ class FloatKernel(_Grid):
         gate = b.reshape(channels).to(torch.float32).sub_(zb).mul_(sb)
         return _QCONV(a, sa, za, packed, gate, self._gate_zp[channels], None, [1, 1], [0, 0], [1, 1], channels,
                       self._scale, self._zp, None, "none", [], "")
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_gates"], state["_gate_zp"] = {}, {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._gates, self._gate_zp = {}, {}
 
     def extra_repr(self) -> str:
         how = ("on oneDNN where one operand is a per-channel gate (squeeze-excite), else in float"
@@ -440,7 +420,7 @@ def _weighted(spec: LoweringSpec) -> nn.Module:
     relu = base.endswith("_relu")
     module = spec.module.op if relu else spec.module
     post = POST_OPS["relu"] if relu else POST_OPS.get(consumer.replace("add_relu", "relu"), PostOp())
-    accum = spec.inputs[1] if consumer in ("add", "add_relu") else None
+    accum = spec.inputs[1] if consumer in ACCUMULATING_CONSUMERS else None
     clone = bool(spec.kwargs.get("clone_accum", True))
     if base.startswith("linear"):
         return OneDNNLinear(module, spec.weight, spec.inputs[0], spec.output, post, accum, clone)
