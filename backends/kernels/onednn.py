@@ -79,11 +79,21 @@ class _Mirrors(nn.Module):
     def _rows(self, name: str) -> list[tuple[float, int, int, int]]:
         return [(float(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in getattr(self, name).tolist()]
 
+    #: run-time caches built from the buffers (packed weights, lookup tables): not pickled, rebuilt by _refresh
+    _CACHES: tuple[str, ...] = ()
+
     def _refresh(self) -> None:
-        """Set the Python mirrors from the buffers."""
+        """Set the Python mirrors (and reset the caches) from the buffers."""
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
         self._refresh()
 
 
@@ -143,6 +153,8 @@ class _Prepacked(_Grid):
     """A oneDNN kernel with a weight prepacked once; int8 weight, float32 scales and float bias stay as buffers
     (``state_dict`` round-trips, a pickled or deep-copied module repacks itself)."""
 
+    _CACHES = ("_packed", "_packed_linear")
+
     def __init__(self, module: nn.Module, weight: QParams, x: QParams, output: QParams) -> None:
         super().__init__(output)
         if weight.zero_point.ne(0).any():
@@ -178,16 +190,6 @@ class _Prepacked(_Grid):
         super()._refresh()
         if "accum_qparams" in self._buffers:
             self._accum = self._rows("accum_qparams")[0][:2]
-        self._repack()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_packed", None)
-        state.pop("_packed_linear", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
         self._repack()
 
 
