@@ -77,7 +77,8 @@ def render(rows: list[dict], names: list[str] = ()) -> str:
              "Latencies are medians of 3 interleaved rounds, measured while other jobs shared the 2 cores: read a",
              "speed-up as +-30% (`--models NAME` re-measures one). The lowest SQNRs are the deep random-init",
              "residual networks (resnet101/152, wide_resnet50/101), where error accumulates along the residual",
-             "stream; torch.ao is lower on the same model (resnet152 at 96 px: 13.3 vs fxquant 14.5 dB).", "",
+             "stream; torch.ao is lower on the same model (`fxquant bench --models resnet152 --input-size 96`:",
+             "torch.ao 21.5 dB, fxquant 24.4 dB with that command's 4 calibration batches).", "",
              "| model | backend | input | SQNR dB | int8 speed-up | ops left float |", "|---|---|---|---|---|---|"]
     for r in rows:
         if not r.get("traceable", True):
