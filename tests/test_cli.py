@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import fxquant
 from fxquant.cli import ExitCode, main
@@ -230,7 +231,8 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture, files: Path) -
     assert "Traceback (most recent call last)" in err and "cannot build" in err
 
 
-BENCH = ["bench", "--models", "resnet18", "--input-size", "32", "--runs", "2", "--calib-batches", "1"]
+BENCH = ["bench", "--models", "resnet18", "--input-size", "32", "--runs", "2", "--calib-batches", "1",
+         "--compile-runs", "2"]
 
 
 def test_bench_prints_the_tables_and_verdicts_writes_the_page_and_resumes(capsys: pytest.CaptureFixture,
@@ -249,6 +251,7 @@ def test_bench_prints_the_tables_and_verdicts_writes_the_page_and_resumes(capsys
     md = page.read_text()
     assert md.startswith("# Page\n\nbefore\n") and md.endswith("after\n") and "old" not in md
     assert "Command: `fxquant bench --suite lean --models resnet18" in md and "| resnet18 | fbgemm | 2 |" in md
+    assert "--compile-runs 2" in md and "median of 2 interleaved rounds each starting after gc.collect()" in md
     assert len(out.read_text().splitlines()) == 1
     assert main(argv) == ExitCode.OK   # resumed from the results file: nothing measured again
     assert len(out.read_text().splitlines()) == 1 and "| resnet18 | fbgemm | 1 |" in page.read_text()
@@ -277,7 +280,8 @@ def test_bench_records_a_failed_child_as_a_cell_and_goes_on(capsys: pytest.Captu
 
 @pytest.mark.parametrize("extra, code, words", [(["--models", "resnet1"], ExitCode.MODEL, "resnet1"),
                                                 (["--backends", "tpu"], ExitCode.USAGE, "--backends"),
-                                                (["--threads", "one"], ExitCode.USAGE, "--threads")])
+                                                (["--threads", "one"], ExitCode.USAGE, "--threads"),
+                                                (["--compile-runs", "0"], ExitCode.USAGE, "--compile-runs")])
 def test_bench_bad_options(capsys: pytest.CaptureFixture, extra: list[str], code: ExitCode, words: str) -> None:
     assert main(["bench"] + extra) == code
     err = capsys.readouterr().err
@@ -295,3 +299,23 @@ def test_console_script_in_a_subprocess(files: Path) -> None:
     bad = subprocess.run(cmd + ["quantize", "no_such_model_xyz"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == ExitCode.MODEL and bad.stdout == ""
     assert bad.stderr.startswith("fxquant: error (model): 'no_such_model_xyz'") and bad.stderr.count("\n") == 1
+
+
+def test_bench_compile_time_is_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxquant import bench
+
+    calls: list[str] = []
+    times = {"ao": iter([3.0, 1.0, 2.0]), "fxq": iter([0.5, 0.9, 0.1])}
+
+    def fake(kind: str):
+        def quantize(*args: object) -> bench.Quantized:
+            calls.append(kind)
+            return bench.Quantized(nn.Identity(), next(times[kind]))
+        return quantize
+
+    monkeypatch.setattr(bench, "quantize_torch_ao", fake("ao"))
+    monkeypatch.setattr(bench, "quantize_fxquant", fake("fxq"))
+    x = torch.randn(1, 3)
+    ao, fxq, error = bench._compile_rounds(nn.Identity(), bench.Case("m", compile_runs=3), x, [x])
+    assert calls == ["ao", "fxq"] * 3 and error == ""
+    assert (ao.compile_s, fxq.compile_s) == (2.0, 0.5)
