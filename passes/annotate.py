@@ -25,6 +25,7 @@ from torch import fx, nn
 from fxquant.backends.config import Observation, OpEntry
 from fxquant.backends.kernels import get_kernels
 from fxquant.errors import FxQuantError, QConfigError
+from fxquant.observers import probe
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
 from fxquant.passes.dynamic import dynamic_request, select_dynamic_entry
@@ -60,7 +61,7 @@ def _object_type(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
 def check_qconfig(node: fx.Node, entry: OpEntry, qconfig: Any, backend_name: str) -> None:
     """Raise :class:`QConfigError` if ``qconfig`` breaks a rule of ``entry`` (dtype, scheme, ranges)."""
     where = f"node '{node.name}' ({entry.name}) on backend '{backend_name}'"
-    act = qconfig.activation() if qconfig.activation is not None else None
+    act = probe(qconfig.activation) if qconfig.activation is not None else None
     limits = entry.constraints
     if act is not None and entry.observation is Observation.OWN and not getattr(act, "is_dynamic", False):
         dtype = getattr(act, "dtype", None)
@@ -74,7 +75,7 @@ def check_qconfig(node: fx.Node, entry: OpEntry, qconfig: Any, backend_name: str
                                f"eps={limits.min_scale:g} (get_default_qconfig_mapping('{backend_name}') does).")
     if entry.weight is None or qconfig.weight is None:
         return
-    w = qconfig.weight()
+    w = probe(qconfig.weight)
     if getattr(w, "dtype", None) != entry.weight.dtype:
         raise QConfigError(f"{where}: weight dtype {getattr(w, 'dtype', None)} is not supported; use {entry.weight.dtype}.")
     if getattr(w, "qscheme", None) not in entry.weight.qschemes:
@@ -186,7 +187,7 @@ class AnnotatePass:
         if reason is None and entry.lowering is not None:
             reason = kernels.supports(entry.lowering, module)
         if reason is None and entry.observation is Observation.OWN:
-            act = rec.qconfig.activation() if rec.qconfig.activation is not None else None  # built once
+            act = probe(rec.qconfig.activation) if rec.qconfig.activation is not None else None
             if act is None or getattr(act, "is_dynamic", False) or getattr(act, "dtype", None) == torch.float16:
                 reason = "qconfig asks for dynamic/float16 activations; static kernels need a static quint8 qconfig"
         if reason is not None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from fxquant.backends.config import BackendConfig, DTypeConfig, OpEntry
 from fxquant.backends.kernels import LoweringSpec
+from fxquant.observers import probe
 from fxquant.qparams import PER_CHANNEL_SCHEMES
 
 __all__ = ["DynamicRequest", "dynamic_request", "select_dynamic_entry", "dynamic_spec", "describe"]
@@ -61,9 +62,9 @@ def dynamic_request(qconfig: Any) -> Optional[DynamicRequest]:
     """The request of a dynamic or weight-only qconfig; ``None`` for static qconfigs and ``None``."""
     if qconfig is None or qconfig.activation is None:
         return None
-    act = qconfig.activation()
+    act = probe(qconfig.activation)
     dtype = getattr(act, "dtype", None)
-    weight = getattr(qconfig.weight(), "dtype", None) if qconfig.weight is not None else None
+    weight = getattr(probe(qconfig.weight), "dtype", None) if qconfig.weight is not None else None
     weight_only = dtype == torch.float32 and weight is not None and weight != torch.float32
     if not (getattr(act, "is_dynamic", False) or dtype == torch.float16 or weight_only):
         return None

@@ -588,3 +588,20 @@ def test_same_qparams_as_torch_ao(name, grid, seed):
     assert torch.equal(ours.min_val, reference.min_val) and torch.equal(ours.max_val, reference.max_val)
     assert torch.equal(scale, ref_scale)
     assert torch.equal(zp, ref_zp.to(torch.int64))
+
+
+def test_probe_builds_an_observer_once_per_factory_for_reading_settings() -> None:
+    from fxquant.observers import probe
+
+    built: list[int] = []
+
+    class Counting(MinMaxObserver):
+        def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+            built.append(1)
+            super().__init__(**kwargs)
+
+    factory = Counting.with_args(dtype=torch.quint8)
+    first = probe(factory)
+    assert probe(factory) is first and first.dtype == torch.quint8 and len(built) == 1
+    other = Counting.with_args(dtype=torch.qint8)   # an equal-looking but distinct factory is built on its own
+    assert probe(other).dtype == torch.qint8 and len(built) == 2
