@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import warnings
@@ -205,21 +206,51 @@ SHARED_WEIGHTS_ATTR = "_fxquant_shares_weights"
 
 
 def _copy_sharing_weights(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``'s modules whose parameters and buffers are new tensor objects on the *same* memory.
+    """A copy of ``model``'s module tree whose parameters are new ``Parameter`` objects on the *same* memory.
 
     Post-training prepare reads the float weights and never writes them (fusion builds new folded tensors; the
     passes that change weights, equalization and bias correction, assign new tensors instead of writing in
     place), so copying them would only double the model's memory and prepare's time. The user's modules are
     never shared: attaching observers, swapping modules or assigning a new tensor leaves the user's model as it
     was. prepare_qat_fx, whose training writes the weights, copies them.
+
+    Each module is copied structurally (:func:`_copy_module`) rather than by ``copy.deepcopy``, whose per-object
+    bookkeeping over every attribute was a tenth of a small model's prepare time.
     """
     memo: dict[int, Any] = {}
     for p in model.parameters():
         if type(p) is nn.Parameter:
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-    # buffers are copied: they are small, and a forward may write them (batch-norm statistics in train mode,
-    # counters, caches), which must not reach the user's model
-    return copy.deepcopy(model, memo)
+    return _copy_module(model, memo)
+
+
+#: instance attributes of a module that are copied one level deep (the rest of ``__dict__`` is shared with the
+#: user's module: settings such as ``stride`` or ``inplace`` that prepare reads but never changes in place)
+_CONTAINERS = (dict, collections.OrderedDict, list, set)
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``module`` copied for prepare: a new object with its own ``__dict__``, its own containers (the hook
+    registries, ``_parameters``, ``_buffers``, ``_modules``, lists and dicts of settings), children copied the
+    same way (a child shared by two parents stays shared), parameters from ``memo`` (``copy.deepcopy`` answers
+    from it) and buffers copied (a forward
+    may write them: batch-norm statistics in train mode, counters, caches). A module that defines its own
+    ``__deepcopy__`` (a GraphModule: its code is bound to its graph), or tensors kept as plain attributes, is
+    deep-copied as before."""
+    if id(module) in memo:
+        return memo[id(module)]
+    if hasattr(type(module), "__deepcopy__") or any(isinstance(v, torch.Tensor) for v in vars(module).values()):
+        return copy.deepcopy(module, memo)
+    out = copy.copy(module)
+    memo[id(module)] = out
+    state = out.__dict__
+    for key, value in state.items():
+        if type(value) in _CONTAINERS:
+            state[key] = copy.copy(value)
+    out._parameters = {k: None if p is None else copy.deepcopy(p, memo) for k, p in module._parameters.items()}
+    out._buffers = {k: None if b is None else copy.deepcopy(b, memo) for k, b in module._buffers.items()}
+    out._modules = {k: None if c is None else _copy_module(c, memo) for k, c in module._modules.items()}
+    return out
 
 
 def _unshare_weights(model: nn.Module) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-from torch import fx
+from torch import fx, nn
 
 from fxquant.passes.base import PassResult
 from fxquant.passes.matching import Match, Pattern, find
@@ -76,8 +76,11 @@ def _round(gm: fx.GraphModule, rules: Sequence[Rewrite], ctx: Any) -> bool:
     consumed: set[fx.Node] = set()
     erased: list[str] = []
     modified = False
+    modules: Optional[dict[str, nn.Module]] = None  # rebuilt only after a rule has changed the model
     for rule in rules:
-        for match in find(gm, rule.pattern):
+        if modules is None:
+            modules = dict(gm.named_modules())
+        for match in find(gm, rule.pattern, modules):
             if consumed.intersection(match.nodes):
                 continue
             new = rule.replace(gm, match, ctx)
@@ -88,7 +91,7 @@ def _round(gm: fx.GraphModule, rules: Sequence[Rewrite], ctx: Any) -> bool:
             erased += _erase_match(gm, match, new)
             consumed.update(match.nodes)
             consumed.add(new)
-            modified = True
+            modified, modules = True, None
     _delete_uncalled(gm, erased)
     return modified
 

@@ -384,6 +384,27 @@ def test_prepare_shares_weight_memory_but_nothing_the_prepared_model_does_reache
     assert other.get_submodule("body.3").weight.data_ptr() != model.body[3].weight.data_ptr()
 
 
+def test_the_prepare_copy_keeps_the_user_s_modules_hooks_and_settings_apart():
+    from fxquant.api import _copy_sharing_weights
+
+    shared = nn.Conv2d(3, 3, 1)
+    model = nn.Sequential(shared, nn.ReLU(), shared).eval()
+    model.settings = {"scale": 1.0}
+    model.register_buffer("steps", torch.zeros(()))
+    calls: list[str] = []
+    shared.register_forward_hook(lambda *a: calls.append("user hook"))
+    copied = _copy_sharing_weights(model)
+    assert copied[0] is copied[2] and copied[0] is not shared          # sharing inside the model survives
+    assert copied[0].weight is not shared.weight and copied[0].weight.data_ptr() == shared.weight.data_ptr()
+    assert copied.steps.data_ptr() != model.steps.data_ptr()             # buffers are copied
+    copied[0].register_forward_hook(lambda *a: calls.append("copy hook"))
+    copied.settings["scale"] = 2.0
+    copied[1] = nn.Identity()
+    model(torch.randn(1, 3, 2, 2))
+    assert calls == ["user hook", "user hook"] and model.settings == {"scale": 1.0}
+    assert isinstance(model[1], nn.ReLU)
+
+
 def test_a_pass_that_writes_weights_in_place_is_an_error():
     class Scale:
         name = "scale_in_place"
