@@ -15,7 +15,8 @@ Suites: ``lean`` (default; resnet18, mobilenet_v2, shufflenet_v2_x1_0 on fbgemm,
 ONNX Runtime; hours on 2 cores). Options given explicitly override the suite's. Each model and backend runs in
 its own process (``--no-isolate`` to run in this one), so a crash or a torch.ao failure is recorded as a cell
 and the run goes on; models ``torch.fx.symbolic_trace`` cannot trace are listed and left out of the targets.
-``--out FILE.jsonl`` appends every result as it comes and a rerun skips the cells already there (resume).
+``--out FILE.jsonl`` appends every result as it comes and a rerun skips the cells already measured there (resume;
+failed cells are measured again, a model torch.fx cannot trace is not).
 
 Models are random-init torchvision models with batch-norm statistics re-estimated (fxquant.zoo): nothing is
 downloaded. torch.ao.quantization is the reference; it is imported by tests/bench_torch_ao.py of a source
@@ -577,7 +578,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="add the ONNX Runtime columns on the fbgemm rows (default: on in the zoo suite)")
     ap.add_argument("--no-ao", action="store_true", help="skip torch.ao (fxquant vs fp32 only)")
     ap.add_argument("--out", default=None, metavar="FILE.jsonl",
-                    help="append results here and skip the cells already in it (resume); default: the suite's")
+                    help="append results here and skip the cells already measured in it (resume; failed cells "
+                         "are measured again); default: the suite's")
     ap.add_argument("--markdown", default="", metavar="PATH",
                     help=f"write the tables and verdicts to PATH (between {BEGIN} and {END} if PATH has them)")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
@@ -650,7 +652,7 @@ def _sweep(args: argparse.Namespace) -> list[Result]:
         for case in _cases(args, model):
             case = _sized(case)
             r = done.get(case.key())
-            if r is None:
+            if r is None or (r.error and r.traceable):  # a crash or timeout may not recur: measured again
                 r = measure_isolated(case, args.timeout) if args.isolate else _measure_here(case)
                 if args.out:
                     with open(args.out, "a", encoding="utf-8") as f:

@@ -278,6 +278,15 @@ def test_bench_records_a_failed_child_as_a_cell_and_goes_on(capsys: pytest.Captu
     assert text.count("timed out after 0 s") >= 2 and "2 failed (resnet18/fbgemm, resnet18/qnnpack)" in text
 
 
+def test_bench_resume_measures_failed_cells_again(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    assert main(BENCH + ["--timeout", "0.5", "--out", str(out)]) == ExitCode.OK   # the child times out: a failed cell
+    assert "timed out" in capsys.readouterr().out
+    assert main(BENCH + ["--no-isolate", "--out", str(out)]) == ExitCode.OK       # measured again, and now it works
+    text = capsys.readouterr().out
+    assert "cells: 1 measured, 0 failed" in text and len(out.read_text().splitlines()) == 2
+
+
 @pytest.mark.parametrize("extra, code, words", [(["--models", "resnet1"], ExitCode.MODEL, "resnet1"),
                                                 (["--backends", "tpu"], ExitCode.USAGE, "--backends"),
                                                 (["--threads", "one"], ExitCode.USAGE, "--threads"),
