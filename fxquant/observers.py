@@ -839,6 +839,20 @@ class FloatQParamsObserver(ObserverBase):
         return QParams(scale=scale, zero_point=-self.min_val / scale, dtype=self.dtype, qscheme=self.qscheme,
                        quant_min=self.quant_min, quant_max=self.quant_max, axis=self.ch_axis)
 
+    def _merge_stats(self, other: ObserverBase) -> None:
+        """Row-wise union of the ranges (what observing both observers' inputs would have given)."""
+        assert isinstance(other, FloatQParamsObserver)
+        if other.min_val.numel() == 0:
+            return
+        mn, mx = other.min_val.to(self.min_val.device), other.max_val.to(self.max_val.device)
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = mn.clone(), mx.clone()
+        elif self.min_val.numel() != mn.numel():
+            raise ValueError(f"cannot merge into {self._describe()}: it has {self.min_val.numel()} rows, the other "
+                             f"{mn.numel()}; one observer watches one tensor")
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
+
     def _reset_stats(self) -> None:
         self.min_val, self.max_val = torch.empty(0), torch.empty(0)
 

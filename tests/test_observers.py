@@ -18,7 +18,7 @@ from torch import nn
 
 import fxquant.observers
 from fxquant import _histogram
-from fxquant.observers import (FixedQParamsObserver, HistogramObserver, MinMaxObserver,
+from fxquant.observers import (FixedQParamsObserver, FloatQParamsObserver, HistogramObserver, MinMaxObserver,
                                MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, NoDataError,
                                ObserverBase, ObserverFactory, PerChannelMinMaxObserver, PlaceholderObserver)
 from fxquant.qparams import QParams, dequantize, quantize_int
@@ -266,9 +266,9 @@ def test_nan_and_inf_are_ignored_and_counted(name, seed, fraction):
 # ----- merging -----------------------------------------------------------------------------------------------
 @settings(max_examples=15)
 @given(seed=seeds, n_a=st.integers(0, 3), n_b=st.integers(0, 3))
-@pytest.mark.parametrize("name", ["minmax", "minmax_sym_qint8", "per_channel", "per_channel_last"])
+@pytest.mark.parametrize("name", ["minmax", "minmax_sym_qint8", "per_channel", "per_channel_last", "float_rows"])
 def test_merge_equals_one_observer_over_both_data_sets(name, seed, n_a, n_b):
-    factory = DATA_FACTORIES[name]
+    factory = DATA_FACTORIES.get(name) or FloatQParamsObserver.with_args(dtype=torch.quint4x2)
     a, b, both = factory(), factory(), factory()
     for k in range(n_a + n_b):
         x = _batch(seed + k, spread=float(k + 1))
