@@ -227,7 +227,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:
             with _FastMeta():
                 _Propagate(gm, on_meta=True).run(*_to_meta(inputs))
             return
-        except _NotOnMeta:
+        except Exception:  # noqa: BLE001 - _NotOnMeta, or inputs with no meta form (quantized, sparse tensors)
             pass
         for node in gm.graph.nodes:  # nothing half-recorded from the meta run
             node.meta.pop("tensor_meta", None)

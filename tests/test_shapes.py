@@ -124,3 +124,15 @@ def test_a_shape_error_names_the_node_in_the_real_run_s_words() -> None:
         warnings.simplefilter("error")
         with pytest.raises(ShapePropagationError, match=r"node 'fc1': RuntimeError: mat1 and mat2"):
             propagate_shapes(gm, (torch.randn(2, 3, 9, 9),))
+
+
+def test_inputs_without_a_meta_form_run_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Dequant(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.dequantize() * 2
+
+    gm = fx.symbolic_trace(Dequant())
+    runs = _meta_ran(monkeypatch)
+    q = torch.quantize_per_tensor(torch.randn(2, 3), 0.1, 0, torch.quint8)
+    propagate_shapes(gm, (q,))
+    assert runs[-1] is False and _recorded(gm)["output"] == ((2, 3), torch.float32)
