@@ -61,3 +61,16 @@ def test_einsum_attention_quantizes(backend):
     assert not any("einsum" in op or "matmul" in op or "swapaxes" in op for op in left), left
     with torch.no_grad():
         assert fxquant.sqnr(model(calib[0]), quantized(calib[0])) > 20
+
+
+def test_decomposed_attention_reads_the_projection_weights_in_place_and_computes_the_same():
+    from fxquant.decomposed import DecomposedMultiheadAttention
+
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    dec = DecomposedMultiheadAttention.from_float(mha)
+    base, size = mha.in_proj_weight.data_ptr(), mha.in_proj_weight.numel() * mha.in_proj_weight.element_size()
+    for proj in (dec.k_proj, dec.v_proj):   # views of in_proj_weight, not copies (q is scaled: a new tensor)
+        assert base <= proj.weight.data_ptr() < base + size
+    assert dec.out_proj.weight.data_ptr() == mha.out_proj.weight.data_ptr()
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(dec(x, x, x)[0], mha(x, x, x)[0], atol=1e-5, rtol=1e-5)
