@@ -326,7 +326,7 @@ number of FX nodes (fitted exponent <= 1.1) up to 50k nodes, and peak memory of 
 model's parameter memory. The settings are in `tests/bench_scaling.py`'s docstring; in short: deep MLPs of
 `Linear(128, 128) + ReLU` and residual CNN stacks of 32-channel basic blocks on 8x8 inputs, fbgemm, 1 torch
 thread, each size in a fresh process; peak memory is the peak RSS during `prepare_fx` minus the RSS before it.
-Timings are from a shared 2-core machine (other jobs running), so compare within one run.
+Timings are from a 2-core machine; compare within one run.
 
 """
 RESULTS_MARK = "## Results"
