@@ -79,8 +79,9 @@ class _FastMeta(TorchDispatchMode):
     * an elementwise op whose tensor inputs all have one shape, stride and dtype (activations, same-shape adds)
       gives a tensor like them, of the dtype the op gives on one-element inputs of those dtypes (found once per
       op and dtypes);
-    * any other op that returns new tensors is answered from a cache keyed by the shapes, strides and dtypes of
-      its arguments (the repeated blocks of a network repeat them).
+    * any other op on meta tensors that returns new meta tensors is answered from a cache keyed by the shapes,
+      strides and dtypes of its arguments (the repeated blocks of a network repeat them); ops that read a real
+      tensor (made inside ``forward``) always run, as their values may decide the shape.
     Views and other in-place ops run the meta kernel every time (they must alias their input).
     """
 
@@ -104,6 +105,9 @@ class _FastMeta(TorchDispatchMode):
                     return _Spec(first.shape, first.stride(), dtype).make()
         if schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
             return func(*args, **kwargs)
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if not tensors or any(t.device.type != "meta" for t in tensors):
+            return func(*args, **kwargs)  # a real tensor's values may decide the shape (nonzero): never cached
         try:
             key = (func, _key(args), _key(kwargs))
             cached = self.results.get(key)
@@ -112,7 +116,7 @@ class _FastMeta(TorchDispatchMode):
         if cached is None:
             out = func(*args, **kwargs)
             leaves = out if isinstance(out, (list, tuple)) else (out,)
-            if not all(isinstance(t, torch.Tensor) for t in leaves):
+            if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
                 return out
             self.results[key] = (type(out), [_Spec(t.shape, t.stride(), t.dtype) for t in leaves])
             return out

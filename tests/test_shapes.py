@@ -136,3 +136,18 @@ def test_inputs_without_a_meta_form_run_for_real(monkeypatch: pytest.MonkeyPatch
     q = torch.quantize_per_tensor(torch.randn(2, 3), 0.1, 0, torch.quint8)
     propagate_shapes(gm, (q,))
     assert runs[-1] is False and _recorded(gm)["output"] == ((2, 3), torch.float32)
+
+
+class NonzeroOfACpuTensor(nn.Module):
+    """A shape decided by the values of tensors made inside forward (two alike): the recorded shape must be right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.arange(6).remainder(2).nonzero()
+        b = torch.arange(6).remainder(3).nonzero()
+        return x[:, : a.shape[0] + b.shape[0]]
+
+
+def test_ops_on_real_tensors_made_in_forward_are_not_cached() -> None:
+    gm = fx.symbolic_trace(NonzeroOfACpuTensor())
+    propagate_shapes(gm, (torch.randn(2, 10),))
+    assert _recorded(gm)["output"] == ((2, 7), torch.float32)
