@@ -233,24 +233,34 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``module`` copied for prepare: a new object with its own ``__dict__``, its own containers (the hook
     registries, ``_parameters``, ``_buffers``, ``_modules``, lists and dicts of settings), children copied the
     same way (a child shared by two parents stays shared), parameters from ``memo`` (``copy.deepcopy`` answers
-    from it) and buffers copied (a forward
-    may write them: batch-norm statistics in train mode, counters, caches). A module that defines its own
-    ``__deepcopy__`` (a GraphModule: its code is bound to its graph), or tensors kept as plain attributes, is
-    deep-copied as before."""
+    from it) and buffers copied (a forward may write them: batch-norm statistics in train mode, counters, caches).
+    A plain attribute that holds modules (``self.blocks = (self.a, self.b)``) is deep-copied after the children,
+    so it holds their copies. A module that defines its own ``__deepcopy__`` (a GraphModule: its code is bound to
+    its graph), or tensors kept as plain attributes, is deep-copied as before."""
     if id(module) in memo:
         return memo[id(module)]
     if hasattr(type(module), "__deepcopy__") or any(isinstance(v, torch.Tensor) for v in vars(module).values()):
         return copy.deepcopy(module, memo)
     out = copy.copy(module)
     memo[id(module)] = out
-    state = out.__dict__
-    for key, value in state.items():
-        if type(value) in _CONTAINERS:
-            state[key] = copy.copy(value)
     out._parameters = {k: None if p is None else copy.deepcopy(p, memo) for k, p in module._parameters.items()}
     out._buffers = {k: None if b is None else copy.deepcopy(b, memo) for k, b in module._buffers.items()}
     out._modules = {k: None if c is None else _copy_module(c, memo) for k, c in module._modules.items()}
+    state = out.__dict__
+    for key, value in state.items():
+        if key in ("_parameters", "_buffers", "_modules"):
+            continue
+        if isinstance(value, (list, tuple, dict, set)) and _holds_modules(value):
+            state[key] = copy.deepcopy(value, memo)  # the children in it are in memo: it gets their copies
+        elif type(value) in _CONTAINERS:
+            state[key] = copy.copy(value)
     return out
+
+
+def _holds_modules(value: Any) -> bool:
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(v, nn.Module) or (isinstance(v, (list, tuple, dict, set)) and _holds_modules(v))
+               for v in items)
 
 
 def _unshare_weights(model: nn.Module) -> None:

@@ -145,9 +145,10 @@ _POINTWISE_DTYPES: dict[Any, Optional[torch.dtype]] = {}
 
 
 def _pointwise_dtype(func: Any, args: Any) -> Optional[torch.dtype]:
-    """The dtype ``func`` gives for ``args``' dtypes and scalar kinds, probed once on one-element CPU tensors
+    """The dtype ``func`` gives for ``args``' dtypes and scalar kinds (and the default dtype, which decides
+    integer-to-float results), probed once on one-element CPU tensors
     (``None``: the probe failed, use the meta kernel)."""
-    key = (func, tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args))
+    key = (func, torch.get_default_dtype(), tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args))
     if key not in _POINTWISE_DTYPES:
         try:
             probe = func(*[torch.zeros(1, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args])

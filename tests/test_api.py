@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -403,6 +404,34 @@ def test_the_prepare_copy_keeps_the_user_s_modules_hooks_and_settings_apart():
     model(torch.randn(1, 3, 2, 2))
     assert calls == ["user hook", "user hook"] and model.settings == {"scale": 1.0}
     assert isinstance(model[1], nn.ReLU)
+
+
+class _BlocksInATuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.blocks = (self.a, self.b)    # the same modules held by a plain attribute too
+        self.by_name = {"a": self.a}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return x
+
+
+def test_modules_held_in_plain_attributes_are_the_copies_and_still_quantize():
+    from fxquant.api import _copy_sharing_weights
+
+    model = _BlocksInATuple().eval()
+    copied = _copy_sharing_weights(model)
+    assert copied.blocks[0] is copied.a and copied.by_name["a"] is copied.a and copied.a is not model.a
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # traced whole: no partial-preparation warning
+        prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,),
+                                      backend_config="fbgemm")
+    fxquant.calibrate(prepared, [x], progress=False)
+    assert sum(isinstance(m, QuantizedConv) for m in fxquant.convert_fx(prepared).modules()) == 2
 
 
 def test_a_pass_that_writes_weights_in_place_is_an_error():

@@ -151,3 +151,21 @@ def test_ops_on_real_tensors_made_in_forward_are_not_cached() -> None:
     gm = fx.symbolic_trace(NonzeroOfACpuTensor())
     propagate_shapes(gm, (torch.randn(2, 10),))
     assert _recorded(gm)["output"] == ((2, 7), torch.float32)
+
+
+def test_integer_to_float_ops_follow_the_default_dtype() -> None:
+    class Scale(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x / 255
+
+    gm = fx.symbolic_trace(Scale())
+    x = torch.zeros(2, 3, dtype=torch.uint8)
+    propagate_shapes(gm, (x,))
+    assert _recorded(gm)["output"] == ((2, 3), torch.float32)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        propagate_shapes(gm, (x,))
+        assert _recorded(gm)["output"] == ((2, 3), torch.float64) == _real(gm, (x,))["output"]
+    finally:
+        torch.set_default_dtype(old)
