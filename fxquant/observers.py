@@ -822,8 +822,15 @@ class FloatQParamsObserver(ObserverBase):
         mn, mx, nonfinite = _finite_aminmax(rows, dim=1)
         self.nonfinite_count += nonfinite
         self.batches += 1
-        if self.min_val.numel() != mn.numel():
+        self._update(mn, mx)
+
+    def _update(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        """Fold per-row ranges (of a batch, or of another observer) into the statistics."""
+        if self.min_val.numel() == 0:
             self.min_val, self.max_val = mn.clone(), mx.clone()
+        elif self.min_val.numel() != mn.numel():
+            raise ValueError(f"{self._describe()}: it has {self.min_val.numel()} rows, now {mn.numel()}; one "
+                             "observer watches one tensor")
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
 
@@ -842,16 +849,8 @@ class FloatQParamsObserver(ObserverBase):
     def _merge_stats(self, other: ObserverBase) -> None:
         """Row-wise union of the ranges (what observing both observers' inputs would have given)."""
         assert isinstance(other, FloatQParamsObserver)
-        if other.min_val.numel() == 0:
-            return
-        mn, mx = other.min_val.to(self.min_val.device), other.max_val.to(self.max_val.device)
-        if self.min_val.numel() == 0:
-            self.min_val, self.max_val = mn.clone(), mx.clone()
-        elif self.min_val.numel() != mn.numel():
-            raise ValueError(f"cannot merge into {self._describe()}: it has {self.min_val.numel()} rows, the other "
-                             f"{mn.numel()}; one observer watches one tensor")
-        else:
-            self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
+        if other.min_val.numel():
+            self._update(other.min_val.to(self.min_val.device), other.max_val.to(self.max_val.device))
 
     def _reset_stats(self) -> None:
         self.min_val, self.max_val = torch.empty(0), torch.empty(0)
