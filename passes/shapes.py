@@ -8,8 +8,8 @@ shallow copies whose parameters and buffers are meta tensors; the user's modules
 Where the meta run cannot answer, the graph runs again on the real inputs, which is what the user's own code
 would do: an op without a meta kernel, a data-dependent op (``.item()``, ``tolist()``), a tensor created on the
 CPU inside ``forward`` and mixed with a meta one, or inputs that do not fit the model. Meta kernels check
-shapes but not always dtypes (a meta conv takes ``int64`` input), so a module given inputs of another
-floating-point dtype than its own weights also goes to the real run. Errors therefore always come from the real
+shapes but not always dtypes (a meta conv takes ``int64`` input), so a module whose result is not of its own
+weights' dtype also goes to the real run. Errors therefore always come from the real
 run, in the words the user would see from their model.
 """
 
@@ -42,9 +42,12 @@ class _NotOnMeta(Exception):
 
 def _to_meta(value: Any) -> Any:
     """Tensors (in any nesting) as meta tensors with the same shape, strides, dtype and ``requires_grad``."""
-    return map_aggregate(value, lambda v: v.to("meta").requires_grad_(v.requires_grad)
-                         if isinstance(v, torch.Tensor) and v.is_leaf else v.to("meta") if isinstance(v, torch.Tensor)
-                         else v)
+    def one(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        meta = v.to("meta")
+        return meta.requires_grad_(v.requires_grad) if v.is_leaf else meta
+    return map_aggregate(value, one)
 
 
 class _Spec(NamedTuple):
@@ -168,15 +171,14 @@ def _meta_module(module: nn.Module) -> nn.Module:
     return out
 
 
-def _check_dtypes(module: nn.Module, args: Any, kwargs: Any) -> None:
-    """Meta kernels may not reject a floating-point weight applied to integer or other-precision inputs; the real
-    kernels do (``Input type (long int) and bias type (float) should be the same``)."""
+def _check_dtypes(module: nn.Module, result: Any) -> None:
+    """Meta kernels may accept what the real ones reject: a floating-point weight applied to integer or
+    other-precision inputs (``Input type (long int) and bias type (float) should be the same``). Such a call
+    shows in its result, whose dtype is not the weights'; an embedding's integer input does not."""
     weights = {p.dtype for p in module.parameters(recurse=False) if p.dtype.is_floating_point}
-    if not weights:
-        return
-    for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+    for value in torch.utils._pytree.tree_leaves(result) if weights else ():
         if isinstance(value, torch.Tensor) and value.dtype not in weights:
-            raise _NotOnMeta(f"input dtype {value.dtype} vs weights {weights}")
+            raise _NotOnMeta(f"output dtype {value.dtype} vs weights {weights}")
 
 
 class _Propagate(fx.Interpreter):
@@ -217,8 +219,9 @@ class _Propagate(fx.Interpreter):
         if not self.on_meta:
             return super().call_module(target, args, kwargs)
         module = self.fetch_attr(target)
-        _check_dtypes(module, args, kwargs)
-        return _meta_module(module)(*args, **kwargs)
+        result = _meta_module(module)(*args, **kwargs)
+        _check_dtypes(module, result)
+        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> None:

@@ -110,6 +110,23 @@ def test_what_the_meta_run_cannot_answer_runs_for_real(model: nn.Module, monkeyp
     assert _recorded(gm)["output"] == ((3, 5), torch.float32)
 
 
+class Embed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(ids))
+
+
+def test_an_embedding_s_integer_input_stays_on_meta(monkeypatch: pytest.MonkeyPatch) -> None:
+    gm = fx.symbolic_trace(Embed())
+    runs = _meta_ran(monkeypatch)
+    ids = (torch.tensor([[1, 2, 3]]),)
+    propagate_shapes(gm, ids)
+    assert runs == [True] and _recorded(gm) == _real(gm, ids)
+
+
 def test_integer_inputs_to_a_float_module_fail_as_in_the_real_run(monkeypatch: pytest.MonkeyPatch) -> None:
     gm = fx.symbolic_trace(seeded(SmallCNN()).eval())
     runs = _meta_ran(monkeypatch)
@@ -147,7 +164,7 @@ class NonzeroOfACpuTensor(nn.Module):
         return x[:, : a.shape[0] + b.shape[0]]
 
 
-def test_ops_on_real_tensors_made_in_forward_are_not_cached() -> None:
+def test_shapes_decided_by_values_of_tensors_made_in_forward_are_right() -> None:
     gm = fx.symbolic_trace(NonzeroOfACpuTensor())
     propagate_shapes(gm, (torch.randn(2, 10),))
     assert _recorded(gm)["output"] == ((2, 7), torch.float32)
