@@ -6,11 +6,13 @@ written once matches ``nn.ReLU()``, ``F.relu(x)``, ``torch.relu(x)``, ``x.relu()
 
 from __future__ import annotations
 
+import math
 import operator
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from fxquant import fused, qat
 from fxquant.backends.config import OpKind
@@ -24,7 +26,7 @@ __all__ = [
     "CHANNEL_SHUFFLE", "INTERPOLATE", "CONV_TRANSPOSE1D", "CONV_TRANSPOSE2D", "CONV_TRANSPOSE3D", "LAYER_NORM",
     "GROUP_NORM", "INSTANCE_NORM", "ELU", "LEAKY_RELU", "PRELU", "GELU", "SOFTMAX", "MATMUL", "STACK", "SPLIT",
     "PIXEL_SHUFFLE", "PIXEL_UNSHUFFLE", "PAD", "EXPAND", "REPEAT", "QAT_CONV1D", "QAT_CONV2D", "QAT_CONV3D",
-    "QAT_CONV_RELU1D", "QAT_CONV_RELU2D", "QAT_CONV_RELU3D", "QAT_LINEAR", "QAT_LINEAR_RELU",
+    "QAT_CONV_RELU1D", "QAT_CONV_RELU2D", "QAT_CONV_RELU3D", "QAT_LINEAR", "QAT_LINEAR_RELU", "clamp_bounds",
 ]
 
 CONV1D = OpKind("conv1d", modules=(nn.Conv1d,))
@@ -123,3 +125,47 @@ EMBEDDING = OpKind("embedding", modules=(nn.Embedding,))
 EMBEDDING_BAG = OpKind("embedding_bag", modules=(nn.EmbeddingBag,))
 
 __all__ += ["LSTM", "GRU", "LSTM_CELL", "GRU_CELL", "RNN_CELL", "EMBEDDING", "EMBEDDING_BAG"]
+
+
+#: the bound arguments of the clamp kinds' functional and method forms, in positional order (the module forms
+#: keep them as attributes of the same names, nn.ReLU6 as 0 and 6)
+_BOUND_ARGS = {"hardtanh": ("min_val", "max_val", -1.0, 1.0), "clamp": ("min", "max", None, None)}
+
+
+def clamp_bounds(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[tuple[float, float]]:
+    """The constant ``(low, high)`` that a clamp-like node (relu, relu6, hardtanh, clamp) limits its input to.
+
+    ``None`` for any other node, and for bounds computed at run time (a tensor or a node). A missing side of a
+    ``clamp`` is infinite.
+
+    Example:
+        >>> import torch.fx as fx, torch.nn.functional as F
+        >>> gm = fx.symbolic_trace(lambda x: F.hardtanh(x.clamp(min=-2.0), 0.0, 4.0))
+        >>> [clamp_bounds(n, {}) for n in gm.graph.nodes if n.op != "placeholder" and n.op != "output"]
+        [(-2.0, inf), (0.0, 4.0)]
+    """
+    if RELU.matches(node, modules):
+        return (0.0, math.inf)
+    if RELU6.matches(node, modules):
+        return (0.0, 6.0)
+    for kind in (HARDTANH, CLAMP):
+        if not kind.matches(node, modules):
+            continue
+        lo_name, hi_name, lo_default, hi_default = _BOUND_ARGS[kind.name]
+        if node.op == "call_module":
+            module = modules[str(node.target)]
+            lo, hi = getattr(module, lo_name), getattr(module, hi_name)
+        else:
+            pos = node.args[1:3]
+            lo = node.kwargs.get(lo_name, pos[0] if len(pos) > 0 else lo_default)
+            hi = node.kwargs.get(hi_name, pos[1] if len(pos) > 1 else hi_default)
+        return _constant_bounds(lo, hi)
+    return None
+
+
+def _constant_bounds(lo: Any, hi: Any) -> Optional[tuple[float, float]]:
+    if lo is None and hi is None:
+        return None
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in (lo, hi)):
+        return None  # a tensor or a value computed at run time
+    return (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))

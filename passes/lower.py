@@ -11,6 +11,9 @@ Contract:
       trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
     * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
       output, built from the float module and the qconfig's weight observer (no calibration data needed);
+    * a clamp (relu, relu6, hardtanh, constant clamp) whose bounds lie outside the codes its input's grid holds is
+      no op: its output is the input's quantized value (observe puts a producer's observer after its clamp, so
+      a conv -> relu6 writes into [0, 6] and the clamp goes);
     * no dead nodes: values the model computes but never uses (a dead branch in the user's code) are dropped;
     * the kernel layer decides how values cross the border and how ops without a kernel run: quantized tensors
       dequantize themselves (``.dequantize()``), plain integer tensors through the layer's dequantize module; a
@@ -325,13 +328,19 @@ def _fresh(b: _Builder, new: fx.Node) -> bool:
 
 def _observer_qparams(builder: _Builder) -> None:
     missing: list[str] = []
+    by_name: dict[str, QParams] = {}
     for node in builder.old.graph.nodes:
         if is_observer_node(node, builder.modules):
             obs = builder.modules[str(node.target)]
             try:
-                builder.qparams[builder.source(node)] = obs.qparams()
+                builder.qparams[builder.source(node)] = by_name[str(node.target)] = obs.qparams()
             except NoDataError:
                 missing.append(f"'{node.target}' ({obs.where})")
+    for node in builder.old.graph.nodes:  # observed after the clamp it feeds (observe's _clamp_after)
+        rec = node.meta.get(RECORD_KEY)
+        if (node not in builder.qparams and rec is not None and rec.entry is not None
+                and rec.entry.observation is Observation.OWN and rec.observer in by_name):
+            builder.qparams[node] = by_name[rec.observer]
     if missing:
         raise ConvertError(f"{len(missing)} observer(s) saw no calibration data: {', '.join(missing[:10])}"
                            f"{' ...' if len(missing) > 10 else ''}. Run representative inputs through the prepared "
@@ -404,6 +413,11 @@ class LowerPass:
                 return False
             if node in b.fusions:  # relu6 / gelu computed by the kernel in front
                 return self._lower_fused(b, node)
+            grid = b.qparams.get(b.source(inputs[0]))
+            if b.qparams.get(node, grid) is grid and _clamp_is_identity(node, b.modules, grid):
+                b.qparams[node] = grid  # the kernel in front saturates at the bounds already: no op
+                b.as_quant[node] = b.qnt(inputs[0])
+                return True
             b.qparams.setdefault(node, b.qparams[b.source(inputs[0])])  # shares its input's grid
             first = b.qnt(node.args[0])
             if b.kernels.needs_contiguous_input(entry.name):
@@ -505,6 +519,23 @@ class LowerPass:
                 weight_qp = w_obs.qparams()
         inputs = tuple(b.qparams.get(b.source(t)) for t in (tensor_inputs(node) or []) if isinstance(t, fx.Node))
         return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, _op_args(rec.entry, node, module), inputs)
+
+
+#: the codes a kernel's output saturates to, per quantized dtype (the observer's quant_min / quant_max may be
+#: narrower: fbgemm's 7-bit activations still come out of the kernels as full quint8)
+_SATURATION = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
+
+
+def _clamp_is_identity(node: fx.Node, modules: dict[str, nn.Module], grid: Optional[QParams]) -> bool:
+    """Whether the clamp ``node`` (relu, relu6, hardtanh, clamp) changes no value of the quantized ``grid``: both
+    bounds, rounded to the grid as the quantized op rounds them, lie at or beyond the codes the grid can hold."""
+    bounds = ops.clamp_bounds(node, modules)
+    if bounds is None or grid is None or grid.is_per_channel or grid.dtype not in _SATURATION:
+        return False
+    scale, zero_point = grid.scalar()
+    qmin, qmax = _SATURATION[grid.dtype]
+    lo, hi = (zero_point + round(b / scale) if abs(b) != float("inf") else b for b in bounds)
+    return lo <= qmin and hi >= qmax
 
 
 def _op_args(entry: OpEntry, node: fx.Node, module: Optional[nn.Module]) -> dict[str, Any]:

@@ -13,7 +13,10 @@ Contract:
       (``OpEntry.leaves_grid``: average pooling, mean, ...) get a ``SharedFakeQuantize`` of their input's
       fake quantizer on their output, as their quantized kernel rounds to that grid; each QAT module
       (:mod:`fxquant.qat`) of a quantized node gets its ``weight_fake_quant`` from ``qconfig.weight``
-      (narrowed as :func:`weight_observer` says).
+      (narrowed as :func:`weight_observer` says);
+    * an own-observed op whose only user is a clamp (relu, relu6, hardtanh, clamp with constant bounds) that runs
+      quantized is observed after the clamp (:func:`_clamp_after`): its record names that observer, and it writes
+      its output straight into the clamped grid.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Optional
 
 from torch import fx, nn
 
+from fxquant.backends import ops
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
 from fxquant.fake_quantize import FakeQuantize, SharedFakeQuantize, is_observer
@@ -69,6 +73,26 @@ def tensor_inputs(node: fx.Node) -> Optional[list[Any]]:
     return out
 
 
+def _clamp_after(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.Node]:
+    """The clamp (relu, relu6, hardtanh, constant clamp) that is the only user of ``node``, if it runs quantized on
+    ``node``'s grid: then the clamp's output is what gets observed, and ``node`` writes straight into that grid.
+
+    The clamp's output is all that is ever read of ``node``, so nothing is lost: the grid spends no codes on values
+    the clamp removes (a conv -> relu6 in float had half its codes below zero), and where the grid lies inside the
+    clamp's bounds lowering drops the clamp (the kernel's saturation does it).
+    """
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    clamp = users[0]
+    rec = record(clamp)
+    if (not rec.quantizable or rec.entry.observation is not Observation.SHARES_INPUT or not clamp.args
+            or clamp.args[0] is not node or is_observer_node(clamp, modules)
+            or ops.clamp_bounds(clamp, modules) is None):
+        return None
+    return clamp
+
+
 @dataclasses.dataclass(frozen=True)
 class ObservePass:
     """Insert observers where the table says (see module docstring)."""
@@ -113,7 +137,10 @@ class ObservePass:
                                   if ctx.is_qat else FixedQParamsObserver(scale=scale, zero_point=zp))
             else:
                 obs = rec.qconfig.activation()
-            rec.observer = self._observer_of(node, modules) or self._insert(gm, node, obs, modules)
+            rec.observer = self._observer_of(node, modules)
+            if rec.observer is None:
+                clamp = _clamp_after(node, modules) if entry.observation is Observation.OWN else None
+                rec.observer = self._insert(gm, clamp or node, obs, modules)
             self._attach_weight_fake_quant(node, rec, modules)
         gm.recompile()
         return PassResult(gm, len(modules) != before)

@@ -92,9 +92,11 @@ MODELS = {
     "hardsigmoid": (_Pre(nn.Hardsigmoid()), S2),
     "tanh": (_Pre(nn.Tanh()), S2),
     "relu": (_Two(lambda a, b: torch.cat([a, b], 1).relu()), S2),  # not after conv/add: it would fuse
-    "relu6": (_Pre(nn.ReLU6()), S2),
-    "hardtanh": (_Pre(nn.Hardtanh(-0.5, 0.5)), S2),
-    "clamp": (_Pre(lambda x: x.clamp(-0.5, 0.5)), S2),
+    # behind a max pool: right after the conv, the clamp would become the conv's output grid and vanish (the
+    # observer goes after it; tests/test_passes.py covers that form)
+    "relu6": (_Pre(SEQ(nn.MaxPool2d(2, 1), nn.ReLU6())), S2),
+    "hardtanh": (_Pre(SEQ(nn.MaxPool2d(2, 1), nn.Hardtanh(-0.5, 0.5))), S2),
+    "clamp": (_Pre(lambda x: F.max_pool2d(x, 2, 1).clamp(-0.5, 0.5)), S2),
     "max_pool": (_Pre(nn.MaxPool2d(2)), S2),
     "avg_pool": (_Pre(lambda x: F.avg_pool1d(x, 2), 1), S1),
     "adaptive_avg_pool": (_Pre(nn.AdaptiveAvgPool3d(1), 3), S3),

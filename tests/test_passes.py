@@ -400,12 +400,7 @@ def test_quantized_add_runs_QuantizedBinary_close_to_float(backend):
         assert fxquant.sqnr(model(X), converted(X)) > 25
 
 
-@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-1.0, 1.0), "clamp"])
-@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
-def test_clamp_family_after_conv_is_exact_on_every_engine(act, backend):
-    """torch's qnnpack hardtanh/clamp mis-handle the channels_last tensors qnnpack convs return (relu6 after a
-    conv gave SQNR < 0 dB); lowering hands them a contiguous input there."""
-
+def _conv_act(act, also_return_conv: bool) -> nn.Module:
     class ConvAct(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -414,19 +409,57 @@ def test_clamp_family_after_conv_is_exact_on_every_engine(act, backend):
 
         def forward(self, x):
             y = self.conv(x)
-            return torch.clamp(y, 0.0, 6.0) if act == "clamp" else self.act(y)
+            out = torch.clamp(y, 0.0, 6.0) if act == "clamp" else self.act(y)
+            return (out, y) if also_return_conv else out
 
-    model = seeded(ConvAct())
+    return seeded(ConvAct())
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-1.0, 1.0), "clamp"])
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_clamp_family_after_conv_is_exact_on_every_engine(act, backend):
+    """torch's qnnpack hardtanh/clamp mis-handle the channels_last tensors qnnpack convs return (relu6 after a
+    conv gave SQNR < 0 dB); lowering hands them a contiguous input there. The conv's output is read twice, so
+    the clamp runs on the conv's grid (with one reader it would become the conv's grid: the test below)."""
+    model = _conv_act(act, also_return_conv=True)
     _, converted = quantize(model, X, backend)
     with torch.no_grad():
         q_conv = converted.conv(converted.x_quantize(X))
-        out = converted(X)
+        out = converted(X)[0]
     lo, hi = (-1.0, 1.0) if isinstance(act, nn.Hardtanh) and not isinstance(act, nn.ReLU6) else (0.0, 6.0)
     # the quantized clamp clamps to the grid points nearest lo and hi: clamp, then round back onto the grid
     expected = torch.fake_quantize_per_tensor_affine(torch.clamp(q_conv.dequantize(), lo, hi), q_conv.q_scale(),
                                                      q_conv.q_zero_point(), 0, 255)
     assert torch.equal(out, expected)
     assert ("contiguous" in converted.code) is (backend == "qnnpack")
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-1.0, 1.0), "clamp", nn.ReLU()])
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
+def test_a_clamp_that_is_its_producers_only_reader_becomes_the_producers_grid(act, backend):
+    """conv -> relu6: the observer goes after the clamp, the conv writes into the clamped range (no codes spent on
+    values the clamp removes) and the clamp is gone, the kernel's saturation doing it. The result is the conv's
+    exact output rounded to that grid and clamped: what the float model computes, quantized once."""
+    model = _conv_act(act, also_return_conv=False)
+    if isinstance(act, nn.ReLU):  # conv -> relu would fuse: a hardswish (own observer) in front instead
+        model = seeded(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), act))
+    prepared, converted = quantize(model, X, backend)
+    clamp_node = list(prepared.graph.nodes)[-3]
+    assert [u.op for u in clamp_node.users] == ["call_module"] and "observer" in str(next(iter(clamp_node.users)).target)
+    lo, hi = (-1.0, 1.0) if type(act) is nn.Hardtanh else (0.0, 6.0)
+    if isinstance(act, nn.ReLU):
+        lo, hi = 0.0, float("inf")
+    qp = prepared.get_submodule(str(next(iter(clamp_node.users)).target)).qparams()
+    scale, zp = qp.scalar()
+    assert -zp * scale >= lo - scale / 2 and (255 - zp) * scale <= hi + scale / 2  # the grid lies inside the bounds
+    assert clamp_node.name not in {n.name for n in converted.graph.nodes}, converted.code  # lowering keeps names
+    reference = fxquant.convert_to_reference_fx(prepared)  # float conv -> clamp -> quantize/dequantize
+    with torch.no_grad():
+        ref, out, sim = model(X), converted(X), reference(X)
+    # oneDNN computes a fused post-op (the hardswish) on its float accumulator: 3 steps, as tests/test_x86_onednn.py
+    steps = 3 if backend == "x86" else K_STEPS
+    assert float((out - sim).abs().max()) <= steps * scale * (1 + 1e-4)
+    assert fxquant.sqnr(ref, out) > 30
 
 
 # ===================================================================================================== cleanup
