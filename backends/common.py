@@ -119,8 +119,9 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
                                constraints=binary_limits, lowering=f"{name}_relu", quantized_args=(0, 1),
                                fixed_args=fixed, doc=f"{name} + ReLU"))
     entries.append(OpEntry("cat", ops.CAT, Observation.OWN, (_U8,), ((ops.CAT,),), lowering="cat",
-                           quantized_args=(0,), op_args=(("dim", 1, 0),),
-                           doc="concatenation, requantized to one output scale"))
+                           quantized_args=(0,), op_args=(("dim", 1, 0),), inputs_take_output_grid=True,
+                           doc="concatenation to one output grid: an input that only the cat reads is written in "
+                               "that grid by its producer (the cat copies it), any other is requantized"))
     entries.append(OpEntry("stack", ops.STACK, Observation.OWN, (_U8,), ((ops.STACK,),), lowering="stack",
                            quantized_args=(0,), op_args=(("dim", 1, 0),), doc="stack, requantized to one scale"))
     entries.append(OpEntry("matmul", ops.MATMUL, Observation.OWN, (_U8,), ((ops.MATMUL,),), lowering="matmul",

@@ -182,6 +182,10 @@ class OpEntry:
     #: clamps at off-grid bounds, gelu): the quantized op rounds its result to that grid, so quantization-aware
     #: training fake-quantizes the output too (with the input's fake quantizer, see ``SharedFakeQuantize``)
     leaves_grid: bool = False
+    #: an input whose only reader is this op is written straight in this op's output grid (observe gives the
+    #: producer this op's observer): a concatenation then copies integers instead of requantizing each input,
+    #: and the producer's output is rounded once, to the grid it ends up in, instead of twice
+    inputs_take_output_grid: bool = False
     doc: str = ""
 
     @property

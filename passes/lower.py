@@ -14,6 +14,8 @@ Contract:
     * a clamp (relu, relu6, hardtanh, constant clamp) whose bounds lie outside the codes its input's grid holds is
       no op: its output is the input's quantized value (observe puts a producer's observer after its clamp, so
       a conv -> relu6 writes into [0, 6] and the clamp goes);
+    * an op whose inputs were all written in its output grid (``OpEntry.inputs_take_output_grid``) runs as the
+      call it is, on the quantized views (a cat copies integers);
     * no dead nodes: values the model computes but never uses (a dead branch in the user's code) are dropped;
     * the kernel layer decides how values cross the border and how ops without a kernel run: quantized tensors
       dequantize themselves (``.dequantize()``), plain integer tensors through the layer's dequantize module; a
@@ -437,6 +439,11 @@ class LowerPass:
         qargs = fx.node.map_arg(node.args, lambda a: b.qnt(a) if a in inputs else b.flt(a))
         if entry.lowering is None:  # fixed-qparams ops (sigmoid, tanh, hardsigmoid)
             self._emit_native(b, node, entry.name, qargs[0], qargs[1:])
+            return True
+        if entry.inputs_take_output_grid and all(b.qparams.get(b.source(t)) is out_qp for t in inputs):
+            # every input was written in the output grid (observe's _grid_taking_reader): the call as it is
+            # (torch.cat) copies the integers, on quantized tensors and plain uint8 alike
+            self._emit(b, node, node.op, node.target, qargs, b.map_float(node.kwargs))
             return True
         module = b.modules.get(str(node.target)) if node.op == "call_module" else None
         reason = _static_args_reason(entry, node, module)

@@ -16,7 +16,9 @@ Contract:
       (narrowed as :func:`weight_observer` says);
     * an own-observed op whose only user is a clamp (relu, relu6, hardtanh, clamp with constant bounds) that runs
       quantized is observed after the clamp (:func:`_clamp_after`): its record names that observer, and it writes
-      its output straight into the clamped grid.
+      its output straight into the clamped grid;
+    * an own-observed op whose only user takes its inputs in its output grid (``OpEntry.inputs_take_output_grid``:
+      a cat) is observed by that user's output observer (:func:`_grid_taking_reader`), inserted then.
 """
 
 from __future__ import annotations
@@ -93,6 +95,22 @@ def _clamp_after(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.No
     return clamp
 
 
+def _grid_taking_reader(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.Node]:
+    """The only user of ``node``, if its entry takes its inputs in its output grid
+    (``OpEntry.inputs_take_output_grid``: a cat) and it will be observed (every operand a float tensor)."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    reader = users[0]
+    rec = record(reader)
+    if not rec.quantizable or rec.entry.observation is not Observation.OWN or not rec.entry.inputs_take_output_grid:
+        return None
+    inputs = tensor_inputs(reader)
+    if not inputs or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):
+        return None
+    return reader
+
+
 @dataclasses.dataclass(frozen=True)
 class ObservePass:
     """Insert observers where the table says (see module docstring)."""
@@ -138,6 +156,11 @@ class ObservePass:
             else:
                 obs = rec.qconfig.activation()
             rec.observer = self._observer_of(node, modules)
+            if rec.observer is None and entry.observation is Observation.OWN:
+                reader = _grid_taking_reader(node, modules)
+                if reader is not None:  # written in its reader's output grid: that observer observes it
+                    rec.observer = (self._observer_of(reader, modules)
+                                    or self._insert(gm, reader, record(reader).qconfig.activation(), modules))
             if rec.observer is None:
                 clamp = _clamp_after(node, modules) if entry.observation is Observation.OWN else None
                 rec.observer = self._insert(gm, clamp or node, obs, modules)

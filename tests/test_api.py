@@ -238,14 +238,15 @@ class KitchenSink(nn.Module):
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.bn = nn.BatchNorm2d(8)
         self.hs = nn.Hardswish()
-        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.conv3 = nn.Conv2d(24, 8, 1)
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
         a = F.relu(self.bn1(self.conv1(x)))
         b = self.conv2(a)
         c = self.bn(a + b)
-        d = torch.cat([self.hs(c), c * torch.sigmoid(b)], 1)
+        # c is read twice, so the cat requantizes it (the other two are written in the cat's grid)
+        d = torch.cat([self.hs(c), c * torch.sigmoid(b), c], 1)
         e = self.conv3(d)
         return self.fc(F.adaptive_avg_pool2d(e, 1).flatten(1))
 

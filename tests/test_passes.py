@@ -711,3 +711,51 @@ def test_add_with_alpha_stays_float_instead_of_dropping_alpha(backend):
     assert [(f.op, f.reason) for f in float_ops(converted)] == [("add", "alpha=3.0 (the kernel computes a + b)")]
     with torch.no_grad():
         assert fxquant.sqnr(model(x), converted(x)) > 25
+
+
+class _Branches(nn.Module):
+    """Two conv branches concatenated (an inception block); ``shared`` also returns the first branch."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.shared = shared
+
+    def forward(self, x):
+        a = self.a(x)
+        y = torch.cat([a, self.b(x)], 1)
+        return (y, a) if self.shared else y
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
+def test_producers_read_only_by_a_cat_write_in_its_grid_and_the_cat_copies(backend):
+    """A cat's inputs that nothing else reads are observed by the cat's own observer: the convs write straight
+    into the cat's grid (one rounding, not two) and the cat is torch.cat on the integers."""
+    model = seeded(_Branches())
+    prepared, converted = quantize(model, X, backend)
+    observed = {str(n.args[0]) for n in prepared.graph.nodes if "observer" in str(n.target)}
+    assert observed == {"x", "cat"}  # no observer on either branch
+    modules = dict(converted.named_modules())
+    cats = [n for n in converted.graph.nodes if n.name == "cat"]
+    assert [n.target for n in cats] == [torch.cat] and not any("Cat" in type(m).__name__ for m in modules.values())
+    reference = fxquant.convert_to_reference_fx(prepared)
+    qp = prepared.cat_observer.qparams()
+    steps = 3 if backend == "x86" else K_STEPS  # see the clamp test above
+    with torch.no_grad():
+        out, sim = converted(X), reference(X)
+    assert float((out - sim).abs().max()) <= steps * float(qp.scale) * (1 + 1e-4)
+    assert fxquant.sqnr(model(X), out) > 30
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
+def test_a_cat_input_read_elsewhere_keeps_its_grid_and_is_requantized(backend):
+    model = seeded(_Branches(shared=True))
+    prepared, converted = quantize(model, X, backend)
+    observed = {str(n.args[0]) for n in prepared.graph.nodes if "observer" in str(n.target)}
+    assert observed == {"x", "a_0", "cat"}  # the first branch (conv + relu, fused) keeps its own grid; the second writes in the cat's
+    cat = next(n for n in converted.graph.nodes if n.name == "cat")
+    assert cat.op == "call_module" and "Cat" in type(converted.get_submodule(cat.target)).__name__
+    with torch.no_grad():
+        (out, a), (ref, ref_a) = converted(X), model(X)
+    assert fxquant.sqnr(ref, out) > 30 and fxquant.sqnr(ref_a, a) > 30
