@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fxquant.qparams as qparams_module
 from fxquant.qparams import (DEFAULT_EPS, PER_CHANNEL_SCHEMES, SYMMETRIC_SCHEMES, QParams, dequantize, dtype_range,
                              fake_quantize, qparams_from_range, quantize, quantize_int, sqnr)
 
@@ -248,3 +249,37 @@ def test_sqnr():
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert sqnr(x, x) == float("inf")
     assert sqnr(x, x + 0.1 * x) == pytest.approx(20.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (64, 32, 3, 3), (3, 40000), (2048, 100)])
+@pytest.mark.parametrize("scheme,dtype", [(torch.per_channel_symmetric, torch.qint8),
+                                          (torch.per_channel_affine, torch.qint8),
+                                          (torch.per_channel_affine, torch.quint8)])
+def test_blocked_per_channel_quantize_equals_torchs_bit_for_bit(shape, scheme, dtype):
+    """quantize() takes large per-channel tensors in cache-sized blocks of rows with vectorized ops; every code
+    must equal torch.quantize_per_channel's: exact half steps (ties to even), values beyond the range (clamped)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(*shape, generator=gen) * torch.rand(shape[0], generator=gen).view(-1, *[1] * (len(shape) - 1))
+    rows = w.view(shape[0], -1)
+    assert w.numel() >= qparams_module._ROWS_MIN_NUMEL  # the blocked path runs
+    qp = qparams_from_range(rows.amin(1) / 2, rows.amax(1) / 2, dtype=dtype, qscheme=scheme, axis=0)  # clips
+    rows[:, :4] = torch.tensor([0.5, 1.5, -2.5, 7.5]) * qp.scale.unsqueeze(1)  # ties
+    rows[0, 4:6] = torch.tensor([1e30, -1e30])
+    got = quantize(w, qp)
+    want = torch.quantize_per_channel(w, qp.scale.double(), qp.zero_point, 0, dtype)
+    assert got.dtype == want.dtype and got.qscheme() == want.qscheme() and got.q_per_channel_axis() == 0
+    assert torch.equal(got.int_repr(), want.int_repr())
+    assert torch.equal(got.q_per_channel_scales(), want.q_per_channel_scales())
+    assert torch.equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points())
+
+
+def test_blocked_per_channel_quantize_keeps_a_narrower_grid():
+    """fbgemm's depthwise weights use [-64, 63] of qint8: the blocked path clamps codes to the grid's range, as
+    quantize_int does."""
+    w = torch.randn(256, 1, 9, 9, generator=torch.Generator().manual_seed(1))
+    rows = w.view(256, -1)
+    qp = qparams_from_range(rows.amin(1) / 3, rows.amax(1) / 3, dtype=torch.qint8,
+                            qscheme=torch.per_channel_symmetric, quant_min=-64, quant_max=63, axis=0)
+    got = quantize(w, qp).int_repr()
+    assert int(got.min()) == -64 and int(got.max()) == 63
+    assert torch.equal(got, quantize_int(w, qp))
