@@ -106,7 +106,9 @@ def render_backend(cfg: BackendConfig) -> str:
     for e in cfg.entries:
         fused = "<br>".join(_pattern(p) for p in e.patterns if len(p) > 1)
         op = _kind(e.op) + (f"<br>QAT: {_qat_kind(e.qat_op)}" if e.qat_op is not None else "")
-        lines.append(f"| {e.name} | {op} | {fused} | {e.observation.value} | {_dtypes(e)} | {_weight(e)} | "
+        observed = e.observation.value + ("; an input only it reads is written in its grid by the producer"
+                                          if e.inputs_take_output_grid else "")
+        lines.append(f"| {e.name} | {op} | {fused} | {observed} | {_dtypes(e)} | {_weight(e)} | "
                      f"{_limits(e)} | {_kernel(cfg, e)} |")
     if cfg.kernel_fusions:
         lines += ["", "Kernel fusions (both entries keep their observers; lowering runs the pair as one kernel, whose "
@@ -133,6 +135,11 @@ def render_markdown(names: Iterable[str] = tuple(BACKENDS)) -> str:
             "entry's checks fail, stay float between a dequantize and a quantize, and `fxquant.report` lists them. "
             "Under `prepare_qat_fx` the same patterns build the *QAT* modules of `fxquant.qat` (a lone conv or "
             "linear too), which `convert_fx` turns back into the fused op (see docs/qat.md).\n\n"
+            "Two placements follow from the op, on every backend: an op with its own observer whose only reader is a "
+            "clamp (relu, relu6, hardtanh, a clamp with constant bounds) is observed after the clamp, so it writes "
+            "into the clamped range and the clamp is dropped where that grid lies inside its bounds (conv -> relu6 "
+            "becomes one conv); and an entry marked *an input only it reads is written in its grid* (cat) gives "
+            "such inputs its own observer, so their producers write into the output grid and the cat copies.\n\n"
             "Which backend to pick, with measured figures: [choosing-a-backend.md](choosing-a-backend.md).\n")
     return head + "\n" + "\n\n".join(render_backend(get_backend_config(n)) for n in names) + "\n"
 
