@@ -221,13 +221,17 @@ def _layout_like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def _counterparts(gm: fx.GraphModule, reference: fx.GraphModule, backend: Any) -> dict[str, str]:
     """Converted node name -> the float reference node it computes. Usually the same name; where lowering merged
     a consumer into its producer (oneDNN's conv + add under the conv's name, the record of the add), the
-    producer's nearest user that is the recorded op."""
+    producer's nearest user that is the recorded op; where it dropped a clamp the producer's grid applies, the
+    clamp (``NodeRecord.computes``)."""
     ref_nodes = {n.name: n for n in reference.graph.nodes}
     ref_modules = dict(reference.named_modules())
     out: dict[str, str] = {}
     for n in gm.graph.nodes:
         rec = n.meta.get(RECORD_KEY)
         r = ref_nodes.get(n.name)
+        if rec is not None and rec.computes in ref_nodes:  # its output is a dropped clamp's (conv -> relu6)
+            out[n.name] = rec.computes
+            continue
         if r is None or rec is None or rec.entry is None:
             if r is not None:
                 out[n.name] = r.name
@@ -283,13 +287,16 @@ class _IsolatedRecorder(_Recorder):
 
 
 def _layer_nodes(gm: fx.GraphModule, names: dict[str, str], all_nodes: bool) -> list[fx.Node]:
-    """Converted nodes to report: quantized ops with their own output grid (conv, linear, add, ...)."""
+    """Converted nodes to report: quantized ops with their own output grid (conv, linear, add, ...), and producers
+    that compute a consumer (a kernel fusion into a shares-input op, a dropped clamp)."""
     out = []
     for n in gm.graph.nodes:
         rec = n.meta.get(RECORD_KEY)
         if n.name not in names or rec is None or rec.entry is None:
             continue
-        if all_nodes or (rec.quantized_output and rec.entry.observation in (Observation.OWN, Observation.FIXED)):
+        own_grid = rec.entry.observation in (Observation.OWN, Observation.FIXED)
+        merged = names[n.name] != n.name  # a producer computing its consumer (oneDNN conv + relu6, a dropped clamp)
+        if all_nodes or (rec.quantized_output and (own_grid or merged)):
             out.append(n)
     return out
 

@@ -200,9 +200,9 @@ def _quantize_rows(x: torch.Tensor, qp: QParams, qdtype: torch.dtype) -> torch.T
     rows = x.reshape(x.shape[0], -1)
     inv = torch.reciprocal(qp.scale.to(torch.float32)).unsqueeze(1)
     zp = qp.zero_point.to(torch.float32).unsqueeze(1)
-    out = torch.empty(rows.shape, dtype=storage)
+    out = torch.empty(rows.shape, dtype=storage, device=x.device)
     step = max(1, _ROWS_BLOCK_BYTES // (4 * rows.shape[1]))
-    block = torch.empty(min(step, rows.shape[0]), rows.shape[1])
+    block = torch.empty(min(step, rows.shape[0]), rows.shape[1], device=x.device)
     for i in range(0, rows.shape[0], step):
         j = min(i + step, rows.shape[0])
         b = block[: j - i]

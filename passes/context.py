@@ -46,6 +46,9 @@ class NodeRecord:
         quantized_inputs: in a converted graph, the node consumes quantized tensors (lower pass).
         weight_qparams: the weight qparams a QAT module trained with (freeze_qat pass); lowering quantizes
             the weight with them instead of observing it again.
+        computes: in a converted graph, the old node whose value this node's output is, where lowering dropped
+            that node as a no-op (a clamp the producer's grid already applies): the float counterpart to compare
+            it with.
     """
 
     fused_from: tuple[Any, ...] = ()
@@ -59,6 +62,7 @@ class NodeRecord:
     quantized_output: bool = False
     quantized_inputs: bool = False
     weight_qparams: Optional[QParams] = None
+    computes: Optional[str] = None
 
     @property
     def quantizable(self) -> bool:

@@ -11,9 +11,10 @@ Contract:
       trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
     * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
       output, built from the float module and the qconfig's weight observer (no calibration data needed);
-    * a clamp (relu, relu6, hardtanh, constant clamp) whose bounds lie outside the codes its input's grid holds is
-      no op: its output is the input's quantized value (observe puts a producer's observer after its clamp, so
-      a conv -> relu6 writes into [0, 6] and the clamp goes);
+    * a clamp (relu, relu6, hardtanh, constant clamp) that is its input's only reader, on a grid that spans its
+      dtype and whose bounds lie outside the codes that grid holds, is no op: its output is the input's quantized
+      value, recorded as computing the clamp (``NodeRecord.computes``). Observe puts a producer's observer after
+      its clamp, so a conv -> relu6 writes into [0, 6] and the clamp goes;
     * an op whose inputs were all written in its output grid (``OpEntry.inputs_take_output_grid``) runs as the
       call it is, on the quantized views (a cat copies integers);
     * no dead nodes: values the model computes but never uses (a dead branch in the user's code) are dropped;
@@ -415,10 +416,15 @@ class LowerPass:
                 return False
             if node in b.fusions:  # relu6 / gelu computed by the kernel in front
                 return self._lower_fused(b, node)
-            grid = b.qparams.get(b.source(inputs[0]))
-            if b.qparams.get(node, grid) is grid and _clamp_is_identity(node, b.modules, grid):
-                b.qparams[node] = grid  # the kernel in front saturates at the bounds already: no op
+            src = b.source(inputs[0])
+            grid = b.qparams.get(src)
+            if (b.qparams.get(node, grid) is grid and _real_users(src, b.modules) == [node]
+                    and _clamp_is_identity(node, b.modules, grid)):
+                # the kernel in front saturates at the bounds already: no op. Only where nothing else reads the
+                # input (the clamp's output is the input's tensor: a kernel writing into one would change both)
+                b.qparams[node] = grid
                 b.as_quant[node] = b.qnt(inputs[0])
+                record(b.as_quant[node]).computes = node.name
                 return True
             b.qparams.setdefault(node, b.qparams[b.source(inputs[0])])  # shares its input's grid
             first = b.qnt(node.args[0])
@@ -535,14 +541,21 @@ _SATURATION = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
 
 def _clamp_is_identity(node: fx.Node, modules: dict[str, nn.Module], grid: Optional[QParams]) -> bool:
     """Whether the clamp ``node`` (relu, relu6, hardtanh, clamp) changes no value of the quantized ``grid``: both
-    bounds, rounded to the grid as the quantized op rounds them, lie at or beyond the codes the grid can hold."""
+    bounds, rounded to the grid as the quantized op rounds them (times the float32 reciprocal of the scale, half
+    to even), lie at or beyond the codes a kernel's output can hold.
+
+    Only grids that span their dtype: a 7-bit grid (``reduce_range``) holds codes up to 127 while the kernels
+    write up to 255, so its clamp stays; that keeps the decision a matter of the qconfig, not of the calibration
+    data (``fxquant.load`` rebuilds the graph from other data and must get the same one)."""
     bounds = ops.clamp_bounds(node, modules)
-    if bounds is None or grid is None or grid.is_per_channel or grid.dtype not in _SATURATION:
+    if bounds is None or grid is None or grid.is_per_channel or _SATURATION.get(grid.dtype) != (
+            grid.quant_min, grid.quant_max):
         return False
     scale, zero_point = grid.scalar()
-    qmin, qmax = _SATURATION[grid.dtype]
-    lo, hi = (zero_point + round(b / scale) if abs(b) != float("inf") else b for b in bounds)
-    return lo <= qmin and hi >= qmax
+    inverse = torch.reciprocal(torch.tensor(scale, dtype=torch.float32))
+    lo, hi = (zero_point + float(torch.round(torch.tensor(b, dtype=torch.float32) * inverse))
+              if abs(b) != float("inf") else b for b in bounds)
+    return lo <= grid.quant_min and hi >= grid.quant_max
 
 
 def _op_args(entry: OpEntry, node: fx.Node, module: Optional[nn.Module]) -> dict[str, Any]:

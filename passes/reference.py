@@ -6,6 +6,9 @@
       :mod:`fxquant.qdq` operators with its qparams (plain integer tensors in between), and every quantized
       conv / linear / transposed conv (``+ ReLU``) a functional call on ``dequantize(weight_int)``, its weight
       stored as a plain int8 buffer (``<module>_weight_int``, per-channel scales and zero points beside it);
+    * an input written in its reader's output grid (``OpEntry.inputs_take_output_grid``: a cat's) gets a
+      ``quantize`` -> ``dequantize`` with that grid after it, as the int8 producer writes there (the cat's own pair
+      then changes nothing; exporters see each producer followed by its quantize);
     * shares-input ops that leave their input's grid (``OpEntry.leaves_grid``: average pooling, mean, clamps,
       interpolation) get a ``quantize`` -> ``dequantize`` with their input's qparams on their output, as the
       int8 kernel rounds to that grid (QAT simulates the same with ``SharedFakeQuantize``);
@@ -113,6 +116,15 @@ class ReferencePass:
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
         qparams = _observer_qparams(gm, modules)
+        for node in list(gm.graph.nodes):  # written in their reader's grid (a cat's input): that grid after them
+            rec = record(node)
+            reader = next(iter(node.users)) if len(node.users) == 1 else None
+            if (rec.quantizable and rec.entry.observation is Observation.OWN and rec.observer in qparams
+                    and reader is not None and record(reader).entry is not None
+                    and record(reader).entry.inputs_take_output_grid):
+                with gm.graph.inserting_before(node.next):
+                    dq = _qdq(gm, node, qparams[rec.observer], f"{node.name}_in_grid")
+                node.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq.args[0])
         for node in list(gm.graph.nodes):
             rec = record(node)
             if is_observer_node(node, modules):

@@ -221,3 +221,38 @@ def test_the_example_on_docs_export_md_runs():
         code = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     assert len(code) == 1
     _quiet(exec, compile(code[0], "docs/export.md", "exec"), {})  # its asserts are the checks
+
+
+class _Inception(nn.Module):
+    """Three conv + ReLU branches concatenated: each branch only feeds the cat, so fxquant's convs write straight
+    into the cat's grid (passes/observe.py, _grid_taking_reader) and the int8 cat copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU())
+        self.b3 = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.ReLU())
+        self.b5 = nn.Sequential(nn.Conv2d(8, 2, 5, padding=2), nn.ReLU())
+
+    def forward(self, x):
+        y = self.stem(x)
+        return torch.cat([self.b1(y), self.b3(y), self.b5(y)], 1)
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_convs_written_in_a_cats_grid_still_run_as_int8_convs_in_onnx_runtime(backend, tmp_path):
+    """The reference form puts the cat's quantize/dequantize right after each such conv (what the int8 conv
+    writes), so ONNX Runtime still fuses every conv into QLinearConv, and the concatenation into QLinearConcat."""
+    torch.manual_seed(0)
+    model = _Inception().eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, 12, 12, generator=gen) for _ in range(3)]
+    x = torch.randn(8, 3, 12, 12, generator=gen)
+    prepared, quantized = _quantize(model, backend, x[:4], calib)
+    assert [n.target for n in quantized.graph.nodes if n.name == "cat"] == [torch.cat]  # the int8 cat copies
+    optimized = str(tmp_path / "opt.onnx")
+    diff = _steps_to_int8(prepared, quantized, tmp_path / "inception.onnx", x, optimized)
+    ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+    assert ops["QLinearConv"] == 4 and "Conv" not in ops and "FusedConv" not in ops, ops
+    assert ops["QLinearConcat"] == 1, ops
+    assert float((diff <= 2).float().mean()) >= 0.999, diff.max()

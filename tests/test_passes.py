@@ -434,21 +434,33 @@ def test_clamp_family_after_conv_is_exact_on_every_engine(act, backend):
     assert ("contiguous" in converted.code) is (backend == "qnnpack")
 
 
+def _activation_bits(backend: str, bits: int) -> fxquant.QConfigMapping:
+    """The backend's default qconfig with activations on an explicit 8-bit or 7-bit grid (the default's width
+    depends on the CPU: 7 bits for fbgemm/x86 without VNNI), so a test means the same on every machine."""
+    default = fxquant.get_default_qconfig(backend)
+    act = default.activation.with_overrides(quant_min=0, quant_max=(1 << bits) - 1)
+    return fxquant.QConfigMapping().set_global(fxquant.QConfig(activation=act, weight=default.weight))
+
+
+def _clamped_conv(act) -> tuple[nn.Module, float, float]:
+    model = _conv_act(act, also_return_conv=False)
+    if isinstance(act, nn.ReLU):  # conv -> relu would fuse: a hardswish (own observer) in front instead
+        model = seeded(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), act))
+        return model, 0.0, float("inf")
+    return (model, -1.0, 1.0) if type(act) is nn.Hardtanh else (model, 0.0, 6.0)
+
+
 @pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-1.0, 1.0), "clamp", nn.ReLU()])
 @pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
 def test_a_clamp_that_is_its_producers_only_reader_becomes_the_producers_grid(act, backend):
     """conv -> relu6: the observer goes after the clamp, the conv writes into the clamped range (no codes spent on
-    values the clamp removes) and the clamp is gone, the kernel's saturation doing it. The result is the conv's
-    exact output rounded to that grid and clamped: what the float model computes, quantized once."""
-    model = _conv_act(act, also_return_conv=False)
-    if isinstance(act, nn.ReLU):  # conv -> relu would fuse: a hardswish (own observer) in front instead
-        model = seeded(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), act))
-    prepared, converted = quantize(model, X, backend)
+    values the clamp removes) and, on a full 8-bit grid, the clamp is gone, the kernel's saturation doing it. The
+    result is within a few steps of the reference simulation (float conv, clamp, quantize to the grid observed
+    after the clamp)."""
+    model, lo, hi = _clamped_conv(act)
+    prepared, converted = quantize(model, X, backend, mapping=_activation_bits(backend, 8))
     clamp_node = list(prepared.graph.nodes)[-3]
     assert [u.op for u in clamp_node.users] == ["call_module"] and "observer" in str(next(iter(clamp_node.users)).target)
-    lo, hi = (-1.0, 1.0) if type(act) is nn.Hardtanh else (0.0, 6.0)
-    if isinstance(act, nn.ReLU):
-        lo, hi = 0.0, float("inf")
     qp = prepared.get_submodule(str(next(iter(clamp_node.users)).target)).qparams()
     scale, zp = qp.scalar()
     assert -zp * scale >= lo - scale / 2 and (255 - zp) * scale <= hi + scale / 2  # the grid lies inside the bounds
@@ -460,6 +472,47 @@ def test_a_clamp_that_is_its_producers_only_reader_becomes_the_producers_grid(ac
     steps = 3 if backend == "x86" else K_STEPS
     assert float((out - sim).abs().max()) <= steps * scale * (1 + 1e-4)
     assert fxquant.sqnr(ref, out) > 30
+    # compare_layers pairs the conv with the clamp's float output, which is what the conv now computes
+    layers = {r.name: r for r in fxquant.compare_layers(model, converted, (X,), weights=False).layers}
+    assert layers and all(r.sqnr > 30 for r in layers.values()), layers
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-1.0, 1.0), "clamp"])
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_on_a_7_bit_grid_the_clamp_stays_and_clamps_what_the_kernel_writes_above_it(act, backend):
+    """A 7-bit grid holds codes 0..127, but the kernels write up to 255: values above the calibrated range would
+    pass a dropped clamp, so it stays (and so the graph does not depend on the calibration data)."""
+    model, lo, hi = _clamped_conv(act)
+    prepared, converted = quantize(model, X, backend, mapping=_activation_bits(backend, 7))
+    clamp_node = list(prepared.graph.nodes)[-3]
+    assert clamp_node.name in {n.name for n in converted.graph.nodes}
+    step = float(prepared.get_submodule(str(next(iter(clamp_node.users)).target)).qparams().scale)
+    with torch.no_grad():
+        out = converted(4 * X)  # far beyond the calibrated range: the clamp is what bounds it
+    # the quantized clamp rounds its bounds to the grid: within half a step of them
+    assert float(out.min()) >= lo - step / 2 - 1e-6 and float(out.max()) <= hi + step / 2 + 1e-6
+
+
+def test_a_clamp_whose_input_has_other_readers_stays_when_its_input_is_a_fused_add_accumulator():
+    """x86: conv2 + r runs as one oneDNN kernel writing the sum into r's buffer. r = clamp(a) with bounds outside
+    a's grid is a no-op, but a is read again later: dropping the clamp would make r a's buffer, and the kernel would
+    overwrite a (found by review: a's output at -4.7 dB)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            a = F.relu(self.c1(x))
+            r = torch.clamp(a, 0.0, 100.0)
+            return self.c2(x) + r, a
+
+    model = seeded(M())
+    _, converted = quantize(model, X, "x86", mapping=_activation_bits("x86", 8))
+    with torch.no_grad():
+        (s, a), (ref_s, ref_a) = converted(X), model(X)
+    assert fxquant.sqnr(ref_a, a) > 30 and fxquant.sqnr(ref_s, s) > 30
 
 
 # ===================================================================================================== cleanup
@@ -759,3 +812,26 @@ def test_a_cat_input_read_elsewhere_keeps_its_grid_and_is_requantized(backend):
     with torch.no_grad():
         (out, a), (ref, ref_a) = converted(X), model(X)
     assert fxquant.sqnr(ref, out) > 30 and fxquant.sqnr(ref_a, a) > 30
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_dropped_clamps_and_copying_cats_survive_save_and_load(bits, tmp_path):
+    """fxquant.load rebuilds the converted graph from other data and checks it equals the saved one: where a
+    clamp goes and where a cat copies depend on the graph and the qconfig, never on the calibration data."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.cat([F.relu6(self.a(x)), torch.clamp(self.b(x), -1.0, 1.0)], 1)
+
+    model = seeded(Block())
+    _, converted = quantize(model, X, "fbgemm", mapping=_activation_bits("fbgemm", bits))
+    path = tmp_path / "block.fxq"
+    fxquant.save(converted, path)
+    loaded = fxquant.load(path, Block)
+    assert loaded.code == converted.code
+    with torch.no_grad():
+        assert torch.equal(loaded(X), converted(X))
