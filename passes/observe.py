@@ -97,13 +97,19 @@ def _clamp_after(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.No
 
 def _grid_taking_reader(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.Node]:
     """The only user of ``node``, if its entry takes its inputs in its output grid
-    (``OpEntry.inputs_take_output_grid``: a cat) and it will be observed (every operand a float tensor)."""
+    (``OpEntry.inputs_take_output_grid``: a cat) and it will be observed (every operand a float tensor).
+
+    Not where the two nodes' qconfigs observe differently (a producer given its own activation observer keeps
+    it), nor for a producer whose kernel limits its input/output scale ratio (qnnpack's add): the reader's grid
+    could fall outside those limits and leave the producer float."""
     users = list(node.users)
     if len(users) != 1:
         return None
     reader = users[0]
-    rec = record(reader)
+    rec, own = record(reader), record(node)
     if not rec.quantizable or rec.entry.observation is not Observation.OWN or not rec.entry.inputs_take_output_grid:
+        return None
+    if rec.qconfig.activation is not own.qconfig.activation or own.entry.constraints.input_output_scale_ratio:
         return None
     inputs = tensor_inputs(reader)
     if not inputs or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):

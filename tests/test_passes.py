@@ -835,3 +835,17 @@ def test_dropped_clamps_and_copying_cats_survive_save_and_load(bits, tmp_path):
     assert loaded.code == converted.code
     with torch.no_grad():
         assert torch.equal(loaded(X), converted(X))
+
+
+def test_a_cat_input_with_its_own_activation_qconfig_keeps_its_own_grid():
+    """A producer the user gave another activation observer (set_module_name) is not written in the cat's grid."""
+    model = seeded(_Branches())
+    default = fxquant.get_default_qconfig("fbgemm")
+    own = fxquant.QConfig(activation=default.activation.with_overrides(quant_min=0, quant_max=255),
+                          weight=default.weight)
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("b", own)
+    prepared, converted = quantize(model, X, "fbgemm", mapping=mapping)
+    observed = {str(n.args[0]) for n in prepared.graph.nodes if "observer" in str(n.target)}
+    assert observed == {"x", "b", "cat"}  # the first branch writes in the cat's grid, the second keeps its own
+    with torch.no_grad():
+        assert fxquant.sqnr(model(X), converted(X)) > 30
