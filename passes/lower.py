@@ -418,8 +418,8 @@ class LowerPass:
                 return self._lower_fused(b, node)
             src = b.source(inputs[0])
             grid = b.qparams.get(src)
-            if (b.qparams.get(node, grid) is grid and _real_users(src, b.modules) == [node]
-                    and _clamp_is_identity(node, b.modules, grid)):
+            if (b.qparams.get(node, grid) is grid and _observed_after(node, src, b.modules)
+                    and _real_users(src, b.modules) == [node] and _clamp_is_identity(node, b.modules, grid)):
                 # the kernel in front saturates at the bounds already: no op. Only where nothing else reads the
                 # input (the clamp's output is the input's tensor: a kernel writing into one would change both)
                 b.qparams[node] = grid
@@ -539,14 +539,25 @@ class LowerPass:
 _SATURATION = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
 
 
+def _observed_after(clamp: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``src`` is observed after ``clamp`` (observe's ``_clamp_after``): its grid was then calibrated on the
+    clamp's output, so it lies inside the clamp's bounds whatever the data (a clamp after a max pool, on the grid
+    of the conv in front, would be a no-op or not depending on the calibration data)."""
+    after = [u for u in clamp.users if is_observer_node(u, modules)]
+    return len(after) == 1 and record(src).observer == str(after[0].target)
+
+
 def _clamp_is_identity(node: fx.Node, modules: dict[str, nn.Module], grid: Optional[QParams]) -> bool:
-    """Whether the clamp ``node`` (relu, relu6, hardtanh, clamp) changes no value of the quantized ``grid``: both
+    """Whether the clamp ``node`` (relu, relu6, hardtanh, clamp) leaves the quantized ``grid`` as it is: both
     bounds, rounded to the grid as the quantized op rounds them (times the float32 reciprocal of the scale, half
-    to even), lie at or beyond the codes a kernel's output can hold.
+    to even), lie at or beyond the codes a kernel's output can hold, give or take the one code an observer's
+    zero-point rounding can put the grid's end past a bound (the kept clamp would round that bound to the code
+    half a step inside it, dropping it leaves the code half a step outside: the same distance).
 
     Only grids that span their dtype: a 7-bit grid (``reduce_range``) holds codes up to 127 while the kernels
-    write up to 255, so its clamp stays; that keeps the decision a matter of the qconfig, not of the calibration
-    data (``fxquant.load`` rebuilds the graph from other data and must get the same one)."""
+    write up to 255, so its clamp stays. With :func:`_observed_after` this keeps the decision a matter of the graph
+    and the qconfig, not of the calibration data (``fxquant.load`` rebuilds the graph from other data and must get
+    the same one)."""
     bounds = ops.clamp_bounds(node, modules)
     if bounds is None or grid is None or grid.is_per_channel or _SATURATION.get(grid.dtype) != (
             grid.quant_min, grid.quant_max):
@@ -555,7 +566,7 @@ def _clamp_is_identity(node: fx.Node, modules: dict[str, nn.Module], grid: Optio
     inverse = torch.reciprocal(torch.tensor(scale, dtype=torch.float32))
     lo, hi = (zero_point + float(torch.round(torch.tensor(b, dtype=torch.float32) * inverse))
               if abs(b) != float("inf") else b for b in bounds)
-    return lo <= grid.quant_min and hi >= grid.quant_max
+    return lo <= grid.quant_min + 1 and hi >= grid.quant_max - 1
 
 
 def _op_args(entry: OpEntry, node: fx.Node, module: Optional[nn.Module]) -> dict[str, Any]:

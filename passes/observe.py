@@ -90,8 +90,8 @@ def _clamp_after(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.No
     rec = record(clamp)
     if (not rec.quantizable or rec.entry.observation is not Observation.SHARES_INPUT or not clamp.args
             or clamp.args[0] is not node or is_observer_node(clamp, modules)
-            or ops.clamp_bounds(clamp, modules) is None):
-        return None
+            or ops.clamp_bounds(clamp, modules) is None or record(node).entry.constraints.input_output_scale_ratio):
+        return None  # (a kernel limiting its input/output scale ratio, qnnpack's add, keeps its own grid)
     return clamp
 
 
@@ -109,8 +109,8 @@ def _grid_taking_reader(node: fx.Node, modules: dict[str, nn.Module]) -> Optiona
     rec, own = record(reader), record(node)
     if not rec.quantizable or rec.entry.observation is not Observation.OWN or not rec.entry.inputs_take_output_grid:
         return None
-    if rec.qconfig.activation is not own.qconfig.activation or own.entry.constraints.input_output_scale_ratio:
-        return None
+    if rec.qconfig.activation != own.qconfig.activation or own.entry.constraints.input_output_scale_ratio:
+        return None  # (equal, not the same object: fxquant.load rebuilds the factories)
     inputs = tensor_inputs(reader)
     if not inputs or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):
         return None

@@ -121,7 +121,7 @@ class ReferencePass:
             reader = next(iter(node.users)) if len(node.users) == 1 else None
             if (rec.quantizable and rec.entry.observation is Observation.OWN and rec.observer in qparams
                     and reader is not None and record(reader).entry is not None
-                    and record(reader).entry.inputs_take_output_grid):
+                    and record(reader).entry.inputs_take_output_grid and not qparams[rec.observer].is_per_channel):
                 with gm.graph.inserting_before(node.next):
                     dq = _qdq(gm, node, qparams[rec.observer], f"{node.name}_in_grid")
                 node.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq.args[0])

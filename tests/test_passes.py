@@ -849,3 +849,70 @@ def test_a_cat_input_with_its_own_activation_qconfig_keeps_its_own_grid():
     assert observed == {"x", "b", "cat"}  # the first branch writes in the cat's grid, the second keeps its own
     with torch.no_grad():
         assert fxquant.sqnr(model(X), converted(X)) > 30
+
+
+def test_transposed_convs_read_only_by_a_cat_survive_save_and_load_with_the_default_mapping(tmp_path):
+    """The default mapping gives ConvTranspose its own QConfig entry sharing the global activation factory; after
+    fxquant.load the factories are rebuilt (equal, not the same objects) and must still claim the same inputs
+    (found by review: a U-Net-style decoder could not be loaded)."""
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.ConvTranspose2d(3, 4, 2, stride=2), nn.ConvTranspose2d(3, 2, 2, stride=2)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    model = seeded(Up())
+    prepared, converted = quantize(model, X, "fbgemm")
+    assert [n.target for n in converted.graph.nodes if n.name == "cat"] == [torch.cat]
+    for stage in (prepared, converted):
+        fxquant.save(stage, tmp_path / "up.fxq")
+        assert fxquant.load(tmp_path / "up.fxq", Up).code == stage.code
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 100.0])
+def test_which_clamps_go_depends_on_the_graph_not_on_the_calibration_data(scale):
+    """A clamp observed after (conv -> hardtanh, a MinMax observer whose zero point rounding can put the grid's end
+    a code past the bound) goes at every calibration scale; a clamp on another op's grid (conv -> max pool -> relu)
+    stays at every scale. fxquant.load rebuilds from other data, so the graph must not depend on it."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return F.hardtanh(self.a(x)), F.relu(F.max_pool2d(self.b(x), 2))
+
+    default = fxquant.get_default_qconfig("fbgemm")
+    act = fxquant.observers.MinMaxObserver.with_args(quant_min=0, quant_max=255)
+    mapping = fxquant.QConfigMapping().set_global(fxquant.QConfig(activation=act, weight=default.weight))
+    model = seeded(M())
+    prepared, converted = quantize(model, X, "fbgemm", calib=[scale * X], mapping=mapping)
+    names = {n.name for n in converted.graph.nodes}
+    assert "hardtanh" not in names and "relu" in names
+    with torch.no_grad():
+        (h, r), (ref_h, ref_r) = converted(scale * X), model(scale * X)
+    assert fxquant.sqnr(ref_h, h) > 25 and fxquant.sqnr(ref_r, r) > 25
+
+
+def test_a_qnnpack_add_read_only_by_a_cat_keeps_its_own_grid():
+    """qnnpack's add limits its input/output scale ratio: written in the cat's grid it could fall outside the limit
+    and stay float, so it keeps its own observer (the conv beside it still writes in the cat's grid)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(3, 4, 1) for _ in range(3))
+
+        def forward(self, x):
+            return torch.cat([self.a(x) + self.b(x), self.c(x)], 1)
+
+    model = seeded(M())
+    prepared, converted = quantize(model, X, "qnnpack")
+    observed = {str(n.args[0]) for n in prepared.graph.nodes if "observer" in str(n.target)}
+    assert observed == {"x", "a", "b", "add", "cat"}  # c has none: it writes in the cat's grid
+    with torch.no_grad():
+        assert fxquant.sqnr(model(X), converted(X)) > 30
