@@ -11,8 +11,8 @@ Contract:
       trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
     * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
       output, built from the float module and the qconfig's weight observer (no calibration data needed);
-    * a clamp (relu, relu6, hardtanh, constant clamp) that is its input's only reader, on a grid that spans its
-      dtype and whose bounds lie outside the codes that grid holds, is no op: its output is the input's quantized
+    * a clamp (relu, relu6, hardtanh, constant clamp) whose input is observed after it (so the clamp is its only
+      reader), on a grid that spans its dtype and whose bounds lie outside the codes that grid holds, is no op: its output is the input's quantized
       value, recorded as computing the clamp (``NodeRecord.computes``). Observe puts a producer's observer after
       its clamp, so a conv -> relu6 writes into [0, 6] and the clamp goes;
     * an op whose inputs were all written in its output grid (``OpEntry.inputs_take_output_grid``) runs as the
@@ -56,7 +56,7 @@ from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules
 from fxquant.passes.dynamic import dynamic_spec
 from fxquant.passes.matching import Entry, Match, Op, Pattern, find
 from fxquant.passes.observe import is_observer_node, tensor_inputs, weight_observer
-from fxquant.qparams import QParams
+from fxquant.qparams import QUANTIZED_DTYPES, QParams
 
 __all__ = ["LowerPass", "KernelFusionPattern", "kernel_fusion_patterns"]
 
@@ -418,10 +418,9 @@ class LowerPass:
                 return self._lower_fused(b, node)
             src = b.source(inputs[0])
             grid = b.qparams.get(src)
-            if (b.qparams.get(node, grid) is grid and _observed_after(node, src, b.modules)
-                    and _real_users(src, b.modules) == [node] and _clamp_is_identity(node, b.modules, grid)):
-                # the kernel in front saturates at the bounds already: no op. Only where nothing else reads the
-                # input (the clamp's output is the input's tensor: a kernel writing into one would change both)
+            if _observed_after(node, src, b.modules) and _clamp_is_identity(node, b.modules, grid):
+                # the kernel in front saturates at the bounds already: no op (and nothing else reads its input,
+                # whose tensor its output now is: a kernel writing into one would change both)
                 b.qparams[node] = grid
                 b.as_quant[node] = b.qnt(inputs[0])
                 record(b.as_quant[node]).computes = node.name
@@ -534,15 +533,11 @@ class LowerPass:
         return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, _op_args(rec.entry, node, module), inputs)
 
 
-#: the codes a kernel's output saturates to, per quantized dtype (the observer's quant_min / quant_max may be
-#: narrower: fbgemm's 7-bit activations still come out of the kernels as full quint8)
-_SATURATION = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
-
-
 def _observed_after(clamp: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``src`` is observed after ``clamp`` (observe's ``_clamp_after``): its grid was then calibrated on the
-    clamp's output, so it lies inside the clamp's bounds whatever the data (a clamp after a max pool, on the grid
-    of the conv in front, would be a no-op or not depending on the calibration data)."""
+    """Whether ``src`` is observed after ``clamp`` (observe's ``_clamp_after``, which takes only a clamp that is
+    ``src``'s one reader): its grid was then calibrated on the clamp's output, so it lies inside the clamp's bounds
+    whatever the data (a clamp after a max pool, on the grid of the conv in front, would be a no-op or not
+    depending on the calibration data)."""
     after = [u for u in clamp.users if is_observer_node(u, modules)]
     return len(after) == 1 and record(src).observer == str(after[0].target)
 
@@ -554,13 +549,13 @@ def _clamp_is_identity(node: fx.Node, modules: dict[str, nn.Module], grid: Optio
     zero-point rounding can put the grid's end past a bound (the kept clamp would round that bound to the code
     half a step inside it, dropping it leaves the code half a step outside: the same distance).
 
-    Only grids that span their dtype: a 7-bit grid (``reduce_range``) holds codes up to 127 while the kernels
-    write up to 255, so its clamp stays. With :func:`_observed_after` this keeps the decision a matter of the graph
+    Only grids that span their dtype (the kernels saturate at the dtype's range): a 7-bit grid (``reduce_range``)
+    holds codes up to 127 while the kernels write up to 255, so its clamp stays. With :func:`_observed_after` this keeps the decision a matter of the graph
     and the qconfig, not of the calibration data (``fxquant.load`` rebuilds the graph from other data and must get
     the same one)."""
     bounds = ops.clamp_bounds(node, modules)
-    if bounds is None or grid is None or grid.is_per_channel or _SATURATION.get(grid.dtype) != (
-            grid.quant_min, grid.quant_max):
+    if (bounds is None or grid is None or grid.is_per_channel or grid.dtype not in QUANTIZED_DTYPES
+            or QUANTIZED_DTYPES[grid.dtype][1:] != (grid.quant_min, grid.quant_max)):
         return False
     scale, zero_point = grid.scalar()
     inverse = torch.reciprocal(torch.tensor(scale, dtype=torch.float32))

@@ -111,10 +111,12 @@ def _grid_taking_reader(node: fx.Node, modules: dict[str, nn.Module]) -> Optiona
         return None
     if rec.qconfig.activation != own.qconfig.activation or own.entry.constraints.input_output_scale_ratio:
         return None  # (equal, not the same object: fxquant.load rebuilds the factories)
-    inputs = tensor_inputs(reader)
-    if not inputs or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):
-        return None
-    return reader
+    return reader if _float_tensors(tensor_inputs(reader)) else None
+
+
+def _float_tensors(inputs: Optional[list[Any]]) -> bool:
+    """Whether every quantized operand (:func:`tensor_inputs`) is a node holding a float tensor (so it is observed)."""
+    return inputs is not None and all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,7 @@ class ObservePass:
                 continue
             if entry.observation is Observation.NONE:
                 continue
-            if inputs is None or not all(isinstance(t, fx.Node) and record(t).is_tensor for t in inputs):
+            if not _float_tensors(inputs):
                 ctx.keep_float(node, entry.name, "an operand is not a float tensor (scalar or non-tensor operand)")
                 continue
             unfit = [(k, what) for k, v, what in entry.fixed_args if node.kwargs.get(k, v) != v]
@@ -155,24 +157,25 @@ class ObservePass:
             for t in inputs:
                 if self._observer_of(t, modules) is None:
                     self._insert(gm, t, rec.qconfig.activation(), modules)
-            if entry.observation is Observation.FIXED:
-                scale, zp = entry.constraints.fixed_qparams
-                obs: nn.Module = (FakeQuantize(observer=FixedQParamsObserver, scale=scale, zero_point=zp)
-                                  if ctx.is_qat else FixedQParamsObserver(scale=scale, zero_point=zp))
-            else:
-                obs = rec.qconfig.activation()
-            rec.observer = self._observer_of(node, modules)
-            if rec.observer is None and entry.observation is Observation.OWN:
-                reader = _grid_taking_reader(node, modules)
-                if reader is not None:  # written in its reader's output grid: that observer observes it
-                    rec.observer = (self._observer_of(reader, modules)
-                                    or self._insert(gm, reader, record(reader).qconfig.activation(), modules))
-            if rec.observer is None:
-                clamp = _clamp_after(node, modules) if entry.observation is Observation.OWN else None
-                rec.observer = self._insert(gm, clamp or node, obs, modules)
+            rec.observer = self._observer_of(node, modules) or self._observe_output(gm, node, rec, modules, ctx)
             self._attach_weight_fake_quant(node, rec, modules)
         gm.recompile()
         return PassResult(gm, len(modules) != before)
+
+    def _observe_output(self, gm: fx.GraphModule, node: fx.Node, rec: NodeRecord, modules: dict[str, nn.Module],
+                        ctx: QuantContext) -> str:
+        """A new observer for the output of an own-observed or fixed-qparams ``node``: its fixed one; its grid-taking
+        reader's (:func:`_grid_taking_reader`); else one of its qconfig, after its clamp (:func:`_clamp_after`) or
+        after it."""
+        if rec.entry.observation is Observation.FIXED:
+            scale, zp = rec.entry.constraints.fixed_qparams
+            return self._insert(gm, node, FakeQuantize(observer=FixedQParamsObserver, scale=scale, zero_point=zp)
+                                if ctx.is_qat else FixedQParamsObserver(scale=scale, zero_point=zp), modules)
+        reader = _grid_taking_reader(node, modules)
+        if reader is not None:  # written in its reader's output grid: that observer observes it
+            return (self._observer_of(reader, modules)
+                    or self._insert(gm, reader, record(reader).qconfig.activation(), modules))
+        return self._insert(gm, _clamp_after(node, modules) or node, rec.qconfig.activation(), modules)
 
     def _share_fake_quant(self, gm: fx.GraphModule, node: fx.Node, rec: NodeRecord,
                           modules: dict[str, nn.Module]) -> None:
