@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx, nn
 
+from fxquant.fused import float_type
+
 __all__ = [
     "Observation",
     "OpKind",
@@ -58,7 +60,8 @@ class OpKind:
 
     Attributes:
         name: short name used in tables, docs and messages.
-        modules: ``nn.Module`` classes (matched exactly, not by subclass).
+        modules: ``nn.Module`` classes (matched exactly, not by subclass; a conv with a batch norm folded on
+            read, :class:`fxquant.fused.FoldedConv2d`, matches as the class it computes, ``nn.Conv2d``).
         functions: ``call_function`` targets (``F.relu``, ``torch.relu``, ``operator.add``).
         methods: ``call_method`` names (``"relu"``, ``"relu_"``).
     """
@@ -71,7 +74,7 @@ class OpKind:
     def matches(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         """Whether ``node`` is this op (``modules`` maps qualified names to submodules)."""
         if node.op == "call_module":
-            return type(modules.get(str(node.target))) in self.modules
+            return float_type(modules.get(str(node.target))) in self.modules
         if node.op == "call_function":
             return node.target in self.functions
         if node.op == "call_method":

@@ -28,8 +28,9 @@ from fxquant.backends import BACKENDS, BackendConfig, get_backend_config, resolv
 from fxquant.backends.kernels import get_kernels
 from fxquant.decomposed import decompose_attention
 from fxquant.partial import PARTIAL_ATTR, convert_partial, prepare_partial
-from fxquant.serialization import as_quant_graph_module
+from fxquant.serialization import QuantGraphModule, as_quant_graph_module
 from fxquant.errors import ConvertError, EngineError, FxQuantError, TraceError
+from fxquant.fused import materialize_folds
 from fxquant.observers import ObserverBase
 from fxquant.passes.base import PassManager, PassTiming
 from fxquant.passes.context import RECORD_KEY, FloatReason, QuantContext
@@ -143,7 +144,7 @@ def _default_backend(backend_config: Union[str, BackendConfig, None]) -> Backend
 
 def _trace_with_shapes(model: nn.Module, inputs: tuple[Any, ...], config: PrepareCustomConfig,
                        run_in_eval: bool = False) -> fx.GraphModule:
-    gm = trace(model, config)
+    gm = trace(model, config, graph_module_class=QuantGraphModule)
     if run_in_eval:  # traced as it trains; run (in the annotate pass) without touching BN statistics
         gm.eval()
     return gm  # the annotate pass runs the example once (shapes) and reports inputs the model rejects
@@ -203,6 +204,8 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
 
 #: set on a prepared model while its parameters still share memory with the user's float model
 SHARED_WEIGHTS_ATTR = "_fxquant_shares_weights"
+#: set on a prepared model once train mode has turned its folded-on-read convs into plain ones
+_FOLDS_MATERIALIZED_ATTR = "_fxquant_folds_materialized"
 
 
 def _copy_sharing_weights(model: nn.Module) -> nn.Module:
@@ -279,6 +282,9 @@ def _unshare_before_load(module: nn.Module, *args: Any) -> None:
 def _unshare_in_train_mode(module: nn.Module, args: Any) -> None:
     if module.training:
         _unshare_weights(module)
+        if not module.__dict__.get(_FOLDS_MATERIALIZED_ATTR):  # an optimizer needs folded weights as parameters
+            materialize_folds(module)
+            module.__dict__[_FOLDS_MATERIALIZED_ATTR] = True
 
 
 def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
@@ -532,7 +538,9 @@ def fuse_fx(model: nn.Module, fuse_custom_config: Union[PrepareCustomConfig, dic
         raise FxQuantError("fuse_fx folds batch norm and needs the model in eval mode: call model.eval() first")
     gm = trace(copy.deepcopy(model), PrepareCustomConfig.from_dict(fuse_custom_config))  # type: ignore[arg-type]
     ctx = QuantContext(backend=_default_backend(backend_config))
-    return fuse_pipeline().run(gm, ctx)
+    fused = fuse_pipeline().run(gm, ctx)
+    materialize_folds(fused)  # plain convs holding the folded weights (prepare keeps them folded on read)
+    return fused
 
 
 # the reference representation: fxquant/reference.py builds on the functions above, so it is imported last

@@ -302,12 +302,12 @@ def _step_moving(obs: Any) -> SyncGen:
 def _merge_histogram(obs: HistogramObserver) -> SyncGen:
     """Global range by MIN / MAX, each rank's histogram re-binned onto it, then summed (as ``merge_``)."""
     lo, hi = yield [Reduce("min", obs.min_val), Reduce("max", obs.max_val)]
-    counts = torch.zeros_like(obs.histogram)
+    counts = torch.zeros(obs.bins, dtype=torch.int64, device=obs.min_val.device)  # a rank without data: empty
     if obs.has_data:
         counts = _histogram.rebin(obs.histogram, float(obs.min_val), float(obs.max_val), float(lo), float(hi))
     (total,) = yield [Reduce("sum", counts)]
     with torch.no_grad():
-        obs.histogram.copy_(total)
+        obs.histogram = total.to(obs.min_val.device).clone()
         obs.min_val.copy_(lo)
         obs.max_val.copy_(hi)
 

@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ __all__ = [
     "add_relu",
     "mul_relu",
     "fold_bn",
+    "fold_bn_on_read",
+    "is_folded_on_read",
+    "materialize_folds",
+    "float_type",
     "fuse_conv_bn",
     "fuse_conv_bn_relu",
     "fuse_linear_bn",
@@ -127,32 +131,176 @@ def fold_bn(op: nn.Module, bn: nn.Module) -> nn.Module:
     return fused
 
 
+class _FoldsBNOnRead:
+    """A conv or linear with an eval-mode batch norm folded into it when its ``weight`` or ``bias`` is read.
+
+    It keeps the float model's own weight and bias (``_parameters``, which ``state_dict`` and
+    ``named_parameters`` list) and one buffer ``bn_fold`` of the batch norm's per-channel ``scale`` =
+    ``gamma / sqrt(var + eps)``, ``mean`` and ``beta`` (its rows, one tensor: a prepared CNN has thousands).
+    Reading ``weight`` returns ``w * scale`` and reading ``bias`` ``(b - mean) * scale + beta``, new tensors each
+    time (the same values as
+    :func:`fold_bn`), so a prepared model holds no second copy of its conv weights: the fold is computed when a
+    forward, an observer or lowering reads it, and dropped after.
+
+    Assigning ``weight`` or ``bias`` (equalization, bias correction, a user) first turns the module into its
+    plain float class with the folded tensors as its own parameters (:meth:`materialize_fold`); so does running
+    a prepared model in train mode. What a read returns is an inference tensor (made under
+    ``torch.inference_mode``): writing into it in place, which would change nothing, raises instead, so code
+    that changes weights assigns them (as fxquant's passes do).
+    """
+
+    _float_type: ClassVar[type]
+
+    def _fold_shape(self) -> list[int]:
+        raw = self._parameters["weight"]  # type: ignore[attr-defined]
+        shape = [1] * raw.dim()
+        shape[1 if isinstance(self, nn.modules.conv._ConvTransposeNd) else 0] = -1
+        return shape
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        scale = self._buffers["bn_fold"][0]  # type: ignore[attr-defined]
+        with torch.inference_mode():
+            return self._parameters["weight"].detach() * scale.reshape(self._fold_shape())  # type: ignore[attr-defined]
+
+    @property
+    def bias(self) -> torch.Tensor:  # type: ignore[override]
+        scale, mean, beta = self._buffers["bn_fold"]  # type: ignore[attr-defined]
+        raw = self._parameters.get("bias")  # type: ignore[attr-defined]
+        with torch.inference_mode():
+            b = torch.zeros_like(mean) if raw is None else raw.detach()
+            return (b - mean) * scale + beta
+
+    def materialize_fold(self) -> None:
+        """Become the plain float class, with the folded weight and bias as new parameters of its own."""
+        weight, bias = self.weight.clone(), self.bias.clone()  # clones: normal tensors, not inference tensors
+        raw = self._parameters["weight"]  # type: ignore[attr-defined]
+        del self._buffers["bn_fold"]  # type: ignore[attr-defined]
+        self.__class__ = self._float_type
+        self._parameters["weight"] = nn.Parameter(weight, requires_grad=raw.requires_grad)  # type: ignore[attr-defined]
+        self._parameters["bias"] = nn.Parameter(bias, requires_grad=raw.requires_grad)  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("weight", "bias"):
+            self.materialize_fold()
+        nn.Module.__setattr__(self, name, value)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", batch norm folded on read"  # type: ignore[misc]
+
+
+class FoldedConv1d(_FoldsBNOnRead, nn.Conv1d):
+    """``nn.Conv1d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+
+    _float_type = nn.Conv1d
+
+
+class FoldedConv2d(_FoldsBNOnRead, nn.Conv2d):
+    """``nn.Conv2d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+
+    _float_type = nn.Conv2d
+
+
+class FoldedConv3d(_FoldsBNOnRead, nn.Conv3d):
+    """``nn.Conv3d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+
+    _float_type = nn.Conv3d
+
+
+class FoldedConvTranspose1d(_FoldsBNOnRead, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+
+    _float_type = nn.ConvTranspose1d
+
+
+class FoldedConvTranspose2d(_FoldsBNOnRead, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+
+    _float_type = nn.ConvTranspose2d
+
+
+class FoldedConvTranspose3d(_FoldsBNOnRead, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+
+    _float_type = nn.ConvTranspose3d
+
+
+class FoldedLinear(_FoldsBNOnRead, nn.Linear):
+    """``nn.Linear`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+
+    _float_type = nn.Linear
+
+
+_FOLDED = {c._float_type: c for c in (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedConvTranspose1d,
+                                      FoldedConvTranspose2d, FoldedConvTranspose3d, FoldedLinear)}
+
+
+def float_type(module: Any) -> type:
+    """The float class ``module`` computes as: ``nn.Conv2d`` for a :class:`FoldedConv2d`, else its own type."""
+    return getattr(type(module), "_float_type", type(module))
+
+
+def is_folded_on_read(module: Any) -> bool:
+    """Whether ``module`` folds a batch norm when its weight is read (:func:`fold_bn_on_read`)."""
+    return isinstance(module, _FoldsBNOnRead)
+
+
+def fold_bn_on_read(op: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``op`` (conv or linear) that computes :func:`fold_bn`'s weight and bias when they are read.
+
+    It shares ``op``'s weight and bias (no copy of the weights; a prepared model reads the float model's) and keeps
+    ``bn``'s per-channel scale, mean and shift; see :class:`_FoldsBNOnRead`. Other module types are folded eagerly.
+    """
+    folded_type = _FOLDED.get(type(op))
+    if folded_type is None:
+        return fold_bn(op, bn)
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {type(bn).__name__} without running statistics "
+                         "(track_running_stats=False); leave it unfused")
+    out = _copy(op)
+    with torch.no_grad():
+        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        scale = gamma * torch.rsqrt(bn.running_var + bn.eps)
+        out._buffers["bn_fold"] = torch.stack([scale, bn.running_mean.detach(), beta])
+    out.__class__ = folded_type
+    return out
+
+
+def materialize_folds(model: nn.Module) -> None:
+    """Turn every module of ``model`` that folds on read into its plain float class (see :class:`_FoldsBNOnRead`):
+    before training, whose optimizer needs the folded weights as parameters."""
+    for m in model.modules():
+        if isinstance(m, _FoldsBNOnRead):
+            m.materialize_fold()
+
+
 _CONV_RELU = {nn.Conv1d: ConvReLU1d, nn.Conv2d: ConvReLU2d, nn.Conv3d: ConvReLU3d}
 _BN_RELU = {nn.BatchNorm2d: BNReLU2d, nn.BatchNorm3d: BNReLU3d}
 
 
 def fuse_conv_bn(mods: list[Optional[nn.Module]]) -> nn.Module:
-    """conv, bn -> conv with bn folded."""
-    return fold_bn(mods[0], mods[1])
+    """conv, bn -> conv with bn folded on read (:func:`fold_bn_on_read`)."""
+    return fold_bn_on_read(mods[0], mods[1])
 
 
 def fuse_conv_bn_relu(mods: list[Optional[nn.Module]]) -> nn.Module:
-    """conv, bn, relu -> ConvReLUNd with bn folded (also accepts conv, relu)."""
-    conv = fold_bn(mods[0], mods[1]) if len(mods) == 3 else _copy(mods[0])
-    return _CONV_RELU[type(mods[0])](conv)
+    """conv, bn, relu -> ConvReLUNd with bn folded on read (also accepts conv, relu)."""
+    conv = fold_bn_on_read(mods[0], mods[1]) if len(mods) == 3 else _copy(mods[0])
+    return _CONV_RELU[float_type(mods[0])](conv)
 
 
 def fuse_linear_bn(mods: list[Optional[nn.Module]]) -> nn.Module:
-    """linear, bn1d -> linear with bn folded."""
-    return fold_bn(mods[0], mods[1])
+    """linear, bn1d -> linear with bn folded on read."""
+    return fold_bn_on_read(mods[0], mods[1])
 
 
 def fuse_linear_relu(mods: list[Optional[nn.Module]]) -> nn.Module:
     """linear, relu (or linear, bn1d, relu) -> LinearReLU."""
-    lin = fold_bn(mods[0], mods[1]) if len(mods) == 3 else _copy(mods[0])
+    lin = fold_bn_on_read(mods[0], mods[1]) if len(mods) == 3 else _copy(mods[0])
     return LinearReLU(lin)
 
 
 def fuse_bn_relu(mods: list[Optional[nn.Module]]) -> nn.Module:
     """bn, relu -> BNReLUNd."""
-    return _BN_RELU[type(mods[0])](_copy(mods[0]))
+    return _BN_RELU[float_type(mods[0])](_copy(mods[0]))

@@ -588,6 +588,9 @@ class MovingAveragePerChannelMinMaxObserver(_MovingAverageMixin, PerChannelMinMa
         _MovingAverageMixin._merge_stats(self, other)
 
 
+_NO_BINS = torch.zeros(0, dtype=torch.int64)
+
+
 class HistogramObserver(ObserverBase):
     """Per-tensor qparams from a histogram, clipping the range where that lowers the expected squared error.
 
@@ -614,6 +617,7 @@ class HistogramObserver(ObserverBase):
     max_val: torch.Tensor
     quant_min: int
     quant_max: int
+    _resizable_buffers = ("histogram",)
 
     def __init__(self, bins: int = 2048, dtype: torch.dtype = torch.quint8,
                  qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
@@ -624,7 +628,10 @@ class HistogramObserver(ObserverBase):
         super().__init__(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range, quant_min=quant_min,
                          quant_max=quant_max, eps=eps, is_dynamic=is_dynamic)
         self.bins = int(bins)
-        self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.int64))
+        # empty until the first batch: a prepared model's observers cost no histogram memory before calibration
+        # (2048 int64 bins are 16 kB per observed tensor, as much as a small model's weights per layer); the
+        # empty tensor is one for all observers (nothing writes into it: the first batch assigns a new one)
+        self.register_buffer("histogram", _NO_BINS)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
@@ -651,7 +658,12 @@ class HistogramObserver(ObserverBase):
 
     def _widen(self, new_min: torch.Tensor, new_max: torch.Tensor) -> None:
         """Extend the histogram's range to ``[new_min, new_max]`` (which contains the current one)."""
-        if self.has_data and (new_min != self.min_val or new_max != self.max_val):
+        if not self.has_data:
+            if self.histogram.numel() != self.bins:
+                self.histogram = torch.zeros(self.bins, dtype=torch.int64, device=self.min_val.device)
+            else:
+                self.histogram.zero_()
+        elif new_min != self.min_val or new_max != self.max_val:
             self.histogram.copy_(_histogram.rebin(self.histogram, float(self.min_val), float(self.max_val),
                                                   float(new_min), float(new_max)))
         self.min_val.copy_(new_min)

@@ -86,13 +86,16 @@ class QuantTracer(fx.Tracer):
 
 
 def trace(model: nn.Module, config: Optional[PrepareCustomConfig] = None,
-          concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+          concrete_args: Optional[dict[str, Any]] = None,
+          graph_module_class: type[fx.GraphModule] = fx.GraphModule) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule, or raise :class:`TraceError` naming the failing submodule.
 
     Args:
         model: the float model (not modified).
         config: leaves to keep untraced.
         concrete_args: forward arguments fixed to constants while tracing (torch.fx's ``concrete_args``).
+        graph_module_class: the GraphModule class to build (prepare builds its final class at once: wrapping
+            the result later would compile the whole graph's code once more).
 
     Returns:
         The ``GraphModule``.
@@ -115,5 +118,4 @@ def trace(model: nn.Module, config: Optional[PrepareCustomConfig] = None,
                 "untraceable part into a submodule and mark it non-traceable")
         raise TraceError(f"torch.fx could not trace {shown}: {type(exc).__name__}: {exc}. "
                          f"To keep it float and trace the rest, {hint}.", where, f"{type(exc).__name__}: {exc}") from exc
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    return gm
+    return graph_module_class(model, graph, class_name=type(model).__name__)

@@ -120,4 +120,7 @@ class FusePass:
     name: str = "fuse"
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
-        return PassResult(gm, rewrite(gm, fusion_rules(ctx), ctx))
+        try:
+            return PassResult(gm, rewrite(gm, fusion_rules(ctx), ctx))
+        finally:  # the count's ``modules`` holds every module fusion replaced: the prepared model must not keep them
+            _CALL_SITES.pop(gm.graph, None)

@@ -50,6 +50,7 @@ from fxquant.backends.config import BackendConfig, KernelFusion, Observation, Op
 from fxquant.backends.kernels import LoweringSpec, get_kernels
 from fxquant.backends.kernels.onednn_ops import OpCall
 from fxquant.errors import ConvertError
+from fxquant.fused import materialize_folds
 from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
@@ -377,7 +378,7 @@ class LowerPass:
             elif not self._lower(b, node):
                 self._copy_float(b, node)
         # float modules left float are copied, so the converted model shares nothing with the prepared one
-        root = {name: copy.deepcopy(b.modules[name]) for name in _used_targets(b.graph) if name not in b.new_modules}
+        root = {name: _float_copy(b.modules[name]) for name in _used_targets(b.graph) if name not in b.new_modules}
         root.update({k: v for k, v in b.new_modules.items() if v is not None})
         for name in (n for n, v in b.new_modules.items() if v is None):
             root[name] = copy.deepcopy(_get_attr(gm, name))
@@ -531,6 +532,14 @@ class LowerPass:
                 weight_qp = w_obs.qparams()
         inputs = tuple(b.qparams.get(b.source(t)) for t in (tensor_inputs(node) or []) if isinstance(t, fx.Node))
         return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, _op_args(rec.entry, node, module), inputs)
+
+
+def _float_copy(module: nn.Module) -> nn.Module:
+    """A copy of a module the converted model keeps float; a conv that folds a batch norm on read
+    (:class:`fxquant.fused.FoldedConv2d`) becomes a plain conv holding the folded weights, computed once."""
+    out = copy.deepcopy(module)
+    materialize_folds(out)
+    return out
 
 
 def _observed_after(clamp: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> bool:

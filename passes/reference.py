@@ -44,6 +44,7 @@ from torch import fx, nn
 from fxquant.backends import ops
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
+from fxquant.fused import float_type
 from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
@@ -150,7 +151,8 @@ class ReferencePass:
         module = modules[str(node.target)]
         op = getattr(module, "op", module)
         relu = op is not module
-        fn = _CONVS.get(type(op)) or _TRANSPOSED.get(type(op)) or (F.linear if type(op) is nn.Linear else None)
+        kind = float_type(op)
+        fn = _CONVS.get(kind) or _TRANSPOSED.get(kind) or (F.linear if kind is nn.Linear else None)
         if fn is None:
             raise ConvertError(f"convert_to_reference_fx: node '{node.name}' is a quantized {type(op).__name__}, "
                                "which has no reference form (conv, transposed conv and linear have); leave it float "
@@ -192,7 +194,7 @@ def _dequantize_weight(gm: fx.GraphModule, w_int: fx.Node, qp: QParams, base: st
 def _conv_args(op: nn.Module, fn: Callable[..., torch.Tensor]) -> tuple[Any, ...]:
     if fn is F.linear:
         return ()
-    if type(op) in _TRANSPOSED:
+    if float_type(op) in _TRANSPOSED:
         return (tuple(op.stride), tuple(op.padding), tuple(op.output_padding), op.groups, tuple(op.dilation))
     return (tuple(op.stride), tuple(op.padding), tuple(op.dilation), op.groups)
 

@@ -82,8 +82,7 @@ class _Simulation(fx.Interpreter):
                 op = getattr(self.mods[str(node.target)], "op", self.mods[str(node.target)])
                 obs = weight_observer(rec, op)
                 obs(op.weight.detach())
-                with torch.no_grad():
-                    op.weight.copy_(fake_quantize(op.weight.detach(), obs.qparams()))
+                op.weight = nn.Parameter(fake_quantize(op.weight.detach(), obs.qparams()), requires_grad=False)
 
     def run_node(self, n: fx.Node):
         module = self.mods.get(str(n.target)) if n.op == "call_module" else None

@@ -56,7 +56,8 @@ def test_conv_bn_is_folded_for_1d_2d_3d(dims):
     model = seeded(ConvBN(dims))
     result = run_fuse(model)
     conv_type = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-    assert node_kinds(result.graph_module) == [conv_type.__name__]
+    assert node_kinds(result.graph_module) == [f"Folded{conv_type.__name__}"]
+    assert fused.float_type(result.graph_module.conv) is conv_type
     assert "bn" not in dict(result.graph_module.named_modules())
     x = torch.randn(*INPUTS[dims])
     with torch.no_grad():
@@ -87,7 +88,7 @@ def test_conv_relu_without_anything_between_fuses():
 
 @pytest.mark.parametrize("layers, expected", [
     (("relu",), ["LinearReLU"]),
-    (("bn",), ["Linear"]),
+    (("bn",), ["FoldedLinear"]),
     (("bn", "relu"), ["LinearReLU"]),
 ])
 def test_linear_relu_and_linear_bn1d(layers, expected):
@@ -179,7 +180,7 @@ def test_fusion_is_idempotent(model_fn):
 def test_small_cnn_fuses_the_same_on_every_backend(backend):
     model = seeded(SmallCNN())
     gm = run_fuse(model, backend).graph_module
-    assert node_kinds(gm) == ["ConvReLU2d", "MaxPool2d", "Conv2d", "add_relu", "flatten", "LinearReLU", "Linear"]
+    assert node_kinds(gm) == ["ConvReLU2d", "MaxPool2d", "FoldedConv2d", "add_relu", "flatten", "LinearReLU", "Linear"]
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert rel_err(gm(x), model(x)) <= 1e-5

@@ -240,7 +240,7 @@ def _fake_quantize_weights(sim: fx.GraphModule, converted: fx.GraphModule) -> No
         w_obs = weight_observer(rec, op)
         w_obs(op.weight.detach())
         with torch.no_grad():
-            op.weight.copy_(fake_quantize(op.weight.detach(), w_obs.qparams()))
+            op.weight = nn.Parameter(fake_quantize(op.weight.detach(), w_obs.qparams()), requires_grad=False)
         kernel_weight = converted.get_submodule(str(kernel_node.target)).weight.dequantize()
         assert torch.equal(kernel_weight, op.weight.detach()), node.name
 

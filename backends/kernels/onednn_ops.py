@@ -392,8 +392,9 @@ class CatU8(_Grid):
 
 def _fake_quantized_weight(module: nn.Module, weight: QParams) -> nn.Module:
     out = copy.deepcopy(module)
-    with torch.no_grad():
-        out.weight.copy_(dequantize(quantize_int(module.weight.detach().float(), weight), weight))
+    with torch.no_grad():  # assigned, not written in place: a conv with a batch norm folded on read makes it its own
+        fq = dequantize(quantize_int(module.weight.detach().float(), weight), weight)
+        out.weight = nn.Parameter(fq.to(module.weight.dtype), requires_grad=False)
     return out
 
 
