@@ -144,9 +144,12 @@ class _FoldsBNOnRead:
 
     Assigning ``weight`` or ``bias`` (equalization, bias correction, a user) first turns the module into its
     plain float class with the folded tensors as its own parameters (:meth:`materialize_fold`); so does running
-    a prepared model in train mode. What a read returns is an inference tensor (made under
-    ``torch.inference_mode``): writing into it in place, which would change nothing, raises instead, so code
-    that changes weights assigns them (as fxquant's passes do).
+    a prepared model in train mode. Under ``torch.no_grad`` (calibration, lowering, code that edits weights)
+    a read returns an inference tensor (made under ``torch.inference_mode``): writing into it in place, which
+    would change nothing, raises instead, so code that changes weights assigns them (as fxquant's passes do).
+    With gradients enabled a read is an ordinary tensor computed from the float weight, so autograd can save it
+    and pass gradients through it. A conv without bias gets a zero bias parameter, so the folded bias always
+    has a parameter to live in.
     """
 
     _float_type: ClassVar[type]
@@ -159,26 +162,31 @@ class _FoldsBNOnRead:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        scale = self._buffers["bn_fold"][0]  # type: ignore[attr-defined]
+        scale = self._buffers["bn_fold"][0].reshape(self._fold_shape())  # type: ignore[attr-defined]
+        raw = self._parameters["weight"]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # autograd may save it (an input gradient) or pass gradients to ``raw``
+            return raw * scale
         with torch.inference_mode():
-            return self._parameters["weight"].detach() * scale.reshape(self._fold_shape())  # type: ignore[attr-defined]
+            return raw.detach() * scale
 
     @property
     def bias(self) -> torch.Tensor:  # type: ignore[override]
         scale, mean, beta = self._buffers["bn_fold"]  # type: ignore[attr-defined]
-        raw = self._parameters.get("bias")  # type: ignore[attr-defined]
+        raw = self._parameters["bias"]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            return (raw - mean) * scale + beta
         with torch.inference_mode():
-            b = torch.zeros_like(mean) if raw is None else raw.detach()
-            return (b - mean) * scale + beta
+            return (raw.detach() - mean) * scale + beta
 
     def materialize_fold(self) -> None:
-        """Become the plain float class, with the folded weight and bias as new parameters of its own."""
-        weight, bias = self.weight.clone(), self.bias.clone()  # clones: normal tensors, not inference tensors
-        raw = self._parameters["weight"]  # type: ignore[attr-defined]
+        """Become the plain float class holding the folded weight and bias, in the same ``Parameter`` objects
+        (an optimizer built on the prepared model keeps training them)."""
+        with torch.no_grad():
+            weight, bias = self.weight.clone(), self.bias.clone()  # clones: normal tensors, not inference tensors
+        raw_weight, raw_bias = self._parameters["weight"], self._parameters["bias"]  # type: ignore[attr-defined]
         del self._buffers["bn_fold"]  # type: ignore[attr-defined]
         self.__class__ = self._float_type
-        self._parameters["weight"] = nn.Parameter(weight, requires_grad=raw.requires_grad)  # type: ignore[attr-defined]
-        self._parameters["bias"] = nn.Parameter(bias, requires_grad=raw.requires_grad)  # type: ignore[attr-defined]
+        raw_weight.data, raw_bias.data = weight, bias  # new memory: the float model's own tensors are not written
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("weight", "bias"):
@@ -263,6 +271,8 @@ def fold_bn_on_read(op: nn.Module, bn: nn.Module) -> nn.Module:
         beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
         scale = gamma * torch.rsqrt(bn.running_var + bn.eps)
         out._buffers["bn_fold"] = torch.stack([scale, bn.running_mean.detach(), beta])
+        if op.bias is None:
+            out._parameters["bias"] = nn.Parameter(torch.zeros_like(scale), requires_grad=op.weight.requires_grad)
     out.__class__ = folded_type
     return out
 

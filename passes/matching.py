@@ -301,6 +301,7 @@ def find(gm: fx.GraphModule, pattern: Pattern, modules: Optional[Mapping[str, nn
     skipped = set() if pattern.through is None else {n for n in gm.graph.nodes if pattern.through(n, modules)}
     through = skipped.__contains__ if skipped else None
     candidates = {n for n in gm.graph.nodes if n not in skipped and any(op.matches(n, modules) for op in pattern.ops)}
+    data = None
     if len(pattern.ops) == 1:
         mappings: Iterator[dict[Any, int]] = ({n: 0} for n in candidates if pattern.ops[0].matches(n, modules))
     else:
@@ -317,5 +318,9 @@ def find(gm: fx.GraphModule, pattern: Pattern, modules: Optional[Mapping[str, nn
         m = Match(pattern, nodes)
         if pattern.extra_check is None or pattern.extra_check(m, modules):
             matches[nodes] = m
+    if data is not None:
+        # networkx's VF2 matcher and its state refer to each other, so the matcher and the graph views it holds
+        # wait for Python's cycle collector: emptied now, the candidate graph (a dict per node and edge) goes at once
+        data.clear()
     return sorted(matches.values(), key=lambda m: order[m.output])
 
