@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -178,20 +179,39 @@ class _FoldsBNOnRead:
         with torch.inference_mode():
             return (raw.detach() - mean) * scale + beta
 
-    def materialize_fold(self) -> None:
+    def materialize_fold(self, own_parameters: bool = False) -> None:
         """Become the plain float class holding the folded weight and bias, in the same ``Parameter`` objects
-        (an optimizer built on the prepared model keeps training them)."""
-        with torch.no_grad():
+        (an optimizer built on the prepared model keeps training them), or in new ones with
+        ``own_parameters=True`` (for a weight tied to another module, which must keep its value)."""
+        with torch.inference_mode(False), torch.no_grad():
             weight, bias = self.weight.clone(), self.bias.clone()  # clones: normal tensors, not inference tensors
         raw_weight, raw_bias = self._parameters["weight"], self._parameters["bias"]  # type: ignore[attr-defined]
         del self._buffers["bn_fold"]  # type: ignore[attr-defined]
         self.__class__ = self._float_type
-        raw_weight.data, raw_bias.data = weight, bias  # new memory: the float model's own tensors are not written
+        if own_parameters:
+            self._parameters["weight"] = nn.Parameter(weight, requires_grad=raw_weight.requires_grad)  # type: ignore[attr-defined]
+            self._parameters["bias"] = nn.Parameter(bias, requires_grad=raw_bias.requires_grad)  # type: ignore[attr-defined]
+        else:  # new memory: the float model's own tensors are not written
+            raw_weight.data, raw_bias.data = weight, bias
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("weight", "bias"):
+        if name in ("weight", "bias") and not self.__dict__.get("_loading_fold"):
             self.materialize_fold()
         nn.Module.__setattr__(self, name, value)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A state dict without ``bn_fold`` holds folded weights (a materialized module's, see
+        :meth:`materialize_fold`): become plain first, then load them. With ``bn_fold`` it holds the unfolded
+        weights: load them as they are (``load_state_dict(assign=True)`` assigns, which must not materialize)."""
+        if prefix + "bn_fold" not in state_dict and prefix + "weight" in state_dict:
+            self.materialize_fold()
+            nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+            return
+        self.__dict__["_loading_fold"] = True
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            del self.__dict__["_loading_fold"]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", batch norm folded on read"  # type: ignore[misc]
@@ -283,6 +303,15 @@ def materialize_folds(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, _FoldsBNOnRead):
             m.materialize_fold()
+
+
+def materialize_tied_folds(model: nn.Module) -> None:
+    """Fold eagerly, into parameters of their own, the modules of ``model`` that fold on read a weight or bias
+    another module also holds (tied weights): materializing one in place would change the other."""
+    holders = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    for m in model.modules():
+        if isinstance(m, _FoldsBNOnRead) and any(holders[id(p)] > 1 for p in m._parameters.values()):
+            m.materialize_fold(own_parameters=True)
 
 
 _CONV_RELU = {nn.Conv1d: ConvReLU1d, nn.Conv2d: ConvReLU2d, nn.Conv3d: ConvReLU3d}

@@ -660,7 +660,8 @@ class HistogramObserver(ObserverBase):
         """Extend the histogram's range to ``[new_min, new_max]`` (which contains the current one)."""
         if not self.has_data:
             if self.histogram.numel() != self.bins:
-                self.histogram = torch.zeros(self.bins, dtype=torch.int64, device=self.min_val.device)
+                with torch.inference_mode(False):  # a first batch under inference mode: later batches write into it
+                    self.histogram = torch.zeros(self.bins, dtype=torch.int64, device=self.min_val.device)
             else:
                 self.histogram.zero_()
         elif new_min != self.min_val or new_max != self.max_val:

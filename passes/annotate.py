@@ -25,6 +25,7 @@ from torch import fx, nn
 from fxquant.backends.config import Observation, OpEntry
 from fxquant.backends.kernels import get_kernels
 from fxquant.errors import FxQuantError, QConfigError
+from fxquant.fused import float_type
 from fxquant.observers import probe
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
@@ -158,7 +159,7 @@ class AnnotatePass:
         if request is None or node.op != "call_module":
             return False
         module = modules[str(node.target)]
-        entry, reason = select_dynamic_entry(ctx.backend, type(module), request)
+        entry, reason = select_dynamic_entry(ctx.backend, float_type(module), request)
         if entry is None:  # no dynamic kernel for this op: its static entry, if any, says why it stays float
             return False
         rec.entry = entry

@@ -155,7 +155,8 @@ def _correct_layer(paths: _TwoPaths, node: fx.Node, op: nn.Module, relu: bool) -
     shift = (diff * (weights / weights.sum()).unsqueeze(1)).sum(0)
     # a new tensor, not an in-place write: the prepared model shares its float weights with the user's model
     old_bias = op.bias.detach() if op.bias is not None else torch.zeros_like(shift)
-    op.bias = nn.Parameter((old_bias - shift).detach(), requires_grad=False if op.bias is None else op.bias.requires_grad)
+    raw_bias = op._parameters.get("bias")  # the parameter (a folded conv's .bias is computed when read)
+    op.bias = nn.Parameter((old_bias - shift).detach(), requires_grad=raw_bias is not None and raw_bias.requires_grad)
     shape = [1] * flt[0].dim()
     shape[axis] = -1
     post = torch.relu if relu else (lambda t: t)

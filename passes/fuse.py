@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 from torch import fx, nn
 
 from fxquant.backends.config import OpEntry
+from fxquant.fused import materialize_tied_folds
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY, QuantContext, record
 from fxquant.passes.matching import Match, Pattern
@@ -121,6 +122,8 @@ class FusePass:
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         try:
-            return PassResult(gm, rewrite(gm, fusion_rules(ctx), ctx))
+            modified = rewrite(gm, fusion_rules(ctx), ctx)
         finally:  # the count's ``modules`` holds every module fusion replaced: the prepared model must not keep them
             _CALL_SITES.pop(gm.graph, None)
+        materialize_tied_folds(gm)
+        return PassResult(gm, modified)

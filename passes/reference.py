@@ -44,7 +44,7 @@ from torch import fx, nn
 from fxquant.backends import ops
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
-from fxquant.fused import float_type
+from fxquant.fused import float_type, materialize_folds
 from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
@@ -143,6 +143,7 @@ class ReferencePass:
                     node.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq.args[0])
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
+        materialize_folds(gm)  # convs it keeps float hold their folded weights, as convert_fx's do
         gm.recompile()
         return PassResult(gm, True)
 

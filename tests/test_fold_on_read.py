@@ -484,3 +484,98 @@ def test_conv_transpose_bn_folds_on_the_output_channel_axis(cin, cout):
     assert type(fused_model.conv) is nn.ConvTranspose2d
     with torch.no_grad():
         assert rel_err(fused_model(x), model(x)) <= 1e-5
+
+
+# ================================================================================== review fixes (helper-22)
+
+class _TwoConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.b, self.bn_b = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_b(self.b(torch.relu(self.bn_a(self.a(x)))))
+
+
+def test_save_and_load_of_a_prepared_model_after_bias_correction(tmp_path):
+    model = seeded(_TwoConvBN())
+    x = torch.randn(2, 3, 8, 8)
+    prepared = prepare(model, x)
+    fxquant.calibrate(prepared, [x], progress=False)
+    fxquant.correct_bias(prepared, [x])  # assigns biases: the folded convs become plain convs
+    assert not any(fused.is_folded_on_read(m) for m in prepared.modules())
+    path = tmp_path / "prepared.pt"
+    fxquant.save(prepared, path)
+    loaded = fxquant.load(path, lambda: seeded(_TwoConvBN()))  # prepares afresh (folded), then loads plain weights
+    with torch.no_grad():
+        assert torch.equal(fxquant.convert_fx(loaded)(x), fxquant.convert_fx(prepared)(x))
+
+
+def test_load_state_dict_with_assign_keeps_the_batch_norm():
+    model = seeded(ConvBN())
+    prepared, other = prepare(model, X2D), prepare(model, X2D)
+    prepared.load_state_dict(other.state_dict(), assign=True)
+    assert type(prepared.conv) is fused.FoldedConv2d and "bn_fold" in prepared.conv._buffers
+    with torch.no_grad():
+        assert rel_err(prepared(X2D), model(X2D)) <= 1e-5
+
+
+class _TiedConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.b, self.bn_b = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.b.weight = self.a.weight  # tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_a(self.a(x)) + self.bn_b(self.b(x))
+
+
+def test_tied_weights_are_folded_into_parameters_of_their_own():
+    model = seeded(_TiedConvBN())
+    for bn in (model.bn_a, model.bn_b):
+        bn.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        for gm in (fxquant.fuse_fx(model), prepare(model, X2D)):
+            assert rel_err(gm(X2D), model(X2D)) <= 1e-5
+            assert gm.a.weight is not gm.b.weight
+    prepared = prepare(model, X2D)
+    prepared.train()
+    with torch.no_grad():
+        prepared(X2D)  # train mode materializes every fold
+        prepared.eval()
+        assert rel_err(prepared(X2D), model(X2D)) <= 1e-5
+
+
+def test_linear_bn1d_with_a_dynamic_qconfig_gets_the_dynamic_kernel():
+    model = seeded(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)))
+    x = torch.randn(4, 8)
+    mapping = fxquant.QConfigMapping().set_global(fxquant.default_dynamic_qconfig)
+    prepared = fxquant.prepare_fx(model, mapping, (x,), backend_config="fbgemm")
+    converted = fxquant.convert_fx(prepared)
+    from fxquant.report import float_ops
+
+    assert not float_ops(converted), float_ops(converted)
+
+
+def test_histogram_first_batch_under_inference_mode_allows_later_batches():
+    from fxquant.observers import HistogramObserver
+
+    obs = HistogramObserver(bins=64)
+    with torch.inference_mode():
+        obs(torch.randn(100))
+    obs(torch.randn(100))
+    obs.reset()
+    obs(torch.randn(50))
+    assert int(obs.histogram.sum()) == 50
+
+
+def test_reference_model_keeps_float_convs_as_plain_convs():
+    model = seeded(ConvBN())
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("conv", None)
+    prepared = prepare(model, X2D, mapping)
+    fxquant.calibrate(prepared, [X2D], progress=False)
+    ref = fxquant.convert_to_reference_fx(prepared)
+    assert not any(fused.is_folded_on_read(m) for m in ref.modules())
+    assert type(prepared.conv) is fused.FoldedConv2d  # the prepared model is not changed
