@@ -24,6 +24,8 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fxquant.fused import float_type
+
 __all__ = ["ShapePropagationError", "propagate_shapes"]
 
 
@@ -162,11 +164,15 @@ def _pointwise_dtype(func: Any, args: Any) -> Optional[torch.dtype]:
 
 
 def _meta_module(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` (and its children) whose parameters and buffers are meta tensors."""
+    """A shallow copy of ``module`` (and its children) whose parameters and buffers are meta tensors. A conv that
+    folds a batch norm on read (:class:`fxquant.fused.FoldedConv2d`) runs as its float class: the fold's ops
+    would not change a shape, and through the dispatch mode they cost as much as the conv."""
     out = copy.copy(module)
+    out.__class__ = float_type(module)
     out._parameters = {k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad)
                        for k, v in module._parameters.items()}
-    out._buffers = {k: None if v is None else v.to("meta") for k, v in module._buffers.items()}
+    out._buffers = {k: None if v is None else v.to("meta") for k, v in module._buffers.items()
+                    if out.__class__ is type(module) or k != "bn_fold"}
     out._modules = {k: None if v is None else _meta_module(v) for k, v in module._modules.items()}
     return out
 

@@ -180,9 +180,20 @@ def memory_breakdown(family: str, nodes: int) -> str:
     qmap = fxquant.get_default_qconfig_mapping("fbgemm")
     params = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     prepared = fxquant.prepare_fx(model, qmap, (x,), backend_config="fbgemm")
-    observer = sum(t.numel() * t.element_size() for m in prepared.modules() if isinstance(m, ObserverBase)
-                   for t in m.buffers())
-    tensors = sum(t.numel() * t.element_size() for t in list(prepared.parameters()) + list(prepared.buffers()))
+    users = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: set[int] = set()
+
+    def new_bytes(ts: list[torch.Tensor]) -> int:  # memory prepare added: not the user's, each storage once
+        total = 0
+        for t in ts:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in users and ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    observer = new_bytes([t for m in prepared.modules() if isinstance(m, ObserverBase) for t in m.buffers()])
+    tensors = observer + new_bytes(list(prepared.parameters()) + list(prepared.buffers()))
     del prepared
     gc.collect()
     tracemalloc.start()
@@ -191,7 +202,8 @@ def memory_breakdown(family: str, nodes: int) -> str:
     tracemalloc.stop()
     n = len(prepared.graph.nodes)
     return (f"{family}, {nodes} FX nodes ({n} after prepare), parameters {params / 1e6:.1f} MB: prepared model's "
-            f"weights {(tensors - observer) / params:.2f}x, observer buffers {observer / params:.2f}x "
+            f"own weights and buffers {(tensors - observer) / params:.2f}x (the rest it reads from the float model), "
+            f"observer buffers {observer / params:.2f}x "
             f"({observer / max(1, n) / 1e3:.1f} kB per prepared node), Python objects at peak "
             f"{python_peak / params:.2f}x ({python_peak / n / 1e3:.1f} kB per prepared node)")
 
