@@ -199,18 +199,24 @@ def _quantize_rows(x: torch.Tensor, qp: QParams, qdtype: torch.dtype) -> torch.T
     storage = QUANTIZED_DTYPES[qdtype][0]
     rows = x.reshape(x.shape[0], -1)
     inv = torch.reciprocal(qp.scale.to(torch.float32)).unsqueeze(1)
-    zp = qp.zero_point.to(torch.float32).unsqueeze(1)
-    out = torch.empty(rows.shape, dtype=storage, device=x.device)
+    zero_point = qp.zero_point.to(torch.int64)
+    zp = zero_point.to(torch.float32).unsqueeze(1) if bool(zero_point.any()) else None  # symmetric: no add
+    # the quantized tensor first, its integers written through a plain view of its memory: building it from an
+    # integer tensor (torch._make_per_channel_quantized_tensor) copies every byte into new memory once more
+    q = torch._empty_per_channel_affine_quantized(tuple(x.shape), scales=qp.scale.to(torch.float64),
+                                                  zero_points=zero_point, axis=0, dtype=qdtype, device=x.device)
+    out = torch.empty(0, dtype=storage, device=x.device).set_(q.untyped_storage(), 0, rows.shape, (rows.shape[1], 1))
     step = max(1, _ROWS_BLOCK_BYTES // (4 * rows.shape[1]))
     block = torch.empty(min(step, rows.shape[0]), rows.shape[1], device=x.device)
     for i in range(0, rows.shape[0], step):
         j = min(i + step, rows.shape[0])
         b = block[: j - i]
         torch.mul(rows[i:j], inv[i:j], out=b)
-        b.round_().add_(zp[i:j]).clamp_(qp.quant_min, qp.quant_max)
-        out[i:j].copy_(b)
-    return torch._make_per_channel_quantized_tensor(out.view(x.shape), qp.scale.to(torch.float64),
-                                                    qp.zero_point.to(torch.int64), 0)
+        b.round_()
+        if zp is not None:
+            b.add_(zp[i:j])
+        out[i:j].copy_(b.clamp_(qp.quant_min, qp.quant_max))
+    return q
 
 
 def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
