@@ -520,8 +520,9 @@ class PerChannelMinMaxObserver(_RangeObserver):
                              f"{known} dims and {self.min_val.numel()} channels; one observer watches one tensor")
         if not known:
             self.input_ndim.fill_(x.dim())
-            self.min_val = torch.full((channels,), float("inf"), device=self.min_val.device)
-            self.max_val = torch.full((channels,), float("-inf"), device=self.max_val.device)
+            with torch.inference_mode(False):  # a first batch under inference mode: later batches write into them
+                self.min_val = torch.full((channels,), float("inf"), device=self.min_val.device)
+                self.max_val = torch.full((channels,), float("-inf"), device=self.max_val.device)
         rows = x.to(torch.float32).movedim(self.ch_axis, 0).reshape(channels, -1)
         return _finite_aminmax(rows, dim=1)
 

@@ -579,3 +579,13 @@ def test_reference_model_keeps_float_convs_as_plain_convs():
     ref = fxquant.convert_to_reference_fx(prepared)
     assert not any(fused.is_folded_on_read(m) for m in ref.modules())
     assert type(prepared.conv) is fused.FoldedConv2d  # the prepared model is not changed
+
+
+def test_per_channel_observer_first_batch_under_inference_mode_allows_later_batches():
+    from fxquant.observers import PerChannelMinMaxObserver
+
+    obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    with torch.inference_mode():
+        obs(torch.randn(4, 10))
+    obs(torch.full((4, 10), 100.0))
+    assert torch.equal(obs.max_val, torch.full((4,), 100.0))
