@@ -32,6 +32,13 @@ __all__ = [
     "BNReLU3d",
     "add_relu",
     "mul_relu",
+    "FoldedConv1d",
+    "FoldedConv2d",
+    "FoldedConv3d",
+    "FoldedConvTranspose1d",
+    "FoldedConvTranspose2d",
+    "FoldedConvTranspose3d",
+    "FoldedLinear",
     "fold_bn",
     "fold_bn_on_read",
     "is_folded_on_read",
@@ -217,48 +224,21 @@ class _FoldsBNOnRead:
         return super().extra_repr() + ", batch norm folded on read"  # type: ignore[misc]
 
 
-class FoldedConv1d(_FoldsBNOnRead, nn.Conv1d):
-    """``nn.Conv1d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
-
-    _float_type = nn.Conv1d
-
-
-class FoldedConv2d(_FoldsBNOnRead, nn.Conv2d):
-    """``nn.Conv2d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
-
-    _float_type = nn.Conv2d
+def _folded_class(float_class: type) -> type:
+    """``Folded<Class>``: ``float_class`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
+    name = f"Folded{float_class.__name__}"
+    return type(name, (_FoldsBNOnRead, float_class), {
+        "_float_type": float_class, "__module__": __name__, "__qualname__": name,
+        "__doc__": f"``nn.{float_class.__name__}`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."})
 
 
-class FoldedConv3d(_FoldsBNOnRead, nn.Conv3d):
-    """``nn.Conv3d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
-
-    _float_type = nn.Conv3d
-
-
-class FoldedConvTranspose1d(_FoldsBNOnRead, nn.ConvTranspose1d):
-    """``nn.ConvTranspose1d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
-
-    _float_type = nn.ConvTranspose1d
-
-
-class FoldedConvTranspose2d(_FoldsBNOnRead, nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
-
-    _float_type = nn.ConvTranspose2d
-
-
-class FoldedConvTranspose3d(_FoldsBNOnRead, nn.ConvTranspose3d):
-    """``nn.ConvTranspose3d`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
-
-    _float_type = nn.ConvTranspose3d
-
-
-class FoldedLinear(_FoldsBNOnRead, nn.Linear):
-    """``nn.Linear`` with a batch norm folded on read (see :class:`_FoldsBNOnRead`)."""
-
-    _float_type = nn.Linear
-
-
+FoldedConv1d = _folded_class(nn.Conv1d)
+FoldedConv2d = _folded_class(nn.Conv2d)
+FoldedConv3d = _folded_class(nn.Conv3d)
+FoldedConvTranspose1d = _folded_class(nn.ConvTranspose1d)
+FoldedConvTranspose2d = _folded_class(nn.ConvTranspose2d)
+FoldedConvTranspose3d = _folded_class(nn.ConvTranspose3d)
+FoldedLinear = _folded_class(nn.Linear)
 _FOLDED = {c._float_type: c for c in (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedConvTranspose1d,
                                       FoldedConvTranspose2d, FoldedConvTranspose3d, FoldedLinear)}
 
