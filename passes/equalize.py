@@ -125,10 +125,14 @@ def _compatible(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """Uses of each module: its calls, plus one for each read of its attributes (``self.conv.weight`` in the
+    forward), so a layer whose weights the forward also reads counts as shared: folding or scaling it would
+    change what that read sees."""
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+        if node.op in ("call_module", "get_attr"):
+            owner = str(node.target) if node.op == "call_module" else str(node.target).rpartition(".")[0]
+            counts[owner] = counts.get(owner, 0) + 1
     return counts
 
 

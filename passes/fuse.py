@@ -39,30 +39,37 @@ def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
-#: graph -> (the ``modules`` mapping of the find() call it was counted for, call sites per module target)
-_CALL_SITES: "weakref.WeakKeyDictionary[fx.Graph, tuple[Mapping[str, nn.Module], Counter[str]]]" = \
+#: graph -> (the ``modules`` mapping of the find() call it was counted for, call sites per module target, the
+#: modules whose attributes a ``get_attr`` node reads)
+_CALL_SITES: "weakref.WeakKeyDictionary[fx.Graph, tuple[Mapping[str, nn.Module], Counter[str], set[str]]]" = \
     weakref.WeakKeyDictionary()
 
 
-def _call_sites(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> Counter[str]:
-    """How many nodes call each module, counted once per ``find`` call (which builds a fresh ``modules`` and does
-    not change the graph), instead of scanning the whole graph for every match (quadratic on deep models)."""
+def _call_sites(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> tuple[Counter[str], set[str]]:
+    """How many nodes call each module, and which modules' attributes the forward reads (``self.conv.bias``),
+    counted once per ``find`` call (which builds a fresh ``modules`` and does not change the graph), instead of
+    scanning the whole graph for every match (quadratic on deep models)."""
     cached = _CALL_SITES.get(graph)
     if cached is None or cached[0] is not modules:
-        cached = (modules, Counter(str(n.target) for n in graph.nodes if n.op == "call_module"))
+        calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+        read = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
+        cached = (modules, calls, read)
         _CALL_SITES[graph] = cached
-    return cached[1]
+    return cached[1], cached[2]
 
 
 def _no_shared_state(match: Match, modules: Mapping[str, nn.Module]) -> bool:
-    """A module with parameters or buffers called from several places cannot be fused at one of them."""
+    """A module with parameters or buffers called from several places cannot be fused at one of them, nor one
+    whose parameters the forward also reads directly (``self.conv.weight``): fusion would change what that read
+    sees (a folded weight) or remove it (the fused module holds the conv as ``.op``)."""
     for node in match.nodes:
         if node.op != "call_module":
             continue
         target = str(node.target)
         module = modules[target]
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-        if stateful and _call_sites(node.graph, modules)[target] > 1:
+        calls, read = _call_sites(node.graph, modules)
+        if stateful and (calls[target] > 1 or target in read):
             return False
     return True
 

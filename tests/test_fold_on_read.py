@@ -589,3 +589,31 @@ def test_per_channel_observer_first_batch_under_inference_mode_allows_later_batc
         obs(torch.randn(4, 10))
     obs(torch.full((4, 10), 100.0))
     assert torch.equal(obs.max_val, torch.full((4,), 100.0))
+
+
+class _ReadsItsWeights(nn.Module):
+    def __init__(self, relu: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x))) + self.conv.bias.sum() + self.conv.weight.mean()
+
+
+@pytest.mark.parametrize("relu", [nn.ReLU(), nn.Identity()], ids=["relu", "none"])
+def test_a_conv_whose_weights_the_forward_reads_is_not_fused(relu):
+    """Fusion would change what ``self.conv.weight`` reads (the folded weight) or remove it (ConvReLU2d.op)."""
+    model = seeded(_ReadsItsWeights(relu))
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    prepared = prepare(model, x)
+    assert type(prepared.conv) is nn.Conv2d  # not folded: its weights stay what the forward reads
+    with torch.no_grad():
+        assert rel_err(prepared(x), model(x)) <= 1e-6
+        assert rel_err(fxquant.fuse_fx(model)(x), model(x)) <= 1e-6
+        assert rel_err(fxquant.equalize(model)(x), model(x)) <= 1e-5
+    fxquant.calibrate(prepared, [x], progress=False)
+    with torch.no_grad():
+        assert fxquant.sqnr(model(x), fxquant.convert_fx(prepared)(x)) > 20
