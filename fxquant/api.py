@@ -279,21 +279,22 @@ def _unshare_before_load(module: nn.Module, *args: Any) -> None:
     _unshare_weights(module)
 
 
-def _unshare_in_train_mode(module: nn.Module, args: Any) -> None:
-    if module.training:
+def _unshare_before_training(module: nn.Module, args: Any) -> None:
+    if module.training or torch.is_grad_enabled():  # gradients: an optimizer step may follow, in eval mode too
         _unshare_weights(module)
-        if not module.__dict__.get(_FOLDS_MATERIALIZED_ATTR):  # an optimizer needs folded weights as parameters
-            materialize_folds(module)
-            module.__dict__[_FOLDS_MATERIALIZED_ATTR] = True
+    if module.training and not module.__dict__.get(_FOLDS_MATERIALIZED_ATTR):
+        materialize_folds(module)  # an optimizer needs the folded weights as parameters
+        module.__dict__[_FOLDS_MATERIALIZED_ATTR] = True
 
 
 def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
-    """A prepared model reads the user's float weights without copying them; the two ways a prepared model's
-    weights get written, ``load_state_dict`` and running it in train mode (an optimizer step may follow), first
-    give it copies of its own, so the user's model never changes."""
+    """A prepared model reads the user's float weights without copying them; the ways a prepared model's
+    weights get written, ``load_state_dict`` and running it in train mode or with gradients enabled (an optimizer
+    step may follow), first give it copies of its own, so the user's model never changes. Calibration runs
+    under ``torch.no_grad`` and copies nothing."""
     prepared.__dict__[SHARED_WEIGHTS_ATTR] = True
     prepared.register_load_state_dict_pre_hook(_unshare_before_load)
-    prepared.register_forward_pre_hook(_unshare_in_train_mode)
+    prepared.register_forward_pre_hook(_unshare_before_training)
     return prepared
 
 

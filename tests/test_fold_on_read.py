@@ -617,3 +617,16 @@ def test_a_conv_whose_weights_the_forward_reads_is_not_fused(relu):
     fxquant.calibrate(prepared, [x], progress=False)
     with torch.no_grad():
         assert fxquant.sqnr(model(x), fxquant.convert_fx(prepared)(x)) > 20
+
+
+def test_an_optimizer_step_in_eval_mode_leaves_the_users_model_alone():
+    """Fine-tuning with frozen batch norms runs in eval mode: gradients alone make the prepared model copy the
+    float weights it reads, before an optimizer can write into them."""
+    model = seeded(SmallCNN())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare(model, X_CNN)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    prepared(X_CNN).sum().backward()  # eval mode, gradients enabled
+    opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(prepared.fc2.weight.detach(), model.fc2.weight)  # the step changed the prepared copy
