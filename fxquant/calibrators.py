@@ -220,12 +220,13 @@ class _PerChannelRows:
 
     def _resize(self, channels: int) -> None:
         dev = self.histogram.device
-        self.histogram = torch.zeros(channels, self.histogram.shape[1], dtype=torch.int64, device=dev)
-        self.bin_exp = torch.full((channels,), _histogram._EXP_FLOOR, dtype=torch.int64, device=dev)
-        self.first_bin = torch.zeros(channels, dtype=torch.int64, device=dev)
-        self.min_val = torch.full((channels,), float("inf"), device=dev)
-        self.max_val = torch.full((channels,), float("-inf"), device=dev)
-        self.zero_count = torch.zeros(channels, dtype=torch.int64, device=dev)
+        with torch.inference_mode(False):  # a first batch under inference mode: later batches write into these
+            self.histogram = torch.zeros(channels, self.histogram.shape[1], dtype=torch.int64, device=dev)
+            self.bin_exp = torch.full((channels,), _histogram._EXP_FLOOR, dtype=torch.int64, device=dev)
+            self.first_bin = torch.zeros(channels, dtype=torch.int64, device=dev)
+            self.min_val = torch.full((channels,), float("inf"), device=dev)
+            self.max_val = torch.full((channels,), float("-inf"), device=dev)
+            self.zero_count = torch.zeros(channels, dtype=torch.int64, device=dev)
 
     def _axis(self) -> Optional[int]:
         return self.ch_axis % int(self.input_ndim) if self.ch_axis < 0 else self.ch_axis

@@ -58,10 +58,11 @@ def _call_sites(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> tuple[Coun
     return cached[1], cached[2]
 
 
-def _no_shared_state(match: Match, modules: Mapping[str, nn.Module]) -> bool:
-    """A module with parameters or buffers called from several places cannot be fused at one of them, nor one
-    whose parameters the forward also reads directly (``self.conv.weight``): fusion would change what that read
-    sees (a folded weight) or remove it (the fused module holds the conv as ``.op``)."""
+def _no_shared_state(match: Match, modules: Mapping[str, nn.Module], reads_count: bool = True) -> bool:
+    """A module with parameters or buffers called from several places cannot be fused at one of them, nor (with
+    ``reads_count``, post-training fusion) one whose parameters the forward also reads directly
+    (``self.conv.weight``): fusion would change what that read sees (a folded weight) or remove it (the fused
+    module holds the conv as ``.op``). QAT modules keep the conv's own weight and bias, so a read still means them."""
     for node in match.nodes:
         if node.op != "call_module":
             continue
@@ -69,9 +70,13 @@ def _no_shared_state(match: Match, modules: Mapping[str, nn.Module]) -> bool:
         module = modules[target]
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
         calls, read = _call_sites(node.graph, modules)
-        if stateful and (calls[target] > 1 or target in read):
+        if stateful and (calls[target] > 1 or (reads_count and target in read)):
             return False
     return True
+
+
+def _no_shared_state_qat(match: Match, modules: Mapping[str, nn.Module]) -> bool:
+    return _no_shared_state(match, modules, reads_count=False)
 
 
 def _op_type(node: fx.Node, modules: Mapping[str, nn.Module]) -> Any:
@@ -118,7 +123,8 @@ def fusion_rules(ctx: QuantContext) -> tuple[Rewrite, ...]:
     if ctx.is_qat:
         order += [(p, e) for e in ctx.backend.entries if e.qat_fuser is not None for p in e.patterns
                   if len(p) == 1 and p[0].modules]
-    return tuple(Rewrite(Pattern.chain(*p, extra_check=_no_shared_state), _FuseInto(e)) for p, e in order)
+    check = _no_shared_state_qat if ctx.is_qat else _no_shared_state
+    return tuple(Rewrite(Pattern.chain(*p, extra_check=check), _FuseInto(e)) for p, e in order)
 
 
 @dataclasses.dataclass(frozen=True)

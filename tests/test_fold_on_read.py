@@ -630,3 +630,25 @@ def test_an_optimizer_step_in_eval_mode_leaves_the_users_model_alone():
     opt.step()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not torch.equal(prepared.fc2.weight.detach(), model.fc2.weight)  # the step changed the prepared copy
+
+
+def test_qat_still_swaps_a_conv_whose_weights_the_forward_reads():
+    """QAT modules keep the conv's own weight, so the read means the same; the conv must get its weight fake
+    quantizer (a plain conv would train without it and still be converted to int8)."""
+    model = seeded(_ReadsItsWeights(nn.Identity())).train()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxquant.prepare_qat_fx(model, fxquant.get_default_qat_qconfig_mapping("fbgemm"), (x,),
+                                          backend_config="fbgemm")
+    assert type(prepared.conv) is not nn.Conv2d and getattr(prepared.conv, "weight_fake_quant", None) is not None
+
+
+def test_per_channel_calibrators_first_batch_under_inference_mode_allow_later_batches():
+    from fxquant.calibrators import PerChannelMSEObserver
+
+    obs = PerChannelMSEObserver()
+    with torch.inference_mode():
+        obs(torch.randn(4, 100))
+    obs(torch.randn(4, 100))
+    assert obs.qparams().scale.numel() == 4
