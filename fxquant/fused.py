@@ -116,26 +116,39 @@ def _copy(module: nn.Module) -> nn.Module:
     return out
 
 
+#: the buffer of a conv that folds a batch norm on read (:class:`_FoldsBNOnRead`)
+FOLD_BUFFER = "bn_fold"
+
+
+def _bn_rows(bn: nn.Module) -> torch.Tensor:
+    """``[scale; mean; beta]`` of an eval-mode batch norm, ``scale = gamma / sqrt(var + eps)``: what folding needs."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {type(bn).__name__} without running statistics "
+                         "(track_running_stats=False); leave it unfused")
+    with torch.no_grad():
+        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        return torch.stack([gamma * torch.rsqrt(bn.running_var + bn.eps), bn.running_mean.detach(), beta])
+
+
+def _channel_shape(op: nn.Module, dim: int) -> list[int]:
+    """The shape that broadcasts a per-output-channel vector over ``op``'s weight (axis 1 of a transposed conv's)."""
+    shape = [1] * dim
+    shape[1 if isinstance(op, nn.modules.conv._ConvTransposeNd) else 0] = -1
+    return shape
+
+
 def fold_bn(op: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``op`` (conv or linear) with the eval-mode batch norm ``bn`` folded into it.
 
     ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
     """
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"cannot fold {type(bn).__name__} without running statistics "
-                         "(track_running_stats=False); leave it unfused")
+    scale, mean, beta = _bn_rows(bn)
     fused = _copy(op)
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-    inv_std = torch.rsqrt(bn.running_var + bn.eps)
-    factor = (gamma * inv_std).detach()
-    transposed = isinstance(op, nn.modules.conv._ConvTransposeNd)
-    shape = [1] * op.weight.dim()
-    shape[1 if transposed else 0] = -1
-    bias = op.bias if op.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = op.bias if op.bias is not None else torch.zeros_like(mean)
     with torch.no_grad():
-        fused.weight = nn.Parameter(op.weight.detach() * factor.reshape(shape))
-        fused.bias = nn.Parameter((bias.detach() - bn.running_mean) * factor + beta.detach())
+        fused.weight = nn.Parameter(op.weight.detach() * scale.reshape(_channel_shape(op, op.weight.dim())))
+        fused.bias = nn.Parameter((bias.detach() - mean) * scale + beta)
     return fused
 
 
@@ -162,16 +175,10 @@ class _FoldsBNOnRead:
 
     _float_type: ClassVar[type]
 
-    def _fold_shape(self) -> list[int]:
-        raw = self._parameters["weight"]  # type: ignore[attr-defined]
-        shape = [1] * raw.dim()
-        shape[1 if isinstance(self, nn.modules.conv._ConvTransposeNd) else 0] = -1
-        return shape
-
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        scale = self._buffers["bn_fold"][0].reshape(self._fold_shape())  # type: ignore[attr-defined]
         raw = self._parameters["weight"]  # type: ignore[attr-defined]
+        scale = self._buffers[FOLD_BUFFER][0].reshape(_channel_shape(self, raw.dim()))  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # autograd may save it (an input gradient) or pass gradients to ``raw``
             return raw * scale
         with torch.inference_mode():
@@ -179,7 +186,7 @@ class _FoldsBNOnRead:
 
     @property
     def bias(self) -> torch.Tensor:  # type: ignore[override]
-        scale, mean, beta = self._buffers["bn_fold"]  # type: ignore[attr-defined]
+        scale, mean, beta = self._buffers[FOLD_BUFFER]  # type: ignore[attr-defined]
         raw = self._parameters["bias"]  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             return (raw - mean) * scale + beta
@@ -193,7 +200,7 @@ class _FoldsBNOnRead:
         with torch.inference_mode(False), torch.no_grad():
             weight, bias = self.weight.clone(), self.bias.clone()  # clones: normal tensors, not inference tensors
         raw_weight, raw_bias = self._parameters["weight"], self._parameters["bias"]  # type: ignore[attr-defined]
-        del self._buffers["bn_fold"]  # type: ignore[attr-defined]
+        del self._buffers[FOLD_BUFFER]  # type: ignore[attr-defined]
         self.__class__ = self._float_type
         if own_parameters:
             self._parameters["weight"] = nn.Parameter(weight, requires_grad=raw_weight.requires_grad)  # type: ignore[attr-defined]
@@ -210,7 +217,7 @@ class _FoldsBNOnRead:
         """A state dict without ``bn_fold`` holds folded weights (a materialized module's, see
         :meth:`materialize_fold`): become plain first, then load them. With ``bn_fold`` it holds the unfolded
         weights: load them as they are (``load_state_dict(assign=True)`` assigns, which must not materialize)."""
-        if prefix + "bn_fold" not in state_dict and prefix + "weight" in state_dict:
+        if prefix + FOLD_BUFFER not in state_dict and prefix + "weight" in state_dict:
             self.materialize_fold()
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
             return
@@ -262,17 +269,11 @@ def fold_bn_on_read(op: nn.Module, bn: nn.Module) -> nn.Module:
     folded_type = _FOLDED.get(type(op))
     if folded_type is None:
         return fold_bn(op, bn)
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"cannot fold {type(bn).__name__} without running statistics "
-                         "(track_running_stats=False); leave it unfused")
+    rows = _bn_rows(bn)
     out = _copy(op)
-    with torch.no_grad():
-        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-        beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
-        scale = gamma * torch.rsqrt(bn.running_var + bn.eps)
-        out._buffers["bn_fold"] = torch.stack([scale, bn.running_mean.detach(), beta])
-        if op.bias is None:
-            out._parameters["bias"] = nn.Parameter(torch.zeros_like(scale), requires_grad=op.weight.requires_grad)
+    out._buffers[FOLD_BUFFER] = rows
+    if op.bias is None:
+        out._parameters["bias"] = nn.Parameter(torch.zeros_like(rows[0]), requires_grad=op.weight.requires_grad)
     out.__class__ = folded_type
     return out
 

@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections import Counter
 from typing import Any, Mapping, Optional
@@ -75,10 +76,6 @@ def _no_shared_state(match: Match, modules: Mapping[str, nn.Module], reads_count
     return True
 
 
-def _no_shared_state_qat(match: Match, modules: Mapping[str, nn.Module]) -> bool:
-    return _no_shared_state(match, modules, reads_count=False)
-
-
 def _op_type(node: fx.Node, modules: Mapping[str, nn.Module]) -> Any:
     return type(modules[str(node.target)]) if node.op == "call_module" else node.target
 
@@ -123,7 +120,7 @@ def fusion_rules(ctx: QuantContext) -> tuple[Rewrite, ...]:
     if ctx.is_qat:
         order += [(p, e) for e in ctx.backend.entries if e.qat_fuser is not None for p in e.patterns
                   if len(p) == 1 and p[0].modules]
-    check = _no_shared_state_qat if ctx.is_qat else _no_shared_state
+    check = functools.partial(_no_shared_state, reads_count=not ctx.is_qat)
     return tuple(Rewrite(Pattern.chain(*p, extra_check=check), _FuseInto(e)) for p, e in order)
 
 

@@ -24,7 +24,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxquant.fused import float_type
+from fxquant.fused import FOLD_BUFFER, float_type
 
 __all__ = ["ShapePropagationError", "propagate_shapes"]
 
@@ -172,7 +172,7 @@ def _meta_module(module: nn.Module) -> nn.Module:
     out._parameters = {k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad)
                        for k, v in module._parameters.items()}
     out._buffers = {k: None if v is None else v.to("meta") for k, v in module._buffers.items()
-                    if out.__class__ is type(module) or k != "bn_fold"}
+                    if out.__class__ is type(module) or k != FOLD_BUFFER}
     out._modules = {k: None if v is None else _meta_module(v) for k, v in module._modules.items()}
     return out
 

@@ -210,12 +210,17 @@ def test_materialize_folds_keeps_the_prepared_output():
 
 # ================================================================================ 4. state_dict round trip
 
-def test_prepared_state_dict_round_trip_leaves_user_model_alone():
+def _calibrated_and_fresh():
+    """A ConvBNReLU, its state, a calibrated prepared model of it and a fresh one."""
     model = seeded(ConvBNReLU())
     before = state_clone(model)
     p1 = prepare(model, X2D)
     calibrate(p1, X2D)
-    p2 = prepare(model, X2D)
+    return model, before, p1, prepare(model, X2D)
+
+
+def test_prepared_state_dict_round_trip_leaves_user_model_alone():
+    model, before, p1, p2 = _calibrated_and_fresh()
     sd = {k: v.detach().clone() for k, v in p1.state_dict().items()}
     assert "conv.op.bn_fold" in sd
     # different values than the user's model: must land in p2 only
@@ -236,11 +241,7 @@ def test_prepared_state_dict_round_trip_leaves_user_model_alone():
 
 
 def test_prepared_state_dict_round_trip_same_values_gives_same_converted_model():
-    model = seeded(ConvBNReLU())
-    before = state_clone(model)
-    p1 = prepare(model, X2D)
-    calibrate(p1, X2D)
-    p2 = prepare(model, X2D)
+    model, before, p1, p2 = _calibrated_and_fresh()
     p2.load_state_dict(p1.state_dict())
     assert_same_state(model, before)
     with torch.no_grad():
@@ -521,11 +522,9 @@ def test_load_state_dict_with_assign_keeps_the_batch_norm():
         assert rel_err(prepared(X2D), model(X2D)) <= 1e-5
 
 
-class _TiedConvBN(nn.Module):
+class _TiedConvBN(_TwoConvBN):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.bn_a = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
-        self.b, self.bn_b = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
         self.b.weight = self.a.weight  # tied
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
