@@ -316,13 +316,34 @@ def _trace_as_leaf(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})
 
 
+#: rows reduced per step by :func:`_row_range`: the second reduction reads the block from cache, not memory
+_RANGE_BLOCK_BYTES = 1 << 19
+
+
+def _row_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x.amin(dim), x.amax(dim))``; a large contiguous 2-d CPU tensor reduced over its rows (a weight seen
+    by a per-channel observer) is reduced a block of rows at a time, so it is read from memory once, not twice."""
+    if not (x.dim() == 2 and dim in (1, -1) and x.device.type == "cpu" and x.is_contiguous()
+            and x.numel() * x.element_size() > 4 * _RANGE_BLOCK_BYTES):
+        return x.amin(dim=dim), x.amax(dim=dim)
+    x = x.detach()  # out= takes no autograd (a QAT weight); the range needs none
+    step = max(1, _RANGE_BLOCK_BYTES // (x.element_size() * x.shape[1]))
+    mn = torch.empty(x.shape[0], dtype=x.dtype)
+    mx = torch.empty(x.shape[0], dtype=x.dtype)
+    for i in range(0, x.shape[0], step):
+        block = x[i:i + step]
+        torch.amin(block, 1, out=mn[i:i + step])
+        torch.amax(block, 1, out=mx[i:i + step])
+    return mn, mx
+
+
 def _finite_aminmax(x: torch.Tensor, dim: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Min and max of the finite elements of ``x`` (over ``dim`` or all), and how many were not finite.
 
     Where no finite element exists the min is ``+inf`` and the max ``-inf``.
     """
     # per row, two reductions beat torch.aminmax(dim=...) 4-7x on the CPU (a [512, 4608] weight: 0.9 vs 4.8 ms)
-    mn, mx = torch.aminmax(x) if dim is None else (x.amin(dim=dim), x.amax(dim=dim))
+    mn, mx = torch.aminmax(x) if dim is None else _row_range(x, dim)
     if bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
         return mn, mx, 0
     finite = torch.isfinite(x)

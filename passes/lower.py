@@ -383,7 +383,10 @@ class LowerPass:
         for name in (n for n, v in b.new_modules.items() if v is None):
             root[name] = copy.deepcopy(_get_attr(gm, name))
         root.update(b.constants)
-        new_gm = fx.GraphModule(root, b.graph, class_name=type(gm).__name__)
+        # the class convert_fx returns, built here: wrapping it afterwards would generate and compile the code again
+        from fxquant.serialization import QuantGraphModule  # imports fxquant.passes: not at module level
+
+        new_gm = QuantGraphModule(root, b.graph, class_name=type(gm).__name__)
         if new_gm.graph.eliminate_dead_code():  # the user's dead branches (no_dead_nodes runs after every pass)
             new_gm.delete_all_unused_submodules()
             new_gm.recompile()

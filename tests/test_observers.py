@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.fx
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -605,3 +605,41 @@ def test_probe_builds_an_observer_once_per_factory_for_reading_settings() -> Non
     assert probe(factory) is first and first.dtype == torch.quint8 and len(built) == 1
     other = Counting.with_args(dtype=torch.qint8)   # an equal-looking but distinct factory is built on its own
     assert probe(other).dtype == torch.qint8 and len(built) == 2
+
+
+# ----- large weights: the range is reduced a block of rows at a time --------------------------------------------
+@pytest.fixture
+def small_range_blocks(monkeypatch):
+    """Blocks of a few rows: the blocked path on test-sized tensors, with many blocks and a ragged last one."""
+    monkeypatch.setattr(fxquant.observers, "_RANGE_BLOCK_BYTES", 1 << 10)
+
+
+@pytest.mark.usefixtures("small_range_blocks")
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=seeds, rows=st.integers(1, 700), cols=st.sampled_from([1, 3, 640, 2049]), poison=st.booleans())
+def test_blocked_row_range_equals_two_plain_reductions(seed, rows, cols, poison):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 10
+    if poison:  # non-finite values in some rows: the blocked reductions must see them as the plain ones do
+        x[torch.randint(0, rows, (3,), generator=g), torch.randint(0, cols, (3,), generator=g)] = float("nan")
+        x[0, 0] = float("inf")
+    mn, mx = fxquant.observers._row_range(x, 1)
+    assert torch.allclose(mn, x.amin(dim=1), equal_nan=True, rtol=0, atol=0)
+    assert torch.allclose(mx, x.amax(dim=1), equal_nan=True, rtol=0, atol=0)
+    fmn, fmx, bad = fxquant.observers._finite_aminmax(x, dim=1)
+    finite = torch.isfinite(x)
+    assert bad == int((~finite).sum())
+    has = finite.any(dim=1)
+    assert torch.equal(fmn[has], torch.where(finite, x, torch.inf).amin(dim=1)[has])
+    assert torch.equal(fmx[has], torch.where(finite, x, -torch.inf).amax(dim=1)[has])
+
+
+@pytest.mark.usefixtures("small_range_blocks")
+def test_per_channel_observer_of_a_large_weight_that_requires_grad():
+    """A QAT weight (requires_grad, grad mode on) takes the blocked path too: the reductions write into
+    preallocated rows, which autograd would refuse, so the observer reads the weight detached."""
+    w = nn.Parameter(torch.randn(300, 200))
+    obs = PerChannelMinMaxObserver()
+    with torch.enable_grad():
+        obs(w)
+    assert torch.equal(obs.min_val, w.detach().amin(dim=1)) and torch.equal(obs.max_val, w.detach().amax(dim=1))
