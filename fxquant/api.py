@@ -267,12 +267,17 @@ def _holds_modules(value: Any) -> bool:
 
 
 def _unshare_weights(model: nn.Module) -> None:
-    """Give every parameter of a prepared model its own memory, once (see :func:`_guard_shared_weights`)."""
-    if model.__dict__.get(SHARED_WEIGHTS_ATTR):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.data = p.data.clone()
-        model.__dict__[SHARED_WEIGHTS_ATTR] = False
+    """Give the parameters of ``model`` and of its submodules their own memory, once per module (see
+    :func:`_guard_shared_weights`): each module that still shares its parameters with the user's float model is
+    flagged, and the flag is cleared when its parameters are copied."""
+    if not model.__dict__.get(SHARED_WEIGHTS_ATTR):
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if module.__dict__.get(SHARED_WEIGHTS_ATTR):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.clone()
+                module.__dict__[SHARED_WEIGHTS_ATTR] = False
 
 
 def _unshare_before_load(module: nn.Module, *args: Any) -> None:
@@ -291,9 +296,14 @@ def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
     """A prepared model reads the user's float weights without copying them; the ways a prepared model's
     weights get written, ``load_state_dict`` and running it in train mode or with gradients enabled (an optimizer
     step may follow), first give it copies of its own, so the user's model never changes. Calibration runs
-    under ``torch.no_grad`` and copies nothing."""
+    under ``torch.no_grad`` and copies nothing. ``load_state_dict`` on a submodule (``prepared.fc.load_state_dict``)
+    copies that submodule's parameters first: each module with parameters has the hook too."""
     prepared.__dict__[SHARED_WEIGHTS_ATTR] = True
     prepared.register_load_state_dict_pre_hook(_unshare_before_load)
+    for module in prepared.modules():
+        if module is not prepared and module._parameters:
+            module.__dict__[SHARED_WEIGHTS_ATTR] = True
+            module.register_load_state_dict_pre_hook(_unshare_before_load)
     prepared.register_forward_pre_hook(_unshare_before_training)
     return prepared
 

@@ -323,13 +323,13 @@ _RANGE_BLOCK_BYTES = 1 << 19
 def _row_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x.amin(dim), x.amax(dim))``; a large contiguous 2-d CPU tensor reduced over its rows (a weight seen
     by a per-channel observer) is reduced a block of rows at a time, so it is read from memory once, not twice."""
+    block = _RANGE_BLOCK_BYTES * torch.get_num_threads()  # each thread's share of a block stays in its cache
     if not (x.dim() == 2 and dim in (1, -1) and x.device.type == "cpu" and x.is_contiguous()
-            and x.numel() * x.element_size() > 4 * _RANGE_BLOCK_BYTES):
+            and x.numel() * x.element_size() > 4 * block):
         return x.amin(dim=dim), x.amax(dim=dim)
     x = x.detach()  # out= takes no autograd (a QAT weight); the range needs none
-    step = max(1, _RANGE_BLOCK_BYTES // (x.element_size() * x.shape[1]))
-    mn = torch.empty(x.shape[0], dtype=x.dtype)
-    mx = torch.empty(x.shape[0], dtype=x.dtype)
+    step = max(1, block // (x.element_size() * x.shape[1]))
+    mn, mx = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])  # on x's device, whatever the default device
     for i in range(0, x.shape[0], step):
         block = x[i:i + step]
         torch.amin(block, 1, out=mn[i:i + step])

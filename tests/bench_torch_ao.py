@@ -28,16 +28,18 @@ def quantize_torch_ao(model: nn.Module, backend: str, x: torch.Tensor, calib: li
     as fxquant's shares the weights, so neither pays for a full copy inside the timed part."""
     torch.backends.quantized.engine = backend
     model = copy.deepcopy(model)  # so nothing torch.ao does can reach the model fxquant and fp32 are timed on
-    start = time.perf_counter()
-    prepared = prepare_fx(model, get_default_qconfig_mapping(backend), (x,))
-    compile_s = time.perf_counter() - start
-    with torch.no_grad():
-        for batch in calib:
-            prepared(batch)
-    start = time.perf_counter()
-    quantized = convert_fx(prepared)
-    compile_s += time.perf_counter() - start
-    _release_cached_models()
+    try:
+        start = time.perf_counter()
+        prepared = prepare_fx(model, get_default_qconfig_mapping(backend), (x,))
+        compile_s = time.perf_counter() - start
+        with torch.no_grad():
+            for batch in calib:
+                prepared(batch)
+        start = time.perf_counter()
+        quantized = convert_fx(prepared)
+        compile_s += time.perf_counter() - start
+    finally:  # a failed prepare, calibration or convert has cached the model too (the bench goes on with fxquant)
+        _release_cached_models()
     return Quantized(quantized, compile_s)
 
 

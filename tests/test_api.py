@@ -386,6 +386,31 @@ def test_prepare_shares_weight_memory_but_nothing_the_prepared_model_does_reache
     assert other.get_submodule("body.3").weight.data_ptr() != model.body[3].weight.data_ptr()
 
 
+def _conv_bn_stack() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("factory, name", [
+    (_Counting, "body.3"),        # a plain conv
+    (_Counting, "body.0"),        # conv + relu
+    (_conv_bn_stack, "3"),        # a conv folded with its batch norm on read (FoldedConv2d)
+    (_conv_bn_stack, "0"),        # conv + bn + relu: the folded conv one level down
+])
+def test_loading_a_state_dict_into_a_submodule_leaves_the_user_alone(factory, name):
+    """``prepared.<sub>.load_state_dict`` (a fine-tuned head, say) loads into that submodule's own copy of the
+    weights: the submodule's parameters share the user's memory until then, and load_state_dict writes in place."""
+    model, x = seeded(factory(), 0).eval(), torch.randn(2, 3, 8, 8)
+    before = _users_state(model)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,), backend_config="fbgemm")
+    sub = prepared.get_submodule(name)
+    shared = {k for k, p in sub.named_parameters() if any(p.data_ptr() == q.data_ptr() for q in model.parameters())}
+    assert shared  # the premise: the submodule reads the user's memory
+    new_state = {k: v + 1 if v.is_floating_point() else v for k, v in sub.state_dict().items()}
+    sub.load_state_dict(new_state)
+    assert _unchanged(model, before)
+    assert all(torch.equal(sub.state_dict()[k], v) for k, v in new_state.items())
+
+
 def test_the_prepare_copy_keeps_the_user_s_modules_hooks_and_settings_apart():
     from fxquant.api import _copy_sharing_weights
 
@@ -457,3 +482,38 @@ def test_a_pass_that_writes_weights_in_place_is_an_error():
         fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (torch.randn(2, 4),),
                            backend_config="fbgemm", pipeline=pm)
     assert not _unchanged(model, before)  # it did write (the error says so rather than pass silently)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_nothing_is_kept_alive_once_the_user_drops_the_models(qat):
+    """No module-level cache of fxquant holds a model, a prepared or a converted one (torch 2.14's torch.ao does:
+    its prepare_fx memoizes a helper keyed by the model, so every model it prepares lives as long as the process;
+    tests/bench_torch_ao.py clears that cache between runs)."""
+    import gc
+    import weakref
+
+    def parameters_alive() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, nn.Parameter))
+
+    def run() -> list[weakref.ref]:
+        model = seeded(SmallCNN())
+        x = torch.randn(2, 3, 16, 16)
+        if qat:
+            prepared = fxquant.prepare_qat_fx(model.train(), fxquant.get_default_qat_qconfig_mapping("fbgemm"), (x,),
+                                              backend_config="fbgemm")
+            prepared(x)
+            prepared.eval()
+        else:
+            prepared = fxquant.prepare_fx(model.eval(), default_mapping(), (x,), backend_config="fbgemm")
+        fxquant.calibrate(prepared, [x], progress=False)
+        converted = fxquant.convert_fx(prepared)
+        converted(x)
+        return [weakref.ref(m) for m in (model, prepared, converted)]
+
+    run()  # first calls fill the lazily built tables (backend configs, kernel checks): not per-model state
+    gc.collect()
+    before = parameters_alive()
+    refs = run()
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]
+    assert parameters_alive() == before

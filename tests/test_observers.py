@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.fx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -616,7 +616,9 @@ def small_range_blocks(monkeypatch):
 
 @pytest.mark.usefixtures("small_range_blocks")
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=seeds, rows=st.integers(1, 700), cols=st.sampled_from([1, 3, 640, 2049]), poison=st.booleans())
+@given(seed=seeds, rows=st.integers(1, 700), cols=st.sampled_from([3, 5, 640, 2049]), poison=st.booleans())
+@example(seed=0, rows=700, cols=3, poison=True)  # 85 rows per block, a ragged last one
+@example(seed=1, rows=300, cols=5, poison=False)
 def test_blocked_row_range_equals_two_plain_reductions(seed, rows, cols, poison):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 10
@@ -635,11 +637,22 @@ def test_blocked_row_range_equals_two_plain_reductions(seed, rows, cols, poison)
 
 
 @pytest.mark.usefixtures("small_range_blocks")
-def test_per_channel_observer_of_a_large_weight_that_requires_grad():
-    """A QAT weight (requires_grad, grad mode on) takes the blocked path too: the reductions write into
-    preallocated rows, which autograd would refuse, so the observer reads the weight detached."""
+def test_blocked_row_range_of_a_tensor_that_requires_grad():
+    """A weight that requires grad, reduced with grad mode on, takes the blocked path too: its reductions write
+    into preallocated rows (out=), which autograd refuses, so it reduces the weight detached."""
     w = nn.Parameter(torch.randn(300, 200))
-    obs = PerChannelMinMaxObserver()
     with torch.enable_grad():
-        obs(w)
-    assert torch.equal(obs.min_val, w.detach().amin(dim=1)) and torch.equal(obs.max_val, w.detach().amax(dim=1))
+        mn, mx, bad = fxquant.observers._finite_aminmax(w, dim=1)
+    assert bad == 0 and not mn.requires_grad
+    assert torch.equal(mn, w.detach().amin(dim=1)) and torch.equal(mx, w.detach().amax(dim=1))
+
+
+@pytest.mark.usefixtures("small_range_blocks")
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_blocked_row_range_ignores_the_default_device(device):
+    """The per-row results live on the input's device, whatever torch.set_default_device says (a user who set
+    another default device and converts a CPU model)."""
+    x = torch.randn(300, 200, device="cpu")
+    with torch.device(device):
+        mn, mx = fxquant.observers._row_range(x, 1)
+    assert mn.device == x.device and torch.equal(mn, x.amin(dim=1)) and torch.equal(mx, x.amax(dim=1))
