@@ -380,8 +380,8 @@ class LowerPass:
         # float modules left float are copied, so the converted model shares nothing with the prepared one
         root = {name: _float_copy(b.modules[name]) for name in _used_targets(b.graph) if name not in b.new_modules}
         root.update({k: v for k, v in b.new_modules.items() if v is not None})
-        for name in (n for n, v in b.new_modules.items() if v is None):
-            root[name] = copy.deepcopy(_get_attr(gm, name))
+        for name, source in _constant_names(b).items():
+            root[name] = copy.deepcopy(_get_attr(gm, source))
         root.update(b.constants)
         # the class convert_fx returns, built here: wrapping it afterwards would generate and compile the code again
         from fxquant.serialization import QuantGraphModule  # imports fxquant.passes: not at module level
@@ -624,6 +624,27 @@ def _ratio_reason(entry: OpEntry, in_qps: list[Optional[QParams]], out_qp: QPara
 
 def _used_targets(graph: fx.Graph) -> list[str]:
     return [str(n.target) for n in graph.nodes if n.op == "call_module"]
+
+
+def _constant_names(b: _Builder) -> dict[str, str]:
+    """The converted model's name for each float attribute its graph reads (``get_attr``), and where the prepared
+    model has it. A tensor read from a module that became a kernel (``self.conv.weight`` beside the quantized
+    conv) is renamed to a top-level attribute: the kernel module has no float weight to hold it."""
+    kernels = {k for k, v in b.new_modules.items() if v is not None}
+    names: dict[str, str] = {}
+    for node in b.graph.nodes:
+        if node.op != "get_attr" or b.new_modules.get(str(node.target), 0) is not None:
+            continue
+        source = str(node.target)
+        parts = source.split(".")
+        if any(".".join(parts[:i]) in kernels for i in range(1, len(parts))):
+            name, k = source.replace(".", "_"), 0
+            while name in b.new_modules or name in names or hasattr(b.old, name):
+                k += 1
+                name = f"{source.replace('.', '_')}_{k}"
+            node.target = name
+        names[str(node.target)] = source
+    return names
 
 
 def _get_attr(gm: fx.GraphModule, name: str) -> Any:

@@ -255,7 +255,7 @@ def _round_bias_like_ort(quantized: torch.fx.GraphModule, prepared: torch.fx.Gra
         bias = getattr(ref, str(call.args[2].target))
         assert bias.shape == kernel.bias.shape
         kernel._buffers["bias"] = torch.round(bias / unit) * unit
-        kernel._repack()
+        kernel._repack(kernel.weight)
 
 
 def bias_counterfactual(prepared, quantized, path: str, x: torch.Tensor) -> None:

@@ -517,3 +517,48 @@ def test_nothing_is_kept_alive_once_the_user_drops_the_models(qat):
     gc.collect()
     assert [r() is None for r in refs] == [True, True, True]
     assert parameters_alive() == before
+
+
+def test_kernels_keep_their_weights_packed_only():
+    """A converted conv or linear holds its int8 weight once, in the kernel's packed form: ``weight`` unpacks
+    it (the same integers and grid as quantizing the float weight), and state_dict, loading into another model,
+    deep copies and pickling all go through that."""
+    import copy
+    import pickle
+
+    x = torch.randn(2, 3, 16, 16)
+
+    def converted(seed: int) -> fx.GraphModule:
+        prepared = fxquant.prepare_fx(seeded(SmallCNN(), seed), default_mapping(), (x,), backend_config="fbgemm")
+        fxquant.calibrate(prepared, [x], progress=False)
+        return fxquant.convert_fx(prepared)
+
+    q = converted(0)
+    kernels = [m for m in q.modules() if isinstance(m, (QuantizedConv, QuantizedLinear))]
+    assert kernels
+    for k in kernels:
+        assert "weight" not in k._buffers and k.__dict__.get("_kept_weight") is None
+        w = k.weight
+        assert w.is_quantized and w.dtype == torch.qint8 and tuple(w.shape) == k.weight_shape
+    expected = q(x)
+    other = converted(1)
+    assert not torch.equal(other(x), expected)
+    other.load_state_dict(q.state_dict())
+    assert torch.equal(other(x), expected)
+    assert torch.equal(copy.deepcopy(q)(x), expected)
+    assert torch.equal(pickle.loads(pickle.dumps(q))(x), expected)
+    for a, b in zip(kernels, [m for m in other.modules() if isinstance(m, (QuantizedConv, QuantizedLinear))]):
+        assert torch.equal(a.weight.int_repr(), b.weight.int_repr())
+        assert torch.equal(a.weight.q_per_channel_scales(), b.weight.q_per_channel_scales())
+
+
+def test_qnnpack_3d_convs_keep_their_weight_beside_the_packed_one():
+    """qnnpack cannot unpack a 3-d conv's weight, so that kernel keeps it; state_dict still works."""
+    model = seeded(nn.Sequential(nn.Conv3d(2, 4, 3), nn.ReLU()))
+    x = torch.randn(1, 2, 6, 6, 6)
+    prepared = fxquant.prepare_fx(model, default_mapping("qnnpack"), (x,), backend_config="qnnpack")
+    fxquant.calibrate(prepared, [x], progress=False)
+    q = fxquant.convert_fx(prepared)
+    (k,) = [m for m in q.modules() if isinstance(m, QuantizedConv)]
+    assert k.__dict__.get("_kept_weight") is not None and k.weight is k.__dict__["_kept_weight"]
+    assert any(key.endswith("weight_int") for key in q.state_dict())

@@ -281,7 +281,8 @@ def test_torch_export_takes_the_reference_model_but_not_the_int8_model():
         assert bool(targets & set(QUANTIZE_OPS)) is not decomposed
         with torch.no_grad():
             assert torch.equal(ep.module()(x), ref(x))
-    with pytest.raises(Exception, match="quantized nyi in meta tensors"):
+    # fake tensors have no quantized types, and the kernels' prepacked weights (script objects) no fake form
+    with pytest.raises(Exception, match="quantized nyi in meta tensors|PackedParamsBase"):
         _quiet(torch.export.export, _quiet(fxquant.convert_fx, prepared), (x,))
 
 

@@ -135,38 +135,65 @@ def _unpack_weight(d: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class _Packed(_OutputQParams):
-    """A kernel with a prepacked weight; the quantized weight and float bias stay as buffers."""
+    """A kernel with a prepacked weight; the float bias stays a buffer.
+
+    The quantized weight lives only in its packed form (as torch.ao's modules keep it): ``weight`` unpacks it
+    when read (``state_dict``, pickling, the debugging tools), so a converted model holds one byte per weight, not
+    two, and convert writes half the memory for its weights.
+    """
 
     _engine = ""
+    weight_shape: tuple[int, ...] = ()
 
-    def _pack(self) -> Any:
+    def _pack(self, weight: torch.Tensor) -> Any:
         raise NotImplementedError
 
-    def _repack(self) -> None:
+    @property
+    def weight(self) -> torch.Tensor:
+        """The quantized weight, unpacked from the kernel's prepacked form (a new tensor on each read)."""
+        kept = self.__dict__.get("_kept_weight")
+        if kept is not None:
+            return kept
         with engine(self._engine):
-            self._packed = self._pack()
+            return self._unpack()
+
+    def _unpacks(self) -> bool:
+        """Whether the engine can unpack this kernel's weight: qnnpack's 3-d convs cannot (their weight is then
+        kept beside the packed one)."""
+        return self._engine != "qnnpack" or getattr(self, "dims", 2) != 3
+
+    def _unpack(self) -> torch.Tensor:
+        weight = self._packed.unpack()[0]
+        # a 1-d conv is packed as a 2-d one: [out, in, 1, k] back to [out, in, k]
+        return weight if tuple(weight.shape) == self.weight_shape else weight.reshape(self.weight_shape)
+
+    def _repack(self, weight: torch.Tensor) -> None:
+        with engine(self._engine):
+            self._packed = self._pack(weight)
+        self.weight_shape = tuple(weight.shape)
+        self.__dict__["_kept_weight"] = None if self._unpacks() else weight
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         # the quantized weight is saved compactly as its integers plus float32 scales and int32 zero points
         # (a quantized tensor would store float64 scales and int64 zero points: 16 bytes per channel)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        w = destination.pop(prefix + "weight")
-        destination.update({prefix + k: v for k, v in _pack_weight(w).items()})
+        destination.update({prefix + k: v for k, v in _pack_weight(self.weight).items()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[override]
         mine = {k[len(prefix):]: v for k, v in state_dict.items()
                 if k.startswith(prefix + "weight_") and "." not in k[len(prefix):]}
         weight = _unpack_weight(mine) if "weight_int" in mine else state_dict.get(prefix + "weight")
+        new_weight = None
         if isinstance(weight, torch.Tensor):  # checked as load_state_dict checks parameters: no silent reshaping
             if not weight.is_quantized:
                 errors.append(f"{prefix}weight is a float weight but this module is a quantized {type(self).__name__}: "
                               "load float weights into the float model, then prepare, calibrate and convert it again")
-            elif weight.shape != self.weight.shape:
+            elif tuple(weight.shape) != self.weight_shape:
                 errors.append(f"size mismatch for {prefix}weight: copying a quantized weight of shape "
                               f"{tuple(weight.shape)} from the checkpoint, the shape in this model is "
-                              f"{tuple(self.weight.shape)} (a state_dict of another model?)")
+                              f"{self.weight_shape} (a state_dict of another model?)")
             else:
-                self._buffers["weight"] = weight
+                new_weight = weight
         bias = state_dict.get(prefix + "bias")
         if isinstance(bias, torch.Tensor):
             if self.bias is None or bias.shape != self.bias.shape:
@@ -177,21 +204,26 @@ class _Packed(_OutputQParams):
         taken = {prefix + k for k in mine} | {prefix + "weight", prefix + "bias"}
         rest = {k: v for k, v in state_dict.items() if k not in taken}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing, unexpected, errors)
-        for key, given in ((prefix + "weight", weight), (prefix + "bias", bias)):
-            if key in missing and given is not None:
-                missing.remove(key)
-        if prefix + "weight" in missing:  # it is saved as weight_int (+ scales): name what the checkpoint lacks
-            missing[missing.index(prefix + "weight")] = prefix + "weight_int"
-        self._repack()
+        if prefix + "bias" in missing and bias is not None:
+            missing.remove(prefix + "bias")
+        if weight is None:  # it is saved as weight_int (+ scales): name what the checkpoint lacks
+            missing.append(prefix + "weight_int")
+        self._repack(self.weight if new_weight is None else new_weight)  # the bias is packed with it
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_packed", None)
+        state.pop("_kept_weight", None)
+        state["_fxquant_weight"] = self.weight  # what the copy or the unpickled module packs again
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        weight = state.pop("_fxquant_weight", None)
+        if weight is None:  # pickled before the weight lived only in its packed form: it was a buffer
+            weight = state["_buffers"].pop("weight")
         self.__dict__.update(state)
-        self._repack()
+        self._repack(weight)
 
 
 _CONV_OPS = {
@@ -212,13 +244,12 @@ class QuantizedConv(_Packed):
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = tuple(conv.kernel_size)
-        self.register_buffer("weight", quantize(conv.weight.detach().float(), weight))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
         self._engine = engine_name
-        self._repack()
+        self._repack(quantize(conv.weight.detach().float(), weight))
 
-    def _pack(self) -> Any:
-        return _CONV_OPS[self.dims][0](self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def _pack(self, weight: torch.Tensor) -> Any:
+        return _CONV_OPS[self.dims][0](weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:  # qnnpack would read the wrong channels
@@ -241,13 +272,15 @@ class QuantizedLinear(_Packed):
         super().__init__(output)
         self.relu = relu
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", quantize(linear.weight.detach().float(), weight))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self._engine = engine_name
-        self._repack()
+        self._repack(quantize(linear.weight.detach().float(), weight))
 
-    def _pack(self) -> Any:
-        return torch.ops.quantized.linear_prepack(self.weight, self.bias)
+    def _pack(self, weight: torch.Tensor) -> Any:
+        return torch.ops.quantized.linear_prepack(weight, self.bias)
+
+    def _unpack(self) -> torch.Tensor:
+        return torch.ops.quantized.linear_unpack(self._packed)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:  # qnnpack would read it anyway, fbgemm asserts on its packed matrix

@@ -35,13 +35,12 @@ class QuantizedConvTranspose(_Packed):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.output_padding, self.dilation = list(conv.output_padding), list(conv.dilation)
         self.groups = conv.groups
-        self.register_buffer("weight", quantize(conv.weight.detach().float(), weight))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
         self._engine = engine_name
-        self._repack()
+        self._repack(quantize(conv.weight.detach().float(), weight))
 
-    def _pack(self) -> Any:
-        return _TRANSPOSE_OPS[self.dims][0](self.weight, self.bias, self.stride, self.padding, self.output_padding,
+    def _pack(self, weight: torch.Tensor) -> Any:
+        return _TRANSPOSE_OPS[self.dims][0](weight, self.bias, self.stride, self.padding, self.output_padding,
                                             self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
