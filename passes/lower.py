@@ -632,17 +632,20 @@ def _constant_names(b: _Builder) -> dict[str, str]:
     conv) is renamed to a top-level attribute: the kernel module has no float weight to hold it."""
     kernels = {k for k, v in b.new_modules.items() if v is not None}
     names: dict[str, str] = {}
+    renamed: dict[str, str] = {}  # one new name per source: two reads of one tensor still read one attribute
     for node in b.graph.nodes:
         if node.op != "get_attr" or b.new_modules.get(str(node.target), 0) is not None:
             continue
         source = str(node.target)
         parts = source.split(".")
         if any(".".join(parts[:i]) in kernels for i in range(1, len(parts))):
-            name, k = source.replace(".", "_"), 0
-            while name in b.new_modules or name in names or hasattr(b.old, name):
-                k += 1
-                name = f"{source.replace('.', '_')}_{k}"
-            node.target = name
+            if source not in renamed:
+                name, k = source.replace(".", "_"), 0
+                while name in b.new_modules or name in names or name in b.constants or hasattr(b.old, name):
+                    k += 1
+                    name = f"{source.replace('.', '_')}_{k}"
+                renamed[source] = name
+            node.target = renamed[source]
         names[str(node.target)] = source
     return names
 

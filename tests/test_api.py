@@ -562,3 +562,30 @@ def test_qnnpack_3d_convs_keep_their_weight_beside_the_packed_one():
     (k,) = [m for m in q.modules() if isinstance(m, QuantizedConv)]
     assert k.__dict__.get("_kept_weight") is not None and k.weight is k.__dict__["_kept_weight"]
     assert any(key.endswith("weight_int") for key in q.state_dict())
+
+
+class _ReadsItsConvsBuffer(nn.Module):
+    """A forward that reads a buffer of a conv (which becomes a kernel) twice, beside calling the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv.register_buffer("gain", torch.full((1, 4, 1, 1), 0.5))
+
+    def forward(self, x):
+        return self.conv(x), torch.mul(x.mean(), self.conv.gain) + torch.mul(x.amax(), self.conv.gain)
+
+
+def test_a_float_tensor_read_from_a_module_that_became_a_kernel_gets_one_name_of_its_own():
+    model, x = seeded(_ReadsItsConvsBuffer()), torch.randn(2, 3, 8, 8)
+    mapping = default_mapping().set_object_type(torch.mul, None)  # the reads stay float
+    prepared = fxquant.prepare_fx(model, mapping, (x,), backend_config="fbgemm")
+    fxquant.calibrate(prepared, [x], progress=False)
+    q = fxquant.convert_fx(prepared)
+    assert isinstance(q.conv, QuantizedConv)
+    reads = [str(n.target) for n in q.graph.nodes if n.op == "get_attr" and "gain" in str(n.target)]
+    assert reads == ["conv_gain", "conv_gain"]  # both reads, one attribute, not under the kernel
+    assert torch.equal(q.conv_gain, model.conv.gain)
+    out, expected = q(x), model(x)
+    assert fxquant.sqnr(expected[0], out[0]) > 25 and torch.allclose(out[1], expected[1])
+    q.load_state_dict(q.state_dict())  # the kernel's state_dict is its own (it once held the float tensor)

@@ -2,9 +2,9 @@
 
 Lowering asks this layer for one module per quantized op (:meth:`QTensorKernels.build`); nothing else in
 fxquant calls ``torch.ops.quantized`` directly, so another kernel provider (oneDNN on plain int8 tensors,
-say) can replace this file. Weights are quantized and prepacked once, when the module is built; modules
-keep the unpacked weight and their output qparams as buffers, so ``state_dict`` round-trips and a pickled
-module repacks itself when loaded.
+say) can replace this file. Weights are quantized and prepacked once, when the module is built, and kept only
+in the packed form (``weight`` unpacks it); modules keep their output qparams and float bias as buffers.
+``state_dict`` saves the unpacked weight compactly and loading repacks it; a pickled module repacks itself.
 
 Example:
     >>> import torch
@@ -150,12 +150,13 @@ class _Packed(_OutputQParams):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The quantized weight, unpacked from the kernel's prepacked form (a new tensor on each read)."""
+        """The quantized weight, unpacked from the kernel's prepacked form. Read it, don't write into it: some
+        engines (qnnpack) return the tensor the packed form keeps, and a write would not reach the kernel.
+        (Unpacking is a method of the packed object and needs no engine switch, which would be process-wide.)"""
         kept = self.__dict__.get("_kept_weight")
         if kept is not None:
             return kept
-        with engine(self._engine):
-            return self._unpack()
+        return self._unpack()
 
     def _unpacks(self) -> bool:
         """Whether the engine can unpack this kernel's weight: qnnpack's 3-d convs cannot (their weight is then
