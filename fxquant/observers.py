@@ -331,9 +331,9 @@ def _row_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     step = max(1, block // (x.element_size() * x.shape[1]))
     mn, mx = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])  # on x's device, whatever the default device
     for i in range(0, x.shape[0], step):
-        block = x[i:i + step]
-        torch.amin(block, 1, out=mn[i:i + step])
-        torch.amax(block, 1, out=mx[i:i + step])
+        rows = x[i:i + step]
+        torch.amin(rows, 1, out=mn[i:i + step])
+        torch.amax(rows, 1, out=mx[i:i + step])
     return mn, mx
 
 
