@@ -298,10 +298,8 @@ def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
     step may follow), first give it copies of its own, so the user's model never changes. Calibration runs
     under ``torch.no_grad`` and copies nothing. ``load_state_dict`` on a submodule (``prepared.fc.load_state_dict``)
     copies that submodule's parameters first: each module with parameters has the hook too."""
-    prepared.__dict__[SHARED_WEIGHTS_ATTR] = True
-    prepared.register_load_state_dict_pre_hook(_unshare_before_load)
     for module in prepared.modules():
-        if module is not prepared and module._parameters:
+        if module is prepared or module._parameters:
             module.__dict__[SHARED_WEIGHTS_ATTR] = True
             module.register_load_state_dict_pre_hook(_unshare_before_load)
     prepared.register_forward_pre_hook(_unshare_before_training)

@@ -14,7 +14,7 @@ from torch import fx, nn
 from fxquant.backends.config import BackendConfig, OpEntry
 from fxquant.qparams import QParams
 
-__all__ = ["RECORD_KEY", "NodeRecord", "QuantContext", "record", "modules_of", "FloatReason"]
+__all__ = ["RECORD_KEY", "NodeRecord", "QuantContext", "record", "modules_of", "attribute_owner", "FloatReason"]
 
 #: the one node.meta key fxquant uses
 RECORD_KEY = "fxquant"
@@ -80,6 +80,11 @@ def record(node: fx.Node) -> NodeRecord:
 def modules_of(gm: fx.GraphModule) -> dict[str, nn.Module]:
     """Qualified name -> submodule."""
     return dict(gm.named_modules())
+
+
+def attribute_owner(node: fx.Node) -> str:
+    """The module whose attribute a ``get_attr`` node reads (``"conv"`` for ``self.conv.weight``; ``""``: the root)."""
+    return str(node.target).rpartition(".")[0]
 
 
 @dataclasses.dataclass

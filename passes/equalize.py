@@ -50,6 +50,7 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.fused import fold_bn
 from fxquant.passes.base import PassResult
+from fxquant.passes.context import attribute_owner
 from fxquant.tracer import PrepareCustomConfig, trace
 
 __all__ = ["Chain", "EqualizePass", "equalize", "find_chains", "fold_batch_norms", "rescale_channels"]
@@ -131,7 +132,7 @@ def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            owner = str(node.target) if node.op == "call_module" else str(node.target).rpartition(".")[0]
+            owner = str(node.target) if node.op == "call_module" else attribute_owner(node)
             counts[owner] = counts.get(owner, 0) + 1
     return counts
 

@@ -28,7 +28,7 @@ from torch import fx, nn
 from fxquant.backends.config import OpEntry
 from fxquant.fused import materialize_tied_folds
 from fxquant.passes.base import PassResult
-from fxquant.passes.context import RECORD_KEY, QuantContext, record
+from fxquant.passes.context import RECORD_KEY, QuantContext, attribute_owner, record
 from fxquant.passes.matching import Match, Pattern
 from fxquant.passes.rewrite import Rewrite, rewrite
 
@@ -53,7 +53,7 @@ def _call_sites(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> tuple[Coun
     cached = _CALL_SITES.get(graph)
     if cached is None or cached[0] is not modules:
         calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
-        read = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
+        read = {attribute_owner(n) for n in graph.nodes if n.op == "get_attr"}
         cached = (modules, calls, read)
         _CALL_SITES[graph] = cached
     return cached[1], cached[2]
