@@ -552,6 +552,91 @@ def test_kernels_keep_their_weights_packed_only():
         assert torch.equal(a.weight.q_per_channel_scales(), b.weight.q_per_channel_scales())
 
 
+_DIRECT_CASES = {
+    "conv1d": (nn.Conv1d(3, 4, 3), (1, 3, 9)),
+    "conv2d": (nn.Conv2d(3, 4, 3), (1, 3, 9, 9)),
+    "conv2d_relu": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (1, 3, 9, 9)),
+    "conv3d": (nn.Conv3d(3, 4, 3), (1, 3, 5, 5, 5)),
+    "conv_transpose2d": (nn.ConvTranspose2d(3, 4, 3), (1, 3, 6, 6)),
+    "linear": (nn.Linear(8, 5), (2, 8)),
+    "linear_relu": (nn.Sequential(nn.Linear(8, 5), nn.ReLU()), (2, 8)),
+}
+
+
+class _NotAScriptObject:
+    """Stands for a FakeScriptObject (what torch.export traces with): any packed weight that is not a real
+    ``torch.ScriptObject``."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+
+
+@pytest.mark.parametrize("case", sorted(_DIRECT_CASES))
+def test_kernels_call_the_op_entry_directly_and_the_overload_for_anything_else(case, monkeypatch):
+    """Converted convs and linears call the C++ entry of their op (skipping the overload's Python scan for fake
+    script objects, a tenth of a small conv's time): the same values as the public op. A packed weight that is not
+    a real ScriptObject goes through the overload, whose Python dispatch handles fake ones."""
+    from fxquant.backends.kernels import qtensor, qtensor_ops
+    from fxquant.backends.kernels.qtensor_ops import QuantizedConvTranspose
+
+    model, shape = _DIRECT_CASES[case]
+    x = torch.randn(*shape)
+    prepared = fxquant.prepare_fx(seeded(model), default_mapping(), (x,), backend_config="fbgemm")
+    fxquant.calibrate(prepared, [x], progress=False)
+    q = fxquant.convert_fx(prepared)
+    (k,) = [m for m in q.modules() if isinstance(m, (QuantizedConv, QuantizedLinear, QuantizedConvTranspose))]
+    qx = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
+    public = getattr(torch.ops.quantized, case)
+    expected = public(qx, k._packed, k._scale, k._zp)
+    assert torch.equal(k(qx).int_repr(), expected.int_repr())
+
+    calls = []
+    tables = {"conv": (qtensor, "_CONV_OPS"), "line": (qtensor, "_LINEAR_OPS"),
+              "conv_tr": (qtensor_ops, "_TRANSPOSE_OPS")}
+    module, name = tables["conv_tr" if "transpose" in case else case[:4]]
+    real_ops = getattr(module, name)
+
+    def recording(op):
+        def run(x, packed, *rest):
+            calls.append(type(packed))
+            return op(x, packed.real, *rest)
+        return run
+
+    if isinstance(real_ops, dict):
+        patched = {n: tuple(recording(op) if i else op for i, op in enumerate(ops)) for n, ops in real_ops.items()}
+    else:
+        patched = tuple(recording(op) for op in real_ops)
+    monkeypatch.setattr(module, name, patched)
+    assert torch.equal(k(qx).int_repr(), expected.int_repr())
+    assert calls == []  # a real packed weight: the entry, not the (patched) overload
+    k.__dict__["_packed"] = _NotAScriptObject(k._packed)
+    assert torch.equal(k(qx).int_repr(), expected.int_repr())
+    assert calls == [_NotAScriptObject]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_dynamic_linears_on_the_direct_path_give_the_public_ops_values(fp16):
+    """The dynamic int8 and float16 linears take the same direct path: the same values as the public op."""
+    from fxquant.backends.kernels.dynamic import DynamicLinear, DynamicLinearFP16
+
+    linear = seeded(nn.Linear(8, 5))
+    x = torch.randn(3, 8)
+    if fp16:
+        k = DynamicLinearFP16(linear)
+        expected = torch.ops.quantized.linear_dynamic_fp16(x, k._packed)
+    else:
+        from fxquant.qparams import QParams
+
+        scale = linear.weight.detach().abs().amax() / 127
+        k = DynamicLinear(linear, QParams(scale.reshape(()), torch.tensor(0), torch.qint8, torch.per_tensor_symmetric,
+                                          -128, 127), engine_name="fbgemm")
+        expected = torch.ops.quantized.linear_dynamic(x, k._packed, False)
+    assert torch.equal(k(x), expected)
+    one = (torch.ops.quantized.linear_dynamic_fp16(x[:1], k._packed) if fp16
+           else torch.ops.quantized.linear_dynamic(x[:1], k._packed, False))
+    assert torch.equal(k(x[0]), one[0])  # an unbatched input
+
+
 def test_qnnpack_3d_convs_keep_their_weight_beside_the_packed_one():
     """qnnpack cannot unpack a 3-d conv's weight, so that kernel keeps it; state_dict still works."""
     model = seeded(nn.Sequential(nn.Conv3d(2, 4, 3), nn.ReLU()))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fxquant.backends.kernels.qtensor import LoweringSpec, engine
+from fxquant.backends.kernels.qtensor import SCRIPT_OBJECT, LoweringSpec, engine, entry
 from fxquant.qparams import QParams, quantize_int
 
 __all__ = ["BUILDERS", "DynamicLinear", "DynamicLinearFP16", "PerTokenLinear", "DynamicRNN", "DynamicRNNCell",
@@ -105,6 +105,14 @@ class _Repacking(nn.Module):
 
 # -------------------------------------------------------------------------------- dynamic int8 linear
 
+#: (linear, linear + relu) overloads and their C++ entries (``qtensor.entry``), indexed by ``relu``
+_DYNAMIC_OPS = (torch.ops.quantized.linear_dynamic.default, torch.ops.quantized.linear_relu_dynamic.default)
+_DYNAMIC_FP16_OPS = (torch.ops.quantized.linear_dynamic_fp16.default,
+                     torch.ops.quantized.linear_relu_dynamic_fp16.default)
+_DYNAMIC_ENTRIES = tuple(entry(op) for op in _DYNAMIC_OPS)
+_DYNAMIC_FP16_ENTRIES = tuple(entry(op) for op in _DYNAMIC_FP16_OPS)
+
+
 class DynamicLinear(_Repacking):
     """Linear (optionally + ReLU) with int8 weights; the kernel quantizes each input per tensor at run time.
 
@@ -120,7 +128,7 @@ class DynamicLinear(_Repacking):
                  engine_name: str = "x86") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.relu, self.reduce_range, self._engine = relu, reduce_range, engine_name
+        self.relu, self.reduce_range, self._engine = bool(relu), reduce_range, engine_name
         _register_qweight(self, "weight", linear.weight, weight)
         self.register_buffer("bias", _bias(linear))
         self._repack()
@@ -130,10 +138,11 @@ class DynamicLinear(_Repacking):
             self._packed = torch.ops.quantized.linear_prepack(_qweight(self, "weight"), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = torch.ops.quantized.linear_relu_dynamic if self.relu else torch.ops.quantized.linear_dynamic
+        packed = self._packed
+        op = (_DYNAMIC_ENTRIES if type(packed) is SCRIPT_OBJECT else _DYNAMIC_OPS)[self.relu]
         if x.dim() == 1:  # the kernel wants a batch dimension
-            return op(x.float().unsqueeze(0), self._packed, self.reduce_range).squeeze(0)
-        return op(x.float(), self._packed, self.reduce_range)
+            return op(x.float().unsqueeze(0), packed, self.reduce_range).squeeze(0)
+        return op(x.float(), packed, self.reduce_range)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, relu={self.relu}, engine={self._engine}"
@@ -145,7 +154,7 @@ class DynamicLinearFP16(_Repacking):
     def __init__(self, linear: nn.Linear, relu: bool = False, engine_name: str = "fbgemm") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.relu, self._engine = relu, engine_name
+        self.relu, self._engine = bool(relu), engine_name
         self.register_buffer("weight", linear.weight.detach().to(torch.float16).clone())
         self.register_buffer("bias", _bias(linear))
         self._repack()
@@ -155,10 +164,11 @@ class DynamicLinearFP16(_Repacking):
             self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight.float(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = torch.ops.quantized.linear_relu_dynamic_fp16 if self.relu else torch.ops.quantized.linear_dynamic_fp16
+        packed = self._packed
+        op = (_DYNAMIC_FP16_ENTRIES if type(packed) is SCRIPT_OBJECT else _DYNAMIC_FP16_OPS)[self.relu]
         if x.dim() == 1:
-            return op(x.float().unsqueeze(0), self._packed).squeeze(0)
-        return op(x.float(), self._packed)
+            return op(x.float().unsqueeze(0), packed).squeeze(0)
+        return op(x.float(), packed)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, relu={self.relu}, weight=float16"

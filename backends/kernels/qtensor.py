@@ -26,7 +26,7 @@ from torch import nn
 from fxquant.errors import FxQuantError
 from fxquant.qparams import QParams, quantize
 
-__all__ = ["LoweringSpec", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
+__all__ = ["LoweringSpec", "entry", "SCRIPT_OBJECT", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
            "QuantizedBatchNorm", "QuantizedBinary", "QuantizedCat", "QuantizedHardswish", "engine"]
 
 
@@ -227,11 +227,30 @@ class _Packed(_OutputQParams):
         self._repack(weight)
 
 
+def entry(op: Any) -> Any:
+    """The C++ function behind a ``torch.ops`` overload that takes a packed weight.
+
+    Calling the overload runs its Python ``__call__`` first, which scans every argument for a FakeScriptObject
+    (what ``torch.export`` traces with): 2-4 us a call, a tenth of a small conv's time at batch 1, paid by every
+    conv and linear of a model. The kernels call the entry when their packed weight is a real
+    ``torch.ScriptObject`` (always, outside tracing) and the overload otherwise.
+    """
+    return getattr(op, "_op", op)
+
+
+#: the type of a real packed weight (a FakeScriptObject, while torch.export traces, is not one)
+SCRIPT_OBJECT = torch.ScriptObject
+
 _CONV_OPS = {
-    1: (torch.ops.quantized.conv1d_prepack, torch.ops.quantized.conv1d, torch.ops.quantized.conv1d_relu),
+    1: (torch.ops.quantized.conv1d_prepack, torch.ops.quantized.conv1d.default,
+        torch.ops.quantized.conv1d_relu.default),
     2: (torch.ops.quantized.conv2d_prepack, torch.ops.quantized.conv2d.new, torch.ops.quantized.conv2d_relu.new),
     3: (torch.ops.quantized.conv3d_prepack, torch.ops.quantized.conv3d.new, torch.ops.quantized.conv3d_relu.new),
 }
+#: dims -> (conv entry, conv+relu entry), indexed by ``relu``
+_CONV_ENTRIES = {n: (entry(conv), entry(conv_relu)) for n, (_, conv, conv_relu) in _CONV_OPS.items()}
+_LINEAR_OPS = (torch.ops.quantized.linear.default, torch.ops.quantized.linear_relu.default)
+_LINEAR_ENTRIES = tuple(entry(op) for op in _LINEAR_OPS)
 
 
 class QuantizedConv(_Packed):
@@ -240,7 +259,7 @@ class QuantizedConv(_Packed):
     def __init__(self, conv: nn.Module, weight: QParams, output: QParams, relu: bool, engine_name: str) -> None:
         super().__init__(output)
         self.dims = conv.weight.dim() - 2
-        self.relu = relu
+        self.relu = bool(relu)  # indexes the (op, op + relu) tables
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -258,8 +277,10 @@ class QuantizedConv(_Packed):
                                f"{self.dims} spatial dims (N, C, ...), got shape {tuple(x.shape)}; pass inputs shaped "
                                "like the example the model was prepared with (the quantized kernels take no unbatched "
                                "input: x.unsqueeze(0))")
-        op = _CONV_OPS[self.dims][2 if self.relu else 1]
-        return op(x, self._packed, self._scale, self._zp)
+        packed = self._packed
+        if type(packed) is SCRIPT_OBJECT:
+            return _CONV_ENTRIES[self.dims][self.relu](x, packed, self._scale, self._zp)
+        return _CONV_OPS[self.dims][2 if self.relu else 1](x, packed, self._scale, self._zp)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -271,7 +292,7 @@ class QuantizedLinear(_Packed):
 
     def __init__(self, linear: nn.Linear, weight: QParams, output: QParams, relu: bool, engine_name: str) -> None:
         super().__init__(output)
-        self.relu = relu
+        self.relu = bool(relu)  # indexes the (op, op + relu) tables
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self._engine = engine_name
@@ -288,9 +309,10 @@ class QuantizedLinear(_Packed):
             raise FxQuantError(f"{self._describe()}: expects inputs with {self.in_features} features in the last "
                                f"dimension, like the float Linear, got shape {tuple(x.shape)}; pass inputs shaped like "
                                "the example the model was prepared with")
-        if self.relu:
-            return torch.ops.quantized.linear_relu(x, self._packed, self._scale, self._zp)
-        return torch.ops.quantized.linear(x, self._packed, self._scale, self._zp)
+        packed = self._packed
+        if type(packed) is SCRIPT_OBJECT:
+            return _LINEAR_ENTRIES[self.relu](x, packed, self._scale, self._zp)
+        return _LINEAR_OPS[self.relu](x, packed, self._scale, self._zp)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, relu={self.relu}, {super().extra_repr()}"
@@ -325,6 +347,10 @@ class QuantizedBatchNorm(_OutputQParams):
         self._op = getattr(torch.ops.quantized, f"batch_norm{self.dims}d" + ("_relu" if self.relu else ""))
 
 
+#: add / mul (+ relu): the C++ entries of the op packets (they take no packed weight: nothing to check)
+_BINARY_ENTRIES = {t: entry(getattr(torch.ops.quantized, t)) for t in ("add", "add_relu", "mul", "mul_relu")}
+
+
 class QuantizedBinary(_OutputQParams):
     """add / mul (optionally + ReLU) of two quantized tensors."""
 
@@ -333,7 +359,7 @@ class QuantizedBinary(_OutputQParams):
         self.target = target
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return getattr(torch.ops.quantized, self.target)(a, b, self._scale, self._zp)
+        return _BINARY_ENTRIES[self.target](a, b, self._scale, self._zp)
 
     def extra_repr(self) -> str:
         return f"{self.target}, {super().extra_repr()}"

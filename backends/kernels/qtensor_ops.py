@@ -13,17 +13,19 @@ from torch import nn
 
 from fxquant.backends.kernels.qtensor import (_BN_TARGETS, _CONV_TARGETS, LoweringSpec, QuantizedBatchNorm,
                                               QuantizedBinary, QuantizedCat, QuantizedConv, QuantizedHardswish,
-                                              QuantizedLinear, _OutputQParams, _Packed, engine)
+                                              QuantizedLinear, SCRIPT_OBJECT, _OutputQParams, _Packed, engine,
+                                              entry)
 from fxquant.qparams import QParams, quantize
 
 __all__ = ["BUILDERS", "QuantizedConvTranspose", "QuantizedNorm", "QuantizedELU", "QuantizedLeakyReLU", 
            "QuantizedSoftmax", "QuantizedMatmul", "QuantizedStack"]
 
 _TRANSPOSE_OPS = {
-    1: (torch.ops.quantized.conv_transpose1d_prepack, torch.ops.quantized.conv_transpose1d),
-    2: (torch.ops.quantized.conv_transpose2d_prepack, torch.ops.quantized.conv_transpose2d),
-    3: (torch.ops.quantized.conv_transpose3d_prepack, torch.ops.quantized.conv_transpose3d),
+    1: (torch.ops.quantized.conv_transpose1d_prepack, torch.ops.quantized.conv_transpose1d.default),
+    2: (torch.ops.quantized.conv_transpose2d_prepack, torch.ops.quantized.conv_transpose2d.default),
+    3: (torch.ops.quantized.conv_transpose3d_prepack, torch.ops.quantized.conv_transpose3d.default),
 }
+_TRANSPOSE_ENTRIES = {n: entry(op) for n, (_, op) in _TRANSPOSE_OPS.items()}
 
 
 class QuantizedConvTranspose(_Packed):
@@ -44,7 +46,10 @@ class QuantizedConvTranspose(_Packed):
                                             self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _TRANSPOSE_OPS[self.dims][1](x, self._packed, self._scale, self._zp)
+        packed = self._packed
+        if type(packed) is SCRIPT_OBJECT:
+            return _TRANSPOSE_ENTRIES[self.dims](x, packed, self._scale, self._zp)
+        return _TRANSPOSE_OPS[self.dims][1](x, packed, self._scale, self._zp)
 
 
 class QuantizedNorm(_OutputQParams):
