@@ -1,6 +1,8 @@
 """normalize rewrites: einsum matrix products -> matmul, swapaxes -> transpose (maxvit's attention)."""
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 import torch
 from torch import fx, nn
 
@@ -74,3 +76,130 @@ def test_decomposed_attention_reads_the_projection_weights_in_place_and_computes
     assert dec.out_proj.weight.data_ptr() == mha.out_proj.weight.data_ptr()
     x = torch.randn(2, 5, 16)
     torch.testing.assert_close(dec(x, x, x)[0], mha(x, x, x)[0], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ Swin attention
+
+def _swin_attention(v2: bool, dim: int = 16, heads: int = 2, window: int = 4, shift: int = 2,
+                    seed: int = 0) -> nn.Module:
+    """torchvision's Swin attention with small dims, random weights and a nonzero qkv bias (V2 ignores its key
+    part: the decomposition must too)."""
+    from torchvision.models import swin_transformer as st
+
+    torch.manual_seed(seed)
+    cls = st.ShiftedWindowAttentionV2 if v2 else st.ShiftedWindowAttention
+    attn = cls(dim, [window, window], [shift, shift], heads)
+    with torch.no_grad():
+        attn.qkv.bias.normal_()
+        attn.proj.bias.normal_()
+        if not v2:
+            attn.relative_position_bias_table.normal_()
+    return attn.eval()
+
+
+@settings(max_examples=25, deadline=None)
+@given(v2=st.booleans(), batch=st.integers(1, 2), h=st.integers(1, 11), w=st.integers(1, 11),
+       shift=st.sampled_from([0, 1, 2]))
+@example(v2=False, batch=1, h=8, w=8, shift=2)
+@example(v2=True, batch=2, h=5, w=9, shift=2)  # padded and shifted in one dimension, padded only in the other
+def test_decomposed_swin_attention_computes_what_torchvision_does(v2, batch, h, w, shift):
+    """Every map size: whole windows or padded ones (a padded token's qkv is the projection's bias), shifted or not
+    (no shift where one window covers the map), V1's scaled scores and V2's cosine scores without the key bias."""
+    from fxquant.decomposed import DecomposedShiftedWindowAttention
+
+    attn = _swin_attention(v2, shift=shift)
+    dec = DecomposedShiftedWindowAttention(attn)
+    x = torch.randn(batch, h, w, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(x), attn(x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_decomposed_swin_attention_holds_the_same_parameters_and_trains_the_same(v2):
+    """The decomposition holds the original's tensors under the original's names (state_dict keys unchanged,
+    nothing copied), and in train mode the gradients of every parameter are torchvision's."""
+    from fxquant.decomposed import DecomposedShiftedWindowAttention
+
+    attn = _swin_attention(v2).train()
+    dec = DecomposedShiftedWindowAttention(attn)
+    assert dec.training
+    ours, theirs = dec.state_dict(keep_vars=True), attn.state_dict(keep_vars=True)
+    assert set(ours) == set(theirs) and all(ours[k] is theirs[k] for k in ours)
+    x = torch.randn(2, 7, 6, 16)
+    grads = []
+    for module in (attn, dec):
+        module.zero_grad()
+        module(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) == {n for n, _ in attn.named_parameters()}
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3)
+
+
+class _SwinStage(nn.Module):
+    """Two torchvision Swin blocks (plain and shifted windows) on a 14 x 14 map of 16 channels."""
+
+    def __init__(self, v2: bool) -> None:
+        super().__init__()
+        from torchvision.models import swin_transformer as st
+
+        block = st.SwinTransformerBlockV2 if v2 else st.SwinTransformerBlock
+        attn = st.ShiftedWindowAttentionV2 if v2 else st.ShiftedWindowAttention
+        self.embed = nn.Linear(3, 16)
+        self.blocks = nn.Sequential(*[block(16, 2, [7, 7], [s, s], attn_layer=attn) for s in (0, 3)])
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_attention_projections_quantize_and_the_user_model_is_untouched(v2):
+    """prepare_fx decomposes torchvision's Swin attention in its copy: the qkv and output projections (float in
+    torch.ao, where they are tensors passed to one wrapped function) become int8 linears."""
+    from torchvision.models import swin_transformer as st
+
+    from fxquant.backends.kernels.qtensor import QuantizedLinear
+
+    torch.manual_seed(0)
+    model = _SwinStage(v2).eval()
+    calib = [torch.randn(2, 14, 14, 3) for _ in range(3)]
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (calib[0],),
+                                  backend_config="fbgemm")
+    assert all(type(b.attn) in (st.ShiftedWindowAttention, st.ShiftedWindowAttentionV2) for b in model.blocks)
+    fxquant.calibrate(prepared, calib, progress=False)
+    quantized = fxquant.convert_fx(prepared)
+    kernels = {name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)}
+    assert {f"blocks.{i}.attn.{p}" for i in (0, 1) for p in ("qkv", "proj")} <= kernels
+    with torch.no_grad():
+        assert fxquant.sqnr(model(calib[0]), quantized(calib[0])) > 20
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_attention_trains_under_qat_and_converts(v2):
+    """prepare_qat_fx: the decomposed attention trains with fake-quantized projections (the relative position
+    table gets its gradient through the leaf), and converts to int8 projections."""
+    import torch.nn.functional as F
+
+    from fxquant.backends.kernels.qtensor import QuantizedLinear
+
+    torch.manual_seed(0)
+    model = _SwinStage(v2).train()
+    x, target = torch.randn(4, 14, 14, 3), torch.randint(0, 5, (4,))
+    qat = fxquant.prepare_qat_fx(model, fxquant.get_default_qat_qconfig_mapping("fbgemm"), (x,),
+                                 backend_config="fbgemm")
+    table = "cpb_mlp.0.weight" if v2 else "relative_position_bias_table"
+    before = qat.get_parameter(f"blocks.1.attn.{table}").detach().clone()
+    opt = torch.optim.SGD(qat.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(qat(x), target).backward()
+        opt.step()
+    assert not torch.equal(qat.get_parameter(f"blocks.1.attn.{table}"), before)
+    qat.eval()
+    with torch.no_grad():
+        simulated = qat(x)
+    quantized = fxquant.convert_fx(qat)
+    assert isinstance(quantized.get_submodule("blocks.1.attn.qkv"), QuantizedLinear)
+    with torch.no_grad():
+        assert fxquant.sqnr(simulated, quantized(x)) > 20
