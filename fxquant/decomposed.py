@@ -16,15 +16,14 @@ Example:
 torchvision's Swin attention (``ShiftedWindowAttention`` and its V2) is traced into, but its body is one
 ``torch.fx.wrap``-ped function (shape-dependent padding, shifts and masks) that takes the projection weights as
 tensors: both projections stayed float, the largest cost of an int8 Swin. :class:`DecomposedShiftedWindowAttention`
-calls its ``qkv`` and ``proj`` as the ``nn.Linear`` modules they are, around one leaf function
-(:func:`window_attention`) for what lies between them. The projections work token by token, so they commute with
-the leaf's padding, shifts and window partitions; the module keeps the original's parameter and buffer names, so
-state_dict keys do not change.
+calls its ``qkv`` and ``proj`` as the ``nn.Linear`` modules they are, around one float leaf module
+(:class:`WindowAttention`, running :func:`window_attention`) for what lies between them. The projections work
+token by token, so they commute with the leaf's padding, shifts and window partitions; the module keeps the
+original's parameter and buffer names, so a prepared model's state_dict keys are the float model's.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -32,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DecomposedMultiheadAttention", "DecomposedShiftedWindowAttention", "decompose_attention",
-           "window_attention"]
+__all__ = ["DecomposedMultiheadAttention", "DecomposedShiftedWindowAttention", "WindowAttention",
+           "decompose_attention", "window_attention"]
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float = 1.0) -> nn.Linear:
@@ -124,22 +123,21 @@ class DecomposedMultiheadAttention(nn.Module):
         return scores
 
 
-@functools.lru_cache(maxsize=64)
-def _shift_mask(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device,
+def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], device: torch.device,
                 dtype: torch.dtype) -> torch.Tensor:
     """The additive attention mask of shifted windows, ``[windows, 1, tokens, tokens]``: -100 between tokens that
-    the cyclic shift brought from different regions of the map, else 0 (the same mask as torchvision's; it depends
-    on shapes only, so it is built once per shape, not per call; callers only read it)."""
+    the cyclic shift brought from different regions of the map, else 0 (torchvision's mask). Built on each call,
+    as torchvision does: a cache would hold tensors of every map size seen, and fake ones while exporting."""
     region = torch.zeros(pad_h, pad_w, device=device, dtype=dtype)
-    count = 0
-    for h0, h1 in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
-        for w0, w1 in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
-            region[h0:h1, w0:w1] = count
-            count += 1
+    rows = [0, pad_h - window[0], pad_h - shift[0], pad_h]
+    cols = [0, pad_w - window[1], pad_w - shift[1], pad_w]
+    for i in range(3):
+        for j in range(3):
+            region[rows[i]:rows[i + 1], cols[j]:cols[j + 1]] = float(3 * i + j)
     region = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1]).permute(0, 2, 1, 3)
     region = region.reshape(-1, window[0] * window[1])
     diff = region.unsqueeze(1) - region.unsqueeze(2)
-    return torch.where(diff != 0, -100.0, 0.0).to(dtype).unsqueeze(1)
+    return (diff != 0).to(dtype).mul(-100.0).unsqueeze(1)
 
 
 @torch.fx.wrap
@@ -148,51 +146,54 @@ def window_attention(qkv: torch.Tensor, relative_position_bias: torch.Tensor, wi
                      logit_scale: Optional[torch.Tensor] = None, attention_dropout: float = 0.0,
                      training: bool = False) -> torch.Tensor:
     """Shifted-window attention between the projections: ``qkv`` is the ``[B, H, W, 3C]`` output of the qkv
-    projection; returns the ``[B, H, W, C]`` input of the output projection.
+    projection; returns the ``[B, H, W, C]`` input of the output projection, in ``qkv``'s dtype.
 
     torchvision pads the map to whole windows before projecting, so a padded token's qkv is the projection's bias:
     here it is padded with that bias. With ``logit_scale`` (V2's cosine attention) the key bias is not used, as in
-    torchvision: it is subtracted from the keys again. Scores, bias, mask, softmax, dropout and the weighted values
-    are one ``scaled_dot_product_attention``. Otherwise the same steps as
-    ``torchvision.models.swin_transformer.shifted_window_attention``: cyclic shift (none where a window covers the
-    map), partition, scaled or cosine scores plus the relative position bias and the shift mask, softmax, dropout,
-    the weighted values, windows reversed, shift undone, padding cut.
+    torchvision: it is subtracted from the keys again. Otherwise the steps of
+    ``torchvision.models.swin_transformer.shifted_window_attention``: cyclic shift (none along an axis a window
+    covers), partition, scaled or cosine scores plus the relative position bias and the shift mask, softmax,
+    dropout and the weighted values (those five in one ``scaled_dot_product_attention``), windows reversed, shift
+    undone, padding cut.
     """
     b, h, w, c3 = qkv.shape
     c = c3 // 3
+    dtype = qkv.dtype
     pad_b = (window_size[0] - h % window_size[0]) % window_size[0]
     pad_r = (window_size[1] - w % window_size[1]) % window_size[1]
-    key_bias = None  # V2's key bias, to subtract from the keys after the partition
+    key_bias: Optional[torch.Tensor] = None  # V2's key bias, to subtract from the keys after the partition
     if logit_scale is not None and qkv_bias is not None:
         if torch.is_grad_enabled() and qkv_bias.requires_grad:
-            # training: subtracted before padding, so its gradient is exactly zero, as in torchvision (the
-            # projection's and the subtraction's gradients are one sum); padded keys are 0 without any gradient
-            qkv = qkv - F.pad(qkv_bias[c:2 * c], (c, c))
-            qkv_bias = qkv_bias - F.pad(qkv_bias[c:2 * c], (c, c))
+            # training: subtracted before padding, so its gradient (the projection's minus the subtraction's) is
+            # zero up to rounding, as torchvision's is zero; padded keys are 0 with no path to it (their gradient
+            # through the normalisation of a zero vector is huge: it must not reach the bias at all)
+            qkv = qkv - F.pad(qkv_bias[c:2 * c], [c, c]).to(dtype)
+            qkv_bias = torch.cat([qkv_bias[:c], qkv_bias.new_zeros(c), qkv_bias[2 * c:]])
         else:  # a third of the work: the keys alone (padded keys are then the bias minus itself: 0)
             key_bias = qkv_bias[c:2 * c]
-    if pad_b or pad_r:
-        fill = qkv.new_zeros(c3) if qkv_bias is None else qkv_bias.to(qkv.dtype)
+    if pad_b > 0 or pad_r > 0:
+        fill = qkv.new_zeros(c3) if qkv_bias is None else qkv_bias.to(dtype)
         padded = fill.expand(b, h + pad_b, w + pad_r, c3).clone()
         padded[:, :h, :w] = qkv
         qkv = padded
     pad_h, pad_w = h + pad_b, w + pad_r
     shift = [0 if window_size[0] >= pad_h else shift_size[0], 0 if window_size[1] >= pad_w else shift_size[1]]
-    if sum(shift) > 0:
-        qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    shifted = shift[0] > 0 or shift[1] > 0
+    if shifted:
+        qkv = torch.roll(qkv, shifts=[-shift[0], -shift[1]], dims=[1, 2])
     nh, nw, tokens = pad_h // window_size[0], pad_w // window_size[1], window_size[0] * window_size[1]
     qkv = qkv.view(b, nh, window_size[0], nw, window_size[1], c3).permute(0, 1, 3, 2, 4, 5)
     qkv = qkv.reshape(b * nh * nw, tokens, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    scale = None
+    scale: Optional[float] = None
     if logit_scale is not None:  # cosine scores, times a learned per-head scale
         if key_bias is not None:  # V2 projects keys without their bias
-            k = k - key_bias.to(k.dtype).view(num_heads, 1, c // num_heads)
-        q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+            k = k - key_bias.to(dtype).view(num_heads, 1, c // num_heads)
+        q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp().to(dtype)
         k, scale = F.normalize(k, dim=-1), 1.0
-    bias = relative_position_bias.to(q.dtype)
-    if sum(shift) > 0:
-        mask = _shift_mask(pad_h, pad_w, tuple(window_size), tuple(shift), q.device, q.dtype)
+    bias = relative_position_bias.to(dtype)
+    if shifted:
+        mask = _shift_mask(pad_h, pad_w, window_size, shift, qkv.device, dtype)
         bias = (bias + mask).unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(-1, num_heads, tokens, tokens)
     # one fused kernel for scores + bias, softmax, dropout and the weighted values (torchvision: two batched
     # matmuls of 49 x 32 matrices and a softmax in between, the largest float cost of an int8 Swin)
@@ -200,9 +201,29 @@ def window_attention(qkv: torch.Tensor, relative_position_bias: torch.Tensor, wi
                                          scale=scale)
     out = out.transpose(1, 2).reshape(b, nh, nw, window_size[0], window_size[1], c)
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, c)
-    if sum(shift) > 0:
-        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    if shifted:
+        out = torch.roll(out, shifts=[shift[0], shift[1]], dims=[1, 2])
     return out[:, :h, :w, :].contiguous()
+
+
+class WindowAttention(nn.Module):
+    """:func:`window_attention` as a leaf module (float: no kernel), so its attention dropout follows the module's
+    train / eval mode when it runs (a function's ``training`` argument would be fixed when the model is traced)."""
+
+    def __init__(self, window_size: list[int], shift_size: list[int], num_heads: int,
+                 attention_dropout: float) -> None:
+        super().__init__()
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.num_heads, self.attention_dropout = num_heads, float(attention_dropout)
+
+    def forward(self, qkv: torch.Tensor, relative_position_bias: torch.Tensor,
+                qkv_bias: Optional[torch.Tensor] = None, logit_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return window_attention(qkv, relative_position_bias, self.window_size, self.shift_size, self.num_heads,
+                                qkv_bias, logit_scale, self.attention_dropout, self.training)
+
+    def extra_repr(self) -> str:
+        return (f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}, "
+                f"attention_dropout={self.attention_dropout}")
 
 
 @torch.fx.wrap
@@ -217,8 +238,9 @@ def relative_position_bias(table: torch.Tensor, index: torch.Tensor, window_size
 
 class DecomposedShiftedWindowAttention(nn.Module):
     """torchvision's ``ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2`` with its ``qkv`` and ``proj``
-    linears called as modules (so they quantize) around :func:`window_attention`. It holds the original's
-    parameters, buffers and submodules under the same names (the same objects: nothing is copied)."""
+    linears called as modules (so they quantize) around a :class:`WindowAttention` leaf. It holds the original's
+    parameters, buffers and submodules under the same names (the same objects: nothing is copied); both dropouts
+    are modules, so they act in train mode only, whatever mode the model was traced in."""
 
     _fxquant_traceable = True
 
@@ -226,7 +248,6 @@ class DecomposedShiftedWindowAttention(nn.Module):
         super().__init__()
         self.window_size, self.shift_size = list(original.window_size), list(original.shift_size)
         self.num_heads = original.num_heads
-        self.attention_dropout, self.dropout = float(original.attention_dropout), float(original.dropout)
         self.cosine = hasattr(original, "logit_scale")
         self.qkv, self.proj = original.qkv, original.proj
         if self.cosine:
@@ -236,6 +257,8 @@ class DecomposedShiftedWindowAttention(nn.Module):
         else:
             self.relative_position_bias_table = original.relative_position_bias_table
         self.register_buffer("relative_position_index", original.relative_position_index)
+        self.attend = WindowAttention(self.window_size, self.shift_size, self.num_heads, original.attention_dropout)
+        self.proj_dropout = nn.Dropout(float(original.dropout))
         self.train(original.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,9 +268,8 @@ class DecomposedShiftedWindowAttention(nn.Module):
         else:
             table, logit_scale = self.relative_position_bias_table, None
         bias = relative_position_bias(table, self.relative_position_index, self.window_size, self.cosine)
-        out = window_attention(self.qkv(x), bias, self.window_size, self.shift_size, self.num_heads, self.qkv.bias,
-                               logit_scale, self.attention_dropout, self.training)
-        return F.dropout(self.proj(out), p=self.dropout, training=self.training)
+        out = self.attend(self.qkv(x), bias, self.qkv.bias, logit_scale)
+        return self.proj_dropout(self.proj(out))
 
 
 _SWIN_ATTENTION = {("torchvision.models.swin_transformer", "ShiftedWindowAttention"),

@@ -589,6 +589,14 @@ def test_kernels_call_the_op_entry_directly_and_the_overload_for_anything_else(c
     public = getattr(torch.ops.quantized, case)
     expected = public(qx, k._packed, k._scale, k._zp)
     assert torch.equal(k(qx).int_repr(), expected.int_repr())
+    # the entry is the public op's own (a relu output's zero point 0 would hide a conv / conv+relu swap)
+    overload = public.new if hasattr(public, "new") else public.default
+    if "transpose" in case:
+        assert qtensor_ops._TRANSPOSE_ENTRIES[k.dims] is overload._op
+    elif case.startswith("conv"):
+        assert qtensor._CONV_ENTRIES[k.dims][k.relu] is overload._op and k.relu == case.endswith("relu")
+    else:
+        assert qtensor._LINEAR_ENTRIES[k.relu] is overload._op and k.relu == case.endswith("relu")
 
     calls = []
     tables = {"conv": (qtensor, "_CONV_OPS"), "line": (qtensor, "_LINEAR_OPS"),
@@ -615,26 +623,29 @@ def test_kernels_call_the_op_entry_directly_and_the_overload_for_anything_else(c
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-def test_dynamic_linears_on_the_direct_path_give_the_public_ops_values(fp16):
-    """The dynamic int8 and float16 linears take the same direct path: the same values as the public op."""
-    from fxquant.backends.kernels.dynamic import DynamicLinear, DynamicLinearFP16
+@pytest.mark.parametrize("relu", [False, True])
+def test_dynamic_linears_on_the_direct_path_give_the_public_ops_values(fp16, relu):
+    """The dynamic int8 and float16 linears take the same direct path: the public op's entry, its values."""
+    from fxquant.backends.kernels import dynamic
+    from fxquant.qparams import QParams
 
     linear = seeded(nn.Linear(8, 5))
     x = torch.randn(3, 8)
+    name = ("linear_relu_dynamic" if relu else "linear_dynamic") + ("_fp16" if fp16 else "")
+    public = getattr(torch.ops.quantized, name)
     if fp16:
-        k = DynamicLinearFP16(linear)
-        expected = torch.ops.quantized.linear_dynamic_fp16(x, k._packed)
+        k = dynamic.DynamicLinearFP16(linear, relu=relu)
+        args: tuple = ()
+        assert dynamic._DYNAMIC_FP16_ENTRIES[k.relu] is public.default._op
     else:
-        from fxquant.qparams import QParams
-
         scale = linear.weight.detach().abs().amax() / 127
-        k = DynamicLinear(linear, QParams(scale.reshape(()), torch.tensor(0), torch.qint8, torch.per_tensor_symmetric,
-                                          -128, 127), engine_name="fbgemm")
-        expected = torch.ops.quantized.linear_dynamic(x, k._packed, False)
-    assert torch.equal(k(x), expected)
-    one = (torch.ops.quantized.linear_dynamic_fp16(x[:1], k._packed) if fp16
-           else torch.ops.quantized.linear_dynamic(x[:1], k._packed, False))
-    assert torch.equal(k(x[0]), one[0])  # an unbatched input
+        k = dynamic.DynamicLinear(linear, QParams(scale.reshape(()), torch.tensor(0), torch.qint8,
+                                                  torch.per_tensor_symmetric, -128, 127), relu=relu,
+                                  engine_name="fbgemm")
+        args = (False,)
+        assert dynamic._DYNAMIC_ENTRIES[k.relu] is public.default._op
+    assert torch.equal(k(x), public(x, k._packed, *args))
+    assert torch.equal(k(x[0]), public(x[:1], k._packed, *args)[0])  # an unbatched input
 
 
 def test_qnnpack_3d_convs_keep_their_weight_beside_the_packed_one():

@@ -101,7 +101,8 @@ def _swin_attention(v2: bool, dim: int = 16, heads: int = 2, window: int = 4, sh
 @given(v2=st.booleans(), batch=st.integers(1, 2), h=st.integers(1, 11), w=st.integers(1, 11),
        shift=st.sampled_from([0, 1, 2]))
 @example(v2=False, batch=1, h=8, w=8, shift=2)
-@example(v2=True, batch=2, h=5, w=9, shift=2)  # padded and shifted in one dimension, padded only in the other
+@example(v2=True, batch=2, h=5, w=9, shift=2)  # padded to 8 x 12 (bias-filled), shifted along both axes
+@example(v2=False, batch=1, h=3, w=9, shift=2)  # one window covers the height: shifted along the width only
 def test_decomposed_swin_attention_computes_what_torchvision_does(v2, batch, h, w, shift):
     """Every map size: whole windows or padded ones (a padded token's qkv is the projection's bias), shifted or not
     (no shift where one window covers the map), V1's scaled scores and V2's cosine scores without the key bias."""
@@ -134,10 +135,14 @@ def test_decomposed_swin_attention_holds_the_same_parameters_and_trains_the_same
     assert set(grads[0]) == set(grads[1]) == {n for n, _ in attn.named_parameters()}
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3)
+    if v2:  # the key bias is unused: torchvision's gradient is 0, ours the rounding of two equal sums
+        bias_grad = grads[1]["qkv.bias"]
+        assert float(bias_grad[16:32].abs().max()) <= 1e-5 * float(bias_grad.abs().max())
 
 
 class _SwinStage(nn.Module):
-    """Two torchvision Swin blocks (plain and shifted windows) on a 14 x 14 map of 16 channels."""
+    """Two torchvision Swin blocks (plain and shifted windows) of 16 channels; on a 10 x 10 map the 7 x 7
+    windows pad it to 14 x 14 (bias-filled qkv on the quantized path)."""
 
     def __init__(self, v2: bool) -> None:
         super().__init__()
@@ -163,7 +168,7 @@ def test_swin_attention_projections_quantize_and_the_user_model_is_untouched(v2)
 
     torch.manual_seed(0)
     model = _SwinStage(v2).eval()
-    calib = [torch.randn(2, 14, 14, 3) for _ in range(3)]
+    calib = [torch.randn(2, 10, 10, 3) for _ in range(3)]
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (calib[0],),
                                   backend_config="fbgemm")
     assert all(type(b.attn) in (st.ShiftedWindowAttention, st.ShiftedWindowAttentionV2) for b in model.blocks)
@@ -185,7 +190,7 @@ def test_swin_attention_trains_under_qat_and_converts(v2):
 
     torch.manual_seed(0)
     model = _SwinStage(v2).train()
-    x, target = torch.randn(4, 14, 14, 3), torch.randint(0, 5, (4,))
+    x, target = torch.randn(4, 10, 10, 3), torch.randint(0, 5, (4,))
     qat = fxquant.prepare_qat_fx(model, fxquant.get_default_qat_qconfig_mapping("fbgemm"), (x,),
                                  backend_config="fbgemm")
     table = "cpb_mlp.0.weight" if v2 else "relative_position_bias_table"
@@ -200,6 +205,30 @@ def test_swin_attention_trains_under_qat_and_converts(v2):
     with torch.no_grad():
         simulated = qat(x)
     quantized = fxquant.convert_fx(qat)
-    assert isinstance(quantized.get_submodule("blocks.1.attn.qkv"), QuantizedLinear)
+    assert all(isinstance(quantized.get_submodule(f"blocks.1.attn.{p}"), QuantizedLinear) for p in ("qkv", "proj"))
     with torch.no_grad():
         assert fxquant.sqnr(simulated, quantized(x)) > 20
+
+
+def test_swin_attention_dropout_follows_the_mode_after_qat():
+    """Both Swin dropouts are modules of the decomposition: active while training, off once the QAT model is put in
+    eval mode and converted (a function's training flag would be the one the model was traced with)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = _SwinStage(False)
+    for block in model.blocks:
+        block.attn.attention_dropout, block.attn.dropout = 0.5, 0.5
+    model.train()
+    x, target = torch.randn(2, 10, 10, 3), torch.randint(0, 5, (2,))
+    qat = fxquant.prepare_qat_fx(model, fxquant.get_default_qat_qconfig_mapping("fbgemm"), (x,),
+                                 backend_config="fbgemm")
+    assert not torch.equal(qat(x), qat(x))  # dropout acts in train mode
+    F.cross_entropy(qat(x), target).backward()
+    from fxquant.fake_quantize import disable_observer
+
+    disable_observer(qat.eval())  # (observers would still move the grids between the two calls)
+    with torch.no_grad():
+        assert torch.equal(qat(x), qat(x))
+        quantized = fxquant.convert_fx(qat)
+        assert torch.equal(quantized(x), quantized(x))

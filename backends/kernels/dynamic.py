@@ -434,8 +434,9 @@ class DynamicRNN(_Repacking):
                 f"bidirectional={self.bidirectional}, batch_first={self.batch_first}), weights={self.dtype}")
 
 
-_CELL_OPS = {"lstm": "quantized_lstm_cell_dynamic", "gru": "quantized_gru_cell_dynamic",
-             "rnn_tanh": "quantized_rnn_tanh_cell_dynamic", "rnn_relu": "quantized_rnn_relu_cell_dynamic"}
+_CELL_OPS = {kind: getattr(torch.ops.quantized, f"quantized_{kind}_cell_dynamic")
+             for kind in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
+_CELL_ENTRIES = {kind: entry(op) for kind, op in _CELL_OPS.items()}  # called once per time step: see qtensor.entry
 
 
 class DynamicRNNCell(_Repacking):
@@ -466,7 +467,7 @@ class DynamicRNNCell(_Repacking):
         unbatched = x.dim() == 1
         x = x.float().unsqueeze(0) if unbatched else x.float()
         zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype)
-        op = getattr(torch.ops.quantized, _CELL_OPS[self.kind])
+        op = (_CELL_ENTRIES if type(self._packed[0]) is SCRIPT_OBJECT else _CELL_OPS)[self.kind]
         if self.kind == "lstm":
             h, c = (zeros, zeros) if hx is None else (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if unbatched else hx
             out: Any = op(x, [h, c], *self._packed, self.bias_ih, self.bias_hh)
