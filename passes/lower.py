@@ -332,15 +332,20 @@ def _fresh(b: _Builder, new: fx.Node) -> bool:
 
 def _observer_qparams(builder: _Builder) -> None:
     missing: list[str] = []
-    by_name: dict[str, QParams] = {}
+    by_name: dict[str, Optional[QParams]] = {}
     for node in builder.old.graph.nodes:
         if is_observer_node(node, builder.modules):
-            obs = builder.modules[str(node.target)]
-            try:
-                builder.qparams[builder.source(node)] = by_name[str(node.target)] = obs.qparams()
-            except NoDataError:
-                missing.append(f"'{node.target}' ({obs.where})")
-    for node in builder.old.graph.nodes:  # observed after the clamp it feeds (observe's _clamp_after)
+            name = str(node.target)
+            if name not in by_name:  # a grid group's observer is called on several nodes: one QParams for all
+                try:
+                    by_name[name] = builder.modules[name].qparams()
+                except NoDataError:
+                    missing.append(f"'{name}' ({builder.modules[name].where})")
+                    by_name[name] = None  # reported once
+            if by_name[name] is not None:
+                builder.qparams[builder.source(node)] = by_name[name]
+    by_name = {k: v for k, v in by_name.items() if v is not None}
+    for node in builder.old.graph.nodes:  # observed after the clamp it feeds (observe's _clamp_after) or by its group
         rec = node.meta.get(RECORD_KEY)
         if (node not in builder.qparams and rec is not None and rec.entry is not None
                 and rec.entry.observation is Observation.OWN and rec.observer in by_name):
@@ -450,7 +455,7 @@ class LowerPass:
             self._emit_native(b, node, entry.name, qargs[0], qargs[1:])
             return True
         if entry.inputs_take_output_grid and all(b.qparams.get(b.source(t)) is out_qp for t in inputs):
-            # every input was written in the output grid (observe's _grid_taking_reader): the call as it is
+            # every input was written in the output grid (observe's grid_groups): the call as it is
             # (torch.cat) copies the integers, on quantized tensors and plain uint8 alike
             self._emit(b, node, node.op, node.target, qargs, b.map_float(node.kwargs))
             return True

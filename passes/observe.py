@@ -17,8 +17,12 @@ Contract:
     * an own-observed op whose only user is a clamp (relu, relu6, hardtanh, clamp with constant bounds) that runs
       quantized is observed after the clamp (:func:`_clamp_after`): its record names that observer, and it writes
       its output straight into the clamped grid;
-    * an own-observed op whose only user takes its inputs in its output grid (``OpEntry.inputs_take_output_grid``:
-      a cat) is observed by that user's output observer (:func:`_grid_taking_reader`), inserted then.
+    * ops that take their inputs in their output grid (``OpEntry.inputs_take_output_grid``: cats) and the
+      own-observed ops read only by them (directly or through ops sharing their input's grid, like pooling) form
+      grid groups (:func:`grid_groups`, networkx components): one observer for the whole group, called on the
+      output of each member that something outside the group reads. Every cat in a group then copies integers
+      (torch.cat) instead of requantizing, as in a densenet block, where each layer's output is read by every
+      later cat of the block.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import networkx as nx
 from torch import fx, nn
 
 from fxquant.backends import ops
@@ -37,7 +42,8 @@ from fxquant.passes.base import PassResult
 from fxquant.passes.context import NodeRecord, QuantContext, modules_of, record
 from fxquant.qat import QATModule
 
-__all__ = ["ObservePass", "tensor_inputs", "is_observer_node", "weight_observer"]
+__all__ = ["ObservePass", "GridGroup", "grid_groups", "reads_only_grid_takers", "tensor_inputs", "is_observer_node",
+           "weight_observer"]
 
 
 def is_observer_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -95,23 +101,89 @@ def _clamp_after(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.No
     return clamp
 
 
-def _grid_taking_reader(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.Node]:
-    """The only user of ``node``, if its entry takes its inputs in its output grid
-    (``OpEntry.inputs_take_output_grid``: a cat) and it will be observed (every operand a float tensor).
+def _takes_grid(node: fx.Node) -> bool:
+    """Whether ``node`` is a quantized op that takes its inputs in its output grid (a cat) and will be observed."""
+    rec = record(node)
+    return (rec.quantizable and rec.entry.observation is Observation.OWN and rec.entry.inputs_take_output_grid
+            and _float_tensors(tensor_inputs(node)))
 
-    Not where the two nodes' qconfigs observe differently (a producer given its own activation observer keeps
-    it), nor for a producer whose kernel limits its input/output scale ratio (qnnpack's add): the reader's grid
-    could fall outside those limits and leave the producer float."""
-    users = list(node.users)
-    if len(users) != 1:
-        return None
-    reader = users[0]
-    rec, own = record(reader), record(node)
-    if not rec.quantizable or rec.entry.observation is not Observation.OWN or not rec.entry.inputs_take_output_grid:
-        return None
-    if rec.qconfig.activation != own.qconfig.activation or own.entry.constraints.input_output_scale_ratio:
-        return None  # (equal, not the same object: fxquant.load rebuilds the factories)
-    return reader if _float_tensors(tensor_inputs(reader)) else None
+
+def _shares_grid_of(node: fx.Node, src: fx.Node) -> bool:
+    """Whether ``node`` is a quantized op whose output is in the grid of its first quantized input ``src``."""
+    rec = record(node)
+    if not (rec.quantizable and rec.entry.observation is Observation.SHARES_INPUT):
+        return False
+    inputs = tensor_inputs(node)
+    return bool(inputs) and inputs[0] is src
+
+
+def reads_only_grid_takers(node: fx.Node, takers: set[fx.Node]) -> bool:
+    """Whether everything that reads ``node`` is in ``takers`` (cats), directly or through ops that keep its grid
+    (pooling, reshapes): then ``node`` can be written in their grid. A node nothing reads is not."""
+    if not node.users:
+        return False
+    return all(u in takers or (_shares_grid_of(u, node) and reads_only_grid_takers(u, takers)) for u in node.users)
+
+
+def _grid_source(node: fx.Node) -> Optional[fx.Node]:
+    """The own-observed node whose grid ``node``'s output is in: ``node``, or the one behind its chain of ops that
+    share their input's grid; ``None`` where the chain ends elsewhere (a fixed-qparams op, a float one)."""
+    while True:
+        rec = record(node)
+        if not rec.quantizable:
+            return None
+        if rec.entry.observation is Observation.OWN:
+            return node
+        if rec.entry.observation is not Observation.SHARES_INPUT:
+            return None
+        inputs = tensor_inputs(node)
+        if not inputs or not isinstance(inputs[0], fx.Node):
+            return None
+        node = inputs[0]
+
+
+@dataclasses.dataclass
+class GridGroup:
+    """Cats and the producers written in their grid, sharing one observer.
+
+    Attributes:
+        members: every node of the group (cats and producers).
+        observed: the members that something outside the group reads: each gets a call of the group's observer.
+        observer: the observer module's name, once made.
+    """
+
+    members: frozenset[fx.Node]
+    observed: tuple[fx.Node, ...]
+    observer: Optional[str] = None
+
+
+def grid_groups(graph: fx.Graph) -> dict[fx.Node, GridGroup]:
+    """Each member's grid group: the networkx connected components of "producer p is written in cat c's grid".
+
+    p joins c when everything that reads p is a cat (through ops keeping p's grid), p is observed with the same
+    activation qconfig as c, and p's kernel does not limit its input/output scale ratio (qnnpack's add: the shared
+    grid could fall outside those limits and leave it float). A cat alone is no group.
+    """
+    takers = {n for n in graph.nodes if _takes_grid(n)}
+    links = nx.Graph()
+    for cat in takers:
+        for t in tensor_inputs(cat) or ():
+            src = _grid_source(t)
+            if src is None or src is cat:
+                continue
+            own = record(src)
+            if (own.qconfig.activation != record(cat).qconfig.activation  # (equal: fxquant.load rebuilds them)
+                    or own.entry.constraints.input_output_scale_ratio or not reads_only_grid_takers(src, takers)):
+                continue
+            links.add_edge(src, cat)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    groups: dict[fx.Node, GridGroup] = {}
+    for component in nx.connected_components(links):
+        cats = takers & component  # a member read by a cat of another group (another qconfig) is observed too
+        observed = tuple(sorted((n for n in component if not reads_only_grid_takers(n, cats)), key=order.get))
+        group = GridGroup(frozenset(component), observed)
+        groups.update(dict.fromkeys(component, group))
+    return groups
 
 
 def _float_tensors(inputs: Optional[list[Any]]) -> bool:
@@ -128,6 +200,7 @@ class ObservePass:
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
         before = len(modules)
+        groups = grid_groups(gm.graph)
         for node in list(gm.graph.nodes):
             rec = record(node)
             if not rec.quantizable or is_observer_node(node, modules):
@@ -157,24 +230,29 @@ class ObservePass:
             for t in inputs:
                 if self._observer_of(t, modules) is None:
                     self._insert(gm, t, rec.qconfig.activation(), modules)
-            rec.observer = self._observer_of(node, modules) or self._observe_output(gm, node, rec, modules, ctx)
+            rec.observer = (self._observer_of(node, modules)
+                            or self._observe_output(gm, node, rec, modules, ctx, groups.get(node)))
             self._attach_weight_fake_quant(node, rec, modules)
         gm.recompile()
         return PassResult(gm, len(modules) != before)
 
     def _observe_output(self, gm: fx.GraphModule, node: fx.Node, rec: NodeRecord, modules: dict[str, nn.Module],
-                        ctx: QuantContext) -> str:
-        """A new observer for the output of an own-observed or fixed-qparams ``node``: its fixed one; its grid-taking
-        reader's (:func:`_grid_taking_reader`); else one of its qconfig, after its clamp (:func:`_clamp_after`) or
-        after it."""
+                        ctx: QuantContext, group: Optional[GridGroup] = None) -> str:
+        """A new observer for the output of an own-observed or fixed-qparams ``node``: its fixed one; its grid
+        group's (:func:`grid_groups`, called on ``node``'s output if something outside the group reads it); else one
+        of its qconfig, after its clamp (:func:`_clamp_after`) or after it."""
         if rec.entry.observation is Observation.FIXED:
             scale, zp = rec.entry.constraints.fixed_qparams
             return self._insert(gm, node, FakeQuantize(observer=FixedQParamsObserver, scale=scale, zero_point=zp)
                                 if ctx.is_qat else FixedQParamsObserver(scale=scale, zero_point=zp), modules)
-        reader = _grid_taking_reader(node, modules)
-        if reader is not None:  # written in its reader's output grid: that observer observes it
-            return (self._observer_of(reader, modules)
-                    or self._insert(gm, reader, record(reader).qconfig.activation(), modules))
+        if group is not None:
+            if group.observer is None:
+                obs = rec.qconfig.activation()
+                group.observer = self._insert(gm, group.observed[0], obs, modules, call=False)
+                obs.where = "output of nodes " + ", ".join(f"'{n.name}'" for n in group.observed)
+            if node in group.observed:
+                self._insert(gm, node, None, modules, name=group.observer)
+            return group.observer
         return self._insert(gm, _clamp_after(node, modules) or node, rec.qconfig.activation(), modules)
 
     def _share_fake_quant(self, gm: fx.GraphModule, node: fx.Node, rec: NodeRecord,
@@ -205,17 +283,22 @@ class ObservePass:
         return None
 
     @staticmethod
-    def _insert(gm: fx.GraphModule, t: fx.Node, obs: nn.Module, modules: dict[str, nn.Module]) -> str:
-        name = f"{t.name}_observer"
-        i = 1
-        while name in modules:
-            name, i = f"{t.name}_observer_{i}", i + 1
-        obs.where = f"output of node '{t.name}'"
-        gm.add_submodule(name, obs)
-        modules[name] = obs
-        with gm.graph.inserting_after(t):
-            obs_node = gm.graph.call_module(name, (t,))
-        t.replace_all_uses_with(obs_node, delete_user_cb=lambda u: u is not obs_node)
-        record(obs_node).is_tensor = True
-        record(t).observer = name
+    def _insert(gm: fx.GraphModule, t: fx.Node, obs: Optional[nn.Module], modules: dict[str, nn.Module],
+                call: bool = True, name: Optional[str] = None) -> str:
+        """Add the observer ``obs`` (named after ``t``) and, with ``call``, a call of it on ``t``'s output that all
+        of ``t``'s users then read; ``name`` instead calls an observer added before (a grid group's)."""
+        if name is None:
+            name = f"{t.name}_observer"
+            i = 1
+            while name in modules:
+                name, i = f"{t.name}_observer_{i}", i + 1
+            obs.where = f"output of node '{t.name}'"
+            gm.add_submodule(name, obs)
+            modules[name] = obs
+        if call:
+            with gm.graph.inserting_after(t):
+                obs_node = gm.graph.call_module(name, (t,))
+            t.replace_all_uses_with(obs_node, delete_user_cb=lambda u: u is not obs_node)
+            record(obs_node).is_tensor = True
+            record(t).observer = name
         return name

@@ -6,7 +6,7 @@
       :mod:`fxquant.qdq` operators with its qparams (plain integer tensors in between), and every quantized
       conv / linear / transposed conv (``+ ReLU``) a functional call on ``dequantize(weight_int)``, its weight
       stored as a plain int8 buffer (``<module>_weight_int``, per-channel scales and zero points beside it);
-    * an input written in its reader's output grid (``OpEntry.inputs_take_output_grid``: a cat's) gets a
+    * a node written in its readers' output grid (observe's grid groups: cats, read directly or through pooling) gets a
       ``quantize`` -> ``dequantize`` with that grid after it, as the int8 producer writes there (the cat's own pair
       then changes nothing; exporters see each producer followed by its quantize);
     * shares-input ops that leave their input's grid (``OpEntry.leaves_grid``: average pooling, mean, clamps,
@@ -48,7 +48,7 @@ from fxquant.fused import float_type, materialize_folds
 from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
-from fxquant.passes.observe import is_observer_node, weight_observer
+from fxquant.passes.observe import is_observer_node, reads_only_grid_takers, weight_observer
 from fxquant.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
 from fxquant.qparams import QParams, quantize_int
 
@@ -94,9 +94,11 @@ def _qdq(gm: fx.GraphModule, x: fx.Node, qp: QParams, base: str) -> fx.Node:
 def _observer_qparams(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, QParams]:
     out: dict[str, QParams] = {}
     missing: list[str] = []
+    failed: set[str] = set()
     for node in gm.graph.nodes:
-        if is_observer_node(node, modules):
+        if is_observer_node(node, modules) and str(node.target) not in out and str(node.target) not in failed:
             obs = modules[str(node.target)]
+            failed.add(str(node.target))  # (a grid group's observer is called on several nodes: once each)
             try:
                 out[str(node.target)] = obs.qparams()
             except NoDataError:
@@ -117,12 +119,12 @@ class ReferencePass:
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
         qparams = _observer_qparams(gm, modules)
-        for node in list(gm.graph.nodes):  # written in their reader's grid (a cat's input): that grid after them
+        takers = {n for n in gm.graph.nodes if record(n).quantizable and record(n).entry.inputs_take_output_grid}
+        for node in list(gm.graph.nodes):  # written in their readers' grid (cats' inputs): that grid after them
             rec = record(node)
-            reader = next(iter(node.users)) if len(node.users) == 1 else None
             if (rec.quantizable and rec.entry.observation is Observation.OWN and rec.observer in qparams
-                    and reader is not None and record(reader).entry is not None
-                    and record(reader).entry.inputs_take_output_grid and not qparams[rec.observer].is_per_channel):
+                    and not any(is_observer_node(u, modules) for u in node.users)
+                    and reads_only_grid_takers(node, takers) and not qparams[rec.observer].is_per_channel):
                 with gm.graph.inserting_before(node.next):
                     dq = _qdq(gm, node, qparams[rec.observer], f"{node.name}_in_grid")
                 node.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq.args[0])

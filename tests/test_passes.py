@@ -837,6 +837,51 @@ def test_dropped_clamps_and_copying_cats_survive_save_and_load(bits, tmp_path):
         assert torch.equal(loaded(X), converted(X))
 
 
+class _Dense(nn.Module):
+    """A densenet block: each layer reads the cat of the pooled stem and every earlier layer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.layers = nn.ModuleList([nn.Conv2d(8 + 4 * i, 4, 3, padding=1) for i in range(3)])
+        self.head = nn.Conv2d(20, 5, 1)
+
+    def forward(self, x):
+        features = [F.max_pool2d(self.stem(x), 2)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.head(torch.cat(features, 1))
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack", "x86"])
+def test_a_densenet_block_shares_one_grid_and_every_cat_copies(backend, tmp_path):
+    """The stem (through its max pool) and every layer output are read only by the block's cats: one grid group,
+    one observer called on each cat's output, and every cat is torch.cat on the integers (torch.ao shares its
+    observers the same way). The reference model agrees with the int8 one, and save / load rebuilds the same graph."""
+    model = seeded(_Dense())
+    prepared, converted = quantize(model, X, backend)
+    calls = [n for n in prepared.graph.nodes if "observer" in str(n.target)]
+    on_cats = {str(n.target) for n in calls if str(n.args[0]).startswith("cat")}
+    assert len(on_cats) == 1 and len([n for n in calls if str(n.target) in on_cats]) == 4
+    assert {str(n.args[0]) for n in calls} == {"x", "cat", "cat_1", "cat_2", "cat_3", "head"}
+    cats = [n for n in converted.graph.nodes if n.name.startswith("cat")]
+    assert len(cats) == 4 and all(n.target is torch.cat for n in cats)
+    assert not any("Cat" in type(m).__name__ for m in converted.modules())
+    qp = prepared.head_observer.qparams()  # the model's output grid
+    reference = fxquant.convert_to_reference_fx(prepared)
+    steps = 3 if backend == "x86" else K_STEPS
+    with torch.no_grad():
+        out = converted(X)
+        assert float((out - reference(X)).abs().max()) <= steps * float(qp.scale) * (1 + 1e-4)
+        assert fxquant.sqnr(model(X), out) > 25
+    path = tmp_path / "dense.fxq"
+    fxquant.save(converted, path)
+    loaded = fxquant.load(path, _Dense)
+    assert loaded.code == converted.code
+    with torch.no_grad():
+        assert torch.equal(loaded(X), out)
+
+
 def test_a_cat_input_with_its_own_activation_qconfig_keeps_its_own_grid():
     """A producer the user gave another activation observer (set_module_name) is not written in the cat's grid."""
     model = seeded(_Branches())
