@@ -232,3 +232,21 @@ def test_swin_attention_dropout_follows_the_mode_after_qat():
         assert torch.equal(qat(x), qat(x))
         quantized = fxquant.convert_fx(qat)
         assert torch.equal(quantized(x), quantized(x))
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_a_converted_swin_stage_scripts(v2):
+    """torch.jit.script compiles the converted decomposition (the leaf module and its functions are TorchScript)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _SwinStage(v2).eval()
+    x = torch.randn(2, 10, 10, 3)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,), backend_config="fbgemm")
+    fxquant.calibrate(prepared, [x], progress=False)
+    quantized = fxquant.convert_fx(prepared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        scripted = torch.jit.script(quantized)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), quantized(x))
