@@ -140,7 +140,6 @@ def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], dev
     return (diff != 0).to(dtype).mul(-100.0).unsqueeze(1)
 
 
-@torch.fx.wrap
 def window_attention(qkv: torch.Tensor, relative_position_bias: torch.Tensor, window_size: list[int],
                      shift_size: list[int], num_heads: int, qkv_bias: Optional[torch.Tensor] = None,
                      logit_scale: Optional[torch.Tensor] = None, attention_dropout: float = 0.0,

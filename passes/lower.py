@@ -6,7 +6,7 @@ Contract:
       kernel (or the same op natively on quantized tensors for shares-input / fixed-qparams ops), a
       ``Quantize`` where float enters a quantized region, ``.dequantize()`` where it leaves; every tensor
       is quantized at most once and dequantized at most once, so dequantize -> quantize pairs never appear;
-    * observers that saw nothing make it raise :class:`ConvertError` listing them all;
+    * observers that saw nothing make it raise :class:`~fxquant.errors.ConvertError` listing them all;
     * weights are quantized with ``NodeRecord.weight_qparams`` where a QAT model's freeze pass set them (the
       trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
     * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
@@ -49,14 +49,12 @@ from fxquant.backends import ops
 from fxquant.backends.config import BackendConfig, KernelFusion, Observation, OpEntry
 from fxquant.backends.kernels import LoweringSpec, get_kernels
 from fxquant.backends.kernels.onednn_ops import OpCall
-from fxquant.errors import ConvertError
 from fxquant.fused import materialize_folds
-from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
 from fxquant.passes.dynamic import dynamic_spec
 from fxquant.passes.matching import Entry, Match, Op, Pattern, find
-from fxquant.passes.observe import is_observer_node, tensor_inputs, weight_observer
+from fxquant.passes.observe import is_observer_node, observer_qparams, tensor_inputs, weight_observer
 from fxquant.qparams import QUANTIZED_DTYPES, QParams
 
 __all__ = ["LowerPass", "KernelFusionPattern", "kernel_fusion_patterns"]
@@ -331,29 +329,15 @@ def _fresh(b: _Builder, new: fx.Node) -> bool:
 
 
 def _observer_qparams(builder: _Builder) -> None:
-    missing: list[str] = []
-    by_name: dict[str, Optional[QParams]] = {}
+    by_name = observer_qparams(builder.old, builder.modules, "convert_fx")
     for node in builder.old.graph.nodes:
-        if is_observer_node(node, builder.modules):
-            name = str(node.target)
-            if name not in by_name:  # a grid group's observer is called on several nodes: one QParams for all
-                try:
-                    by_name[name] = builder.modules[name].qparams()
-                except NoDataError:
-                    missing.append(f"'{name}' ({builder.modules[name].where})")
-                    by_name[name] = None  # reported once
-            if by_name[name] is not None:
-                builder.qparams[builder.source(node)] = by_name[name]
-    by_name = {k: v for k, v in by_name.items() if v is not None}
+        if is_observer_node(node, builder.modules):  # a grid group's observer: one QParams object for all its calls
+            builder.qparams[builder.source(node)] = by_name[str(node.target)]
     for node in builder.old.graph.nodes:  # observed after the clamp it feeds (observe's _clamp_after) or by its group
         rec = node.meta.get(RECORD_KEY)
         if (node not in builder.qparams and rec is not None and rec.entry is not None
                 and rec.entry.observation is Observation.OWN and rec.observer in by_name):
             builder.qparams[node] = by_name[rec.observer]
-    if missing:
-        raise ConvertError(f"{len(missing)} observer(s) saw no calibration data: {', '.join(missing[:10])}"
-                           f"{' ...' if len(missing) > 10 else ''}. Run representative inputs through the prepared "
-                           "model first, e.g. fxquant.calibrate(prepared, batches), then call convert_fx.")
 
 
 @dataclasses.dataclass(frozen=True)

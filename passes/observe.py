@@ -37,13 +37,14 @@ from fxquant.backends import ops
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
 from fxquant.fake_quantize import FakeQuantize, SharedFakeQuantize, is_observer
-from fxquant.observers import FixedQParamsObserver
+from fxquant.observers import FixedQParamsObserver, NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import NodeRecord, QuantContext, modules_of, record
 from fxquant.qat import QATModule
+from fxquant.qparams import QParams
 
-__all__ = ["ObservePass", "GridGroup", "grid_groups", "reads_only_grid_takers", "tensor_inputs", "is_observer_node",
-           "weight_observer"]
+__all__ = ["ObservePass", "GridGroup", "grid_groups", "grid_takers", "reads_only_grid_takers", "observer_qparams",
+           "tensor_inputs", "is_observer_node", "weight_observer"]
 
 
 def is_observer_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -101,11 +102,14 @@ def _clamp_after(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.No
     return clamp
 
 
-def _takes_grid(node: fx.Node) -> bool:
-    """Whether ``node`` is a quantized op that takes its inputs in its output grid (a cat) and will be observed."""
-    rec = record(node)
-    return (rec.quantizable and rec.entry.observation is Observation.OWN and rec.entry.inputs_take_output_grid
-            and _float_tensors(tensor_inputs(node)))
+def grid_takers(graph: fx.Graph) -> set[fx.Node]:
+    """The quantized ops that take their inputs in their output grid (cats) and are observed."""
+    def takes(node: fx.Node) -> bool:
+        rec = record(node)
+        return (rec.quantizable and rec.entry.observation is Observation.OWN and rec.entry.inputs_take_output_grid
+                and _float_tensors(tensor_inputs(node)))
+
+    return {n for n in graph.nodes if takes(n)}
 
 
 def _shares_grid_of(node: fx.Node, src: fx.Node) -> bool:
@@ -147,12 +151,10 @@ class GridGroup:
     """Cats and the producers written in their grid, sharing one observer.
 
     Attributes:
-        members: every node of the group (cats and producers).
         observed: the members that something outside the group reads: each gets a call of the group's observer.
         observer: the observer module's name, once made.
     """
 
-    members: frozenset[fx.Node]
     observed: tuple[fx.Node, ...]
     observer: Optional[str] = None
 
@@ -164,7 +166,7 @@ def grid_groups(graph: fx.Graph) -> dict[fx.Node, GridGroup]:
     activation qconfig as c, and p's kernel does not limit its input/output scale ratio (qnnpack's add: the shared
     grid could fall outside those limits and leave it float). A cat alone is no group.
     """
-    takers = {n for n in graph.nodes if _takes_grid(n)}
+    takers = grid_takers(graph)
     links = nx.Graph()
     for cat in takers:
         for t in tensor_inputs(cat) or ():
@@ -181,7 +183,7 @@ def grid_groups(graph: fx.Graph) -> dict[fx.Node, GridGroup]:
     for component in nx.connected_components(links):
         cats = takers & component  # a member read by a cat of another group (another qconfig) is observed too
         observed = tuple(sorted((n for n in component if not reads_only_grid_takers(n, cats)), key=order.get))
-        group = GridGroup(frozenset(component), observed)
+        group = GridGroup(observed)
         groups.update(dict.fromkeys(component, group))
     return groups
 
@@ -247,11 +249,9 @@ class ObservePass:
                                 if ctx.is_qat else FixedQParamsObserver(scale=scale, zero_point=zp), modules)
         if group is not None:
             if group.observer is None:
-                obs = rec.qconfig.activation()
-                group.observer = self._insert(gm, group.observed[0], obs, modules, call=False)
-                obs.where = "output of nodes " + ", ".join(f"'{n.name}'" for n in group.observed)
+                group.observer = self._add(gm, group.observed, rec.qconfig.activation(), modules)
             if node in group.observed:
-                self._insert(gm, node, None, modules, name=group.observer)
+                self._call(gm, node, group.observer)
             return group.observer
         return self._insert(gm, _clamp_after(node, modules) or node, rec.qconfig.activation(), modules)
 
@@ -282,23 +282,51 @@ class ObservePass:
                 return str(user.target)
         return None
 
+    @classmethod
+    def _insert(cls, gm: fx.GraphModule, t: fx.Node, obs: nn.Module, modules: dict[str, nn.Module]) -> str:
+        """Add the observer ``obs`` and call it on ``t``'s output, which all of ``t``'s users then read."""
+        return cls._call(gm, t, cls._add(gm, (t,), obs, modules))
+
     @staticmethod
-    def _insert(gm: fx.GraphModule, t: fx.Node, obs: Optional[nn.Module], modules: dict[str, nn.Module],
-                call: bool = True, name: Optional[str] = None) -> str:
-        """Add the observer ``obs`` (named after ``t``) and, with ``call``, a call of it on ``t``'s output that all
-        of ``t``'s users then read; ``name`` instead calls an observer added before (a grid group's)."""
-        if name is None:
-            name = f"{t.name}_observer"
-            i = 1
-            while name in modules:
-                name, i = f"{t.name}_observer_{i}", i + 1
-            obs.where = f"output of node '{t.name}'"
-            gm.add_submodule(name, obs)
-            modules[name] = obs
-        if call:
-            with gm.graph.inserting_after(t):
-                obs_node = gm.graph.call_module(name, (t,))
-            t.replace_all_uses_with(obs_node, delete_user_cb=lambda u: u is not obs_node)
-            record(obs_node).is_tensor = True
-            record(t).observer = name
+    def _add(gm: fx.GraphModule, observed: tuple[fx.Node, ...], obs: nn.Module, modules: dict[str, nn.Module]) -> str:
+        """Add the observer ``obs`` of the outputs of ``observed`` (named after the first) and return its name."""
+        name = f"{observed[0].name}_observer"
+        i = 1
+        while name in modules:
+            name, i = f"{observed[0].name}_observer_{i}", i + 1
+        obs.where = (f"output of node '{observed[0].name}'" if len(observed) == 1 else
+                     "output of nodes " + ", ".join(f"'{n.name}'" for n in observed))
+        gm.add_submodule(name, obs)
+        modules[name] = obs
         return name
+
+    @staticmethod
+    def _call(gm: fx.GraphModule, t: fx.Node, name: str) -> str:
+        """Call the observer ``name`` on ``t``'s output; all of ``t``'s users then read the observer's."""
+        with gm.graph.inserting_after(t):
+            obs_node = gm.graph.call_module(name, (t,))
+        t.replace_all_uses_with(obs_node, delete_user_cb=lambda u: u is not obs_node)
+        record(obs_node).is_tensor = True
+        record(t).observer = name
+        return name
+
+
+def observer_qparams(gm: fx.GraphModule, modules: dict[str, nn.Module], then: str) -> dict[str, QParams]:
+    """Each observer module's qparams, computed once (a grid group's observer is called on several nodes).
+
+    Raises:
+        ConvertError: listing every observer that saw no calibration data; ``then`` names the call to make after
+            calibrating.
+    """
+    out: dict[str, QParams] = {}
+    missing: list[str] = []
+    for name in dict.fromkeys(str(n.target) for n in gm.graph.nodes if is_observer_node(n, modules)):
+        try:
+            out[name] = modules[name].qparams()
+        except NoDataError:
+            missing.append(f"'{name}' ({modules[name].where})")
+    if missing:
+        raise ConvertError(f"{len(missing)} observer(s) saw no calibration data: {', '.join(missing[:10])}"
+                           f"{' ...' if len(missing) > 10 else ''}. Run representative inputs through the prepared "
+                           f"model first, e.g. fxquant.calibrate(prepared, batches), then call {then}.")
+    return out

@@ -45,10 +45,10 @@ from fxquant.backends import ops
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
 from fxquant.fused import float_type, materialize_folds
-from fxquant.observers import NoDataError
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, modules_of, record
-from fxquant.passes.observe import is_observer_node, reads_only_grid_takers, weight_observer
+from fxquant.passes.observe import (grid_takers, is_observer_node, observer_qparams, reads_only_grid_takers,
+                                    weight_observer)
 from fxquant.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
 from fxquant.qparams import QParams, quantize_int
 
@@ -91,25 +91,6 @@ def _qdq(gm: fx.GraphModule, x: fx.Node, qp: QParams, base: str) -> fx.Node:
     return dq
 
 
-def _observer_qparams(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, QParams]:
-    out: dict[str, QParams] = {}
-    missing: list[str] = []
-    failed: set[str] = set()
-    for node in gm.graph.nodes:
-        if is_observer_node(node, modules) and str(node.target) not in out and str(node.target) not in failed:
-            obs = modules[str(node.target)]
-            failed.add(str(node.target))  # (a grid group's observer is called on several nodes: once each)
-            try:
-                out[str(node.target)] = obs.qparams()
-            except NoDataError:
-                missing.append(f"'{node.target}' ({obs.where})")
-    if missing:
-        raise ConvertError(f"{len(missing)} observer(s) saw no calibration data: {', '.join(missing[:10])}"
-                           f"{' ...' if len(missing) > 10 else ''}. Run representative inputs through the prepared "
-                           "model first, e.g. fxquant.calibrate(prepared, batches), then call convert_to_reference_fx.")
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class ReferencePass:
     """Observers -> quantize/dequantize pairs, quantized weights stored as int8 (see module docstring)."""
@@ -118,8 +99,8 @@ class ReferencePass:
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
-        qparams = _observer_qparams(gm, modules)
-        takers = {n for n in gm.graph.nodes if record(n).quantizable and record(n).entry.inputs_take_output_grid}
+        qparams = observer_qparams(gm, modules, "convert_to_reference_fx")
+        takers = grid_takers(gm.graph)
         for node in list(gm.graph.nodes):  # written in their readers' grid (cats' inputs): that grid after them
             rec = record(node)
             if (rec.quantizable and rec.entry.observation is Observation.OWN and rec.observer in qparams

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fxquant.backends.kernels.qtensor import SCRIPT_OBJECT, LoweringSpec, engine, entry
+from fxquant.backends.kernels.qtensor import LoweringSpec, engine, entry
 from fxquant.qparams import QParams, quantize_int
 
 __all__ = ["BUILDERS", "DynamicLinear", "DynamicLinearFP16", "PerTokenLinear", "DynamicRNN", "DynamicRNNCell",
@@ -139,7 +139,7 @@ class DynamicLinear(_Repacking):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed
-        op = (_DYNAMIC_ENTRIES if type(packed) is SCRIPT_OBJECT else _DYNAMIC_OPS)[self.relu]
+        op = (_DYNAMIC_ENTRIES if type(packed) is torch.ScriptObject else _DYNAMIC_OPS)[self.relu]
         if x.dim() == 1:  # the kernel wants a batch dimension
             return op(x.float().unsqueeze(0), packed, self.reduce_range).squeeze(0)
         return op(x.float(), packed, self.reduce_range)
@@ -165,7 +165,7 @@ class DynamicLinearFP16(_Repacking):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed
-        op = (_DYNAMIC_FP16_ENTRIES if type(packed) is SCRIPT_OBJECT else _DYNAMIC_FP16_OPS)[self.relu]
+        op = (_DYNAMIC_FP16_ENTRIES if type(packed) is torch.ScriptObject else _DYNAMIC_FP16_OPS)[self.relu]
         if x.dim() == 1:
             return op(x.float().unsqueeze(0), packed).squeeze(0)
         return op(x.float(), packed)
@@ -467,7 +467,7 @@ class DynamicRNNCell(_Repacking):
         unbatched = x.dim() == 1
         x = x.float().unsqueeze(0) if unbatched else x.float()
         zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype)
-        op = (_CELL_ENTRIES if type(self._packed[0]) is SCRIPT_OBJECT else _CELL_OPS)[self.kind]
+        op = (_CELL_ENTRIES if type(self._packed[0]) is torch.ScriptObject else _CELL_OPS)[self.kind]
         if self.kind == "lstm":
             h, c = (zeros, zeros) if hx is None else (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if unbatched else hx
             out: Any = op(x, [h, c], *self._packed, self.bias_ih, self.bias_hh)

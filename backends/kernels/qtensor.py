@@ -26,7 +26,7 @@ from torch import nn
 from fxquant.errors import FxQuantError
 from fxquant.qparams import QParams, quantize
 
-__all__ = ["LoweringSpec", "entry", "SCRIPT_OBJECT", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
+__all__ = ["LoweringSpec", "entry", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
            "QuantizedBatchNorm", "QuantizedBinary", "QuantizedCat", "QuantizedHardswish", "engine"]
 
 
@@ -231,15 +231,12 @@ def entry(op: Any) -> Any:
     """The C++ function behind a ``torch.ops`` overload that takes a packed weight.
 
     Calling the overload runs its Python ``__call__`` first, which scans every argument for a FakeScriptObject
-    (what ``torch.export`` traces with): 2-4 us a call, a tenth of a small conv's time at batch 1, paid by every
+    (what ``torch.export`` traces with): microseconds a call, a large share of a small conv at batch 1, paid by every
     conv and linear of a model. The kernels call the entry when their packed weight is a real
     ``torch.ScriptObject`` (always, outside tracing) and the overload otherwise.
     """
     return getattr(op, "_op", op)
 
-
-#: the type of a real packed weight (a FakeScriptObject, while torch.export traces, is not one)
-SCRIPT_OBJECT = torch.ScriptObject
 
 _CONV_OPS = {
     1: (torch.ops.quantized.conv1d_prepack, torch.ops.quantized.conv1d.default,
@@ -278,7 +275,7 @@ class QuantizedConv(_Packed):
                                "like the example the model was prepared with (the quantized kernels take no unbatched "
                                "input: x.unsqueeze(0))")
         packed = self._packed
-        if type(packed) is SCRIPT_OBJECT:
+        if type(packed) is torch.ScriptObject:
             return _CONV_ENTRIES[self.dims][self.relu](x, packed, self._scale, self._zp)
         return _CONV_OPS[self.dims][2 if self.relu else 1](x, packed, self._scale, self._zp)
 
@@ -310,7 +307,7 @@ class QuantizedLinear(_Packed):
                                f"dimension, like the float Linear, got shape {tuple(x.shape)}; pass inputs shaped like "
                                "the example the model was prepared with")
         packed = self._packed
-        if type(packed) is SCRIPT_OBJECT:
+        if type(packed) is torch.ScriptObject:
             return _LINEAR_ENTRIES[self.relu](x, packed, self._scale, self._zp)
         return _LINEAR_OPS[self.relu](x, packed, self._scale, self._zp)
 

@@ -13,8 +13,7 @@ from torch import nn
 
 from fxquant.backends.kernels.qtensor import (_BN_TARGETS, _CONV_TARGETS, LoweringSpec, QuantizedBatchNorm,
                                               QuantizedBinary, QuantizedCat, QuantizedConv, QuantizedHardswish,
-                                              QuantizedLinear, SCRIPT_OBJECT, _OutputQParams, _Packed, engine,
-                                              entry)
+                                              QuantizedLinear, _OutputQParams, _Packed, engine, entry)
 from fxquant.qparams import QParams, quantize
 
 __all__ = ["BUILDERS", "QuantizedConvTranspose", "QuantizedNorm", "QuantizedELU", "QuantizedLeakyReLU", 
@@ -47,7 +46,7 @@ class QuantizedConvTranspose(_Packed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed
-        if type(packed) is SCRIPT_OBJECT:
+        if type(packed) is torch.ScriptObject:
             return _TRANSPOSE_ENTRIES[self.dims](x, packed, self._scale, self._zp)
         return _TRANSPOSE_OPS[self.dims][1](x, packed, self._scale, self._zp)
 
