@@ -17,7 +17,7 @@ import dataclasses
 import operator
 import re
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import fx, nn
@@ -110,6 +110,7 @@ class AnnotatePass:
     """Resolve entry + qconfig per node (see module docstring)."""
 
     name: str = "annotate"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         if ctx.example_inputs is not None:  # None: dynamic-only quantization, which needs no shapes

@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +226,7 @@ class BiasCorrectionPass:
     data: tuple[Any, ...]
     progress: bool = False
     name: str = "bias_correction"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: Any) -> PassResult:
         report = correct_bias(gm, self.data, progress=self.progress)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import networkx as nx
 import torch
@@ -49,7 +49,7 @@ from torch import fx, nn
 
 from fxquant.errors import FxQuantError
 from fxquant.fused import fold_bn
-from fxquant.passes.base import PassResult
+from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import attribute_owner
 from fxquant.tracer import PrepareCustomConfig, trace
 
@@ -194,7 +194,7 @@ def fold_batch_norms(gm: fx.GraphModule) -> dict[str, _BNStats]:
         gm.graph.erase_node(user)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
-    gm.recompile()
+    recompile(gm)
     return stats
 
 
@@ -306,7 +306,7 @@ def _replace_relu6(gm: fx.GraphModule, chains: list[Chain]) -> None:
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    gm.recompile()
+    recompile(gm)
 
 
 def _equalize_graph(gm: fx.GraphModule, high_bias_absorption: bool, relu6_as_relu: bool) -> list[Chain]:
@@ -364,6 +364,7 @@ class EqualizePass:
     high_bias_absorption: bool = True
     relu6_as_relu: bool = False
     name: str = "equalize"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: Any) -> PassResult:
         if getattr(ctx, "is_qat", False):

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import weakref
 from collections import Counter
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from torch import fx, nn
 
@@ -129,6 +129,7 @@ class FusePass:
     """Fuse conv/linear + bn (+ relu), bn + relu, add/mul + relu, as the backend table says."""
 
     name: str = "fuse"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         try:

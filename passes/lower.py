@@ -40,7 +40,7 @@ import collections
 import copy
 import dataclasses
 import inspect
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import fx, nn
@@ -50,7 +50,7 @@ from fxquant.backends.config import BackendConfig, KernelFusion, Observation, Op
 from fxquant.backends.kernels import LoweringSpec, get_kernels
 from fxquant.backends.kernels.onednn_ops import OpCall
 from fxquant.fused import materialize_folds
-from fxquant.passes.base import PassResult
+from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
 from fxquant.passes.dynamic import dynamic_spec
 from fxquant.passes.matching import Entry, Match, Op, Pattern, find
@@ -345,6 +345,7 @@ class LowerPass:
     """Lower an observed graph to quantized kernels (see module docstring)."""
 
     name: str = "lower"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         b = _Builder(gm, ctx)
@@ -378,7 +379,7 @@ class LowerPass:
         new_gm = QuantGraphModule(root, b.graph, class_name=type(gm).__name__)
         if new_gm.graph.eliminate_dead_code():  # the user's dead branches (no_dead_nodes runs after every pass)
             new_gm.delete_all_unused_submodules()
-            new_gm.recompile()
+            recompile(new_gm)
         return PassResult(new_gm, True)
 
     @staticmethod

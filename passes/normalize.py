@@ -17,13 +17,13 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.passes.base import PassResult
+from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import modules_of
 
 __all__ = ["NormalizePass"]
@@ -168,6 +168,7 @@ class NormalizePass:
     """Remove identities, turn functional conv/linear with attribute weights into modules."""
 
     name: str = "normalize"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: object) -> PassResult:
         modules = modules_of(gm)
@@ -200,5 +201,5 @@ class NormalizePass:
         if modified:
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)

@@ -28,7 +28,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import networkx as nx
 from torch import fx, nn
@@ -38,7 +38,7 @@ from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
 from fxquant.fake_quantize import FakeQuantize, SharedFakeQuantize, is_observer
 from fxquant.observers import FixedQParamsObserver, NoDataError
-from fxquant.passes.base import PassResult
+from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import NodeRecord, QuantContext, modules_of, record
 from fxquant.qat import QATModule
 from fxquant.qparams import QParams
@@ -198,6 +198,7 @@ class ObservePass:
     """Insert observers where the table says (see module docstring)."""
 
     name: str = "observe"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
@@ -235,7 +236,7 @@ class ObservePass:
             rec.observer = (self._observer_of(node, modules)
                             or self._observe_output(gm, node, rec, modules, ctx, groups.get(node)))
             self._attach_weight_fake_quant(node, rec, modules)
-        gm.recompile()
+        recompile(gm)
         return PassResult(gm, len(modules) != before)
 
     def _observe_output(self, gm: fx.GraphModule, node: fx.Node, rec: NodeRecord, modules: dict[str, nn.Module],

@@ -19,11 +19,12 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import fx
 
-from fxquant.passes.base import PassResult
+from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import QuantContext, modules_of, record
 from fxquant.qat import QATModule
 
@@ -35,6 +36,7 @@ class FreezeQATPass:
     """Replace QAT modules by their float equivalents, keeping their trained weight qparams (see module docstring)."""
 
     name: str = "freeze_qat"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
@@ -52,5 +54,5 @@ class FreezeQATPass:
             gm.set_submodule(str(node.target), module.to_float())
             modified = True
         if modified:
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)

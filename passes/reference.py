@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from fxquant.backends import ops
 from fxquant.backends.config import Observation
 from fxquant.errors import ConvertError
 from fxquant.fused import float_type, materialize_folds
-from fxquant.passes.base import PassResult
+from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import QuantContext, modules_of, record
 from fxquant.passes.observe import (grid_takers, is_observer_node, observer_qparams, reads_only_grid_takers,
                                     weight_observer)
@@ -96,6 +96,7 @@ class ReferencePass:
     """Observers -> quantize/dequantize pairs, quantized weights stored as int8 (see module docstring)."""
 
     name: str = "reference"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modules = modules_of(gm)
@@ -127,7 +128,7 @@ class ReferencePass:
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         materialize_folds(gm)  # convs it keeps float hold their folded weights, as convert_fx's do
-        gm.recompile()
+        recompile(gm)
         return PassResult(gm, True)
 
     @staticmethod
@@ -207,6 +208,7 @@ class IntegerPoolingPass:
     """
 
     name: str = "integer_pooling"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: Optional[QuantContext] = None) -> PassResult:
         averages = (ops.AVGPOOL, ops.ADAPTIVE_AVGPOOL, ops.MEAN)
@@ -237,7 +239,7 @@ class IntegerPoolingPass:
         if modified:
             graph.eliminate_dead_code()
             graph.lint()
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)
 
 
@@ -246,6 +248,7 @@ class DecomposeQDQPass:
     """Expand :mod:`fxquant.qdq` calls into plain aten ops on integer tensors (see module docstring)."""
 
     name: str = "decompose_qdq"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: Optional[QuantContext] = None) -> PassResult:
         modified = False
@@ -260,7 +263,7 @@ class DecomposeQDQPass:
         if modified:
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)
 
 

@@ -16,6 +16,7 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from torch import fx
 
@@ -40,6 +41,7 @@ class FloatResidualStreamPass:
     """Mark residual streams feeding LayerNorm float (see module docstring)."""
 
     name: str = "residual_stream"
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         modified = False

@@ -25,11 +25,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from torch import fx, nn
 
-from fxquant.passes.base import PassResult
+from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.matching import Match, Pattern, find
 
 __all__ = ["Rewrite", "RewritePass", "rewrite"]
@@ -112,7 +112,7 @@ def rewrite(gm: fx.GraphModule, rules: Sequence[Rewrite], ctx: Any = None, max_r
         raise RuntimeError(f"rewrites did not settle in {max_rounds} rounds (a rule re-creates its own pattern?)")
     if modified:
         gm.delete_all_unused_submodules()
-        gm.recompile()
+        recompile(gm)
     return modified
 
 
@@ -127,6 +127,7 @@ class RewritePass:
 
     name: str
     rules: tuple[Rewrite, ...]
+    runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: Any) -> PassResult:
         return PassResult(gm, rewrite(gm, self.rules, ctx))

@@ -351,6 +351,63 @@ def test_print_after_by_option_and_environment(monkeypatch, capsys):
     assert "after pass 'normalize'" in out and "after pass 'lower'" in out and "after pass 'cleanup'" in out
 
 
+def _count_recompiles(monkeypatch):
+    calls = []
+    real = fx.GraphModule.recompile
+
+    def counted(self):
+        calls.append(self)
+        return real(self)
+
+    monkeypatch.setattr(fx.GraphModule, "recompile", counted)
+    return calls
+
+
+def _code_is_current(gm):
+    return gm.code == gm.graph.python_code("self").src
+
+
+def test_a_pipeline_generates_the_code_once_and_a_pass_that_runs_the_module_gets_it_current(monkeypatch):
+    """Inside a PassManager run the house passes only mark the code stale: a prepare regenerates it once after
+    the trace, a convert not at all after building its GraphModule; a pass without ``runs_module = False`` and
+    the returned modules see code that matches the graph."""
+    model = seeded(SmallCNN())
+    mapping = fxquant.get_default_qconfig_mapping("fbgemm")
+    calls = _count_recompiles(monkeypatch)
+    prepared = fxquant.prepare_fx(model, mapping, (X,), backend_config="fbgemm")
+    assert len(calls) == 2 and _code_is_current(prepared)  # the trace's GraphModule, then the end of the run
+    fxquant.calibrate(prepared, [X], progress=False)
+    calls.clear()
+    converted = fxquant.convert_fx(prepared)
+    assert len(calls) == 1 and _code_is_current(converted)  # the GraphModule lower builds
+    assert torch.equal(converted(X), converted(X))
+
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class RunsIt:                      # a user pass: no runs_module attribute, so it may call the module
+        name: str = "runs_it"
+
+        def run(self, gm, ctx):
+            seen.append((_code_is_current(gm), sum(is_observer_node(n, dict(gm.named_modules()))
+                                                   for n in gm.graph.nodes)))
+            with torch.no_grad():
+                gm(X)
+            return PassResult(gm, False)
+
+    pm = prepare_pipeline()
+    pm.insert_after("observe", RunsIt())
+    fxquant.prepare_fx(model, mapping, (X,), backend_config="fbgemm", pipeline=pm)
+    assert seen[0][0] and seen[0][1] > 0  # observe's edits are in the code it runs
+
+
+def test_a_pass_run_on_its_own_regenerates_the_code_at_once():
+    gm = trace(seeded(SmallCNN()).eval())
+    ctx = QuantContext(backend=FBGEMM)
+    result = RewritePass("fuse", fusion_rules(ctx)).run(gm, ctx)
+    assert result.modified and _code_is_current(result.graph_module)
+
+
 def test_a_user_convert_pass_that_breaks_the_quantized_flow_is_named():
     """A convert pass that feeds a quantized tensor to a node without a NodeRecord breaks an invariant."""
     def unrecorded(gm, match, ctx):    # x.dequantize() -> x.contiguous().dequantize(), the new node unrecorded
