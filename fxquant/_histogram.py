@@ -158,11 +158,21 @@ def _expected_error(sums: _PrefixSums, lo: Any, hi: Any, levels: int, outer: boo
 
 def _best_pair(sums: _PrefixSums, lo_edges: np.ndarray, hi_edges: np.ndarray, zero: float,
                levels: int) -> tuple[int, int]:
-    """Edge indices ``(s, t)`` (into the given candidate lists) with the least error for ``[min(s, 0), max(t, 0)]``."""
-    lo = np.minimum(lo_edges.astype(np.float64), zero)
-    hi = np.maximum(hi_edges.astype(np.float64), zero)
+    """Edge indices ``(s, t)`` (into the given ascending candidate lists) with the least error for
+    ``[min(s, 0), max(t, 0)]``, the first in row-major order where several tie.
+
+    Every edge on the far side of 0 gives the same bound (all of them, for a ReLU's output), so each distinct
+    bound is evaluated once, at the first edge that gives it: the matrix of all pairs would repeat those rows and
+    columns, and its first minimum lies at the first of a repeat. Low bounds: the edges below 0, then 0 at the
+    first edge at or above it; high bounds: 0 at the first edge (when any lies at or below 0), then the edges
+    above it."""
+    k = int(np.searchsorted(lo_edges, zero))  # lo_edges[k:] all become 0: keep lo_edges[k] only
+    lo = np.minimum(lo_edges[:k + 1].astype(np.float64), zero)
+    j = int(np.searchsorted(hi_edges, zero, side="right"))  # hi_edges[:j] all become 0: keep hi_edges[0] only
+    hi = np.maximum(hi_edges[max(j - 1, 0):].astype(np.float64), zero)
     flat = int(np.argmin(_expected_error(sums, lo, hi, levels, outer=True)))
-    return flat // hi_edges.size, flat % hi_edges.size
+    t = flat % hi.size
+    return flat // hi.size, t if j == 0 or t == 0 else t + j - 1
 
 
 def _window(center: int, radius: int, bins: int) -> np.ndarray:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import doctest
 import io
 import pickle
-import time
 import warnings
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.fx
@@ -454,15 +454,47 @@ def test_histogram_search_is_near_the_exhaustive_optimum():
     assert float(found[0]) <= 1.001 * float(exhaustive)
 
 
-def test_histogram_qparams_are_fast():
-    obs = HistogramObserver(bins=2048)
-    obs(_laplace(100_000, 1.0, 0.2, 0))
-    timings = []
-    for _ in range(5):
-        start = time.perf_counter()
-        obs.qparams()
-        timings.append(time.perf_counter() - start)
-    assert sorted(timings)[2] < 0.05
+def _pairs_evaluated(monkeypatch) -> list[int]:
+    sizes: list[int] = []
+    real = _histogram._expected_error
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        sizes.append(out.size)
+        return out
+
+    monkeypatch.setattr(_histogram, "_expected_error", counted)
+    return sizes
+
+
+def test_histogram_search_evaluates_a_coarse_grid_and_one_window_not_every_pair(monkeypatch):
+    """2048 bins: a 129 x 129 grid of bounds and the 33 x 33 window around its best pair, not the 2049**2 pairs of
+    every edge; a ReLU's output has one low bound (0), so the grid is one row."""
+    sizes = _pairs_evaluated(monkeypatch)
+    signed = HistogramObserver(bins=2048)
+    signed(_laplace(100_000, 1.0, 0.2, 0))
+    signed.qparams()
+    assert len(sizes) == 2 and sizes[0] <= 129 * 129 and sizes[1] <= 33 * 33
+    sizes.clear()
+    relu = HistogramObserver(bins=2048)
+    relu(_laplace(100_000, 1.0, 0.2, 0).relu())
+    relu.qparams()
+    assert len(sizes) == 2 and sizes[0] <= 129 and sizes[1] <= 33
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=300), st.floats(-50.0, 350.0),
+       st.lists(st.integers(0, 300), min_size=1, max_size=40, unique=True),
+       st.lists(st.integers(0, 300), min_size=1, max_size=40, unique=True))
+def test_histogram_best_pair_is_the_first_minimum_of_every_pair(counts, zero, lo_edges, hi_edges):
+    """The search skips bounds that clipping at 0 makes equal; it still names the pair that the first minimum of
+    the matrix of all candidate pairs names."""
+    hist = torch.tensor(counts, dtype=torch.int64)
+    sums = _histogram._PrefixSums.of(hist)
+    lo_e, hi_e = np.array(sorted(lo_edges)), np.array(sorted(hi_edges))
+    every = _histogram._expected_error(sums, np.minimum(lo_e, zero), np.maximum(hi_e, zero), 255, outer=True)
+    flat = int(np.argmin(every))
+    assert _histogram._best_pair(sums, lo_e, hi_e, zero, 255) == (flat // hi_e.size, flat % hi_e.size)
 
 
 # ----- moving averages and the others ------------------------------------------------------------------------
