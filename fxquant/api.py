@@ -19,7 +19,7 @@ import collections
 import copy
 import dataclasses
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -297,13 +297,33 @@ def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
     weights get written, ``load_state_dict`` and running it in train mode or with gradients enabled (an optimizer
     step may follow), first give it copies of its own, so the user's model never changes. Calibration runs
     under ``torch.no_grad`` and copies nothing. ``load_state_dict`` on a submodule (``prepared.fc.load_state_dict``)
-    copies that submodule's parameters first: each module with parameters has the hook too."""
+    copies that submodule's parameters first: each module with parameters has the hook too. A gradient reaching
+    a parameter by any other way (a submodule's forward, then backward) copies that parameter when it is
+    accumulated, before an optimizer can step (:func:`_unshare_on_grad`)."""
     for module in prepared.modules():
         if module is prepared or module._parameters:
             module.__dict__[SHARED_WEIGHTS_ATTR] = True
             module.register_load_state_dict_pre_hook(_unshare_before_load)
     prepared.register_forward_pre_hook(_unshare_before_training)
+    for p in prepared.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_unshare_on_grad(p.data_ptr()))
     return prepared
+
+
+def _unshare_on_grad(shared: int) -> Callable[[torch.Tensor], None]:
+    """A hook for a parameter of a prepared model that still reads the user's memory at address ``shared``:
+    once a gradient has been accumulated into it (an optimizer step may follow), it gets memory of its own. This
+    covers what the top-level forward hook cannot see: a submodule called on its own with gradients
+    (``prepared.fc(x).sum().backward()``). A forward hook on every module would cost every calibration batch a
+    Python call per module; this costs nothing until a backward pass."""
+
+    def unshare(param: torch.Tensor) -> None:
+        if param.data_ptr() == shared:
+            with torch.no_grad():
+                param.data = param.data.clone()
+
+    return unshare
 
 
 def _prepare_partially(model: nn.Module, inputs: tuple[Any, ...], mapping: QConfigMapping, backend: BackendConfig,

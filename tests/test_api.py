@@ -386,6 +386,22 @@ def test_prepare_shares_weight_memory_but_nothing_the_prepared_model_does_reache
     assert other.get_submodule("body.3").weight.data_ptr() != model.body[3].weight.data_ptr()
 
 
+@pytest.mark.parametrize("name", ["body.3", "body.0"])   # a plain conv; conv + relu (the conv one level down)
+def test_a_submodule_trained_on_its_own_leaves_the_user_alone(name):
+    """A gradient that reaches a shared parameter without the top-level forward (a submodule called on its own)
+    copies the parameter when it is accumulated, so the optimizer step writes the copy."""
+    model, x = seeded(_Counting(), 0).eval(), torch.randn(2, 3, 8, 8)
+    before = _users_state(model)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,), backend_config="fbgemm")
+    sub = prepared.get_submodule(name)
+    untrained = [p.detach().clone() for p in sub.parameters()]
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.5)
+    sub(torch.randn(2, 4 if name == "body.3" else 3, 8, 8)).sum().backward()
+    opt.step()
+    assert _unchanged(model, before)
+    assert not all(torch.equal(a, p) for a, p in zip(untrained, sub.parameters()))  # the copy did train
+
+
 def _conv_bn_stack() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
 
