@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -52,6 +53,10 @@ class Observation(enum.Enum):
     SHARES_INPUT = "shares input qparams"  #: same qparams as its (first) input (pooling, reshape, relu)
     FIXED = "fixed qparams"  #: a fixed range known in advance (sigmoid [0, 1], tanh [-1, 1])
     NONE = "not observed"  #: output is not a quantized tensor (size, shape)
+
+
+#: the node kinds an :class:`OpKind` matches, in the order of its ``modules``, ``functions`` and ``methods``
+_CALLS = ("call_module", "call_function", "call_method")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,12 +291,38 @@ class BackendConfig:
     def entry_for(self, node: fx.Node, modules: dict[str, nn.Module]) -> Optional[OpEntry]:
         """The static entry whose (post-fusion) op is ``node``, or ``None`` if the backend cannot quantize it
         statically (dynamic entries: :meth:`dynamic_entries_for`)."""
+        index = self._static_index
+        if index is not None and node.op in _CALLS:
+            key = float_type(modules.get(str(node.target))) if node.op == "call_module" else node.target
+            try:
+                return index.get((node.op, key))
+            except TypeError:  # an unhashable call target: no op of the table is it
+                return None
         for e in self.entries:
             if e.is_dynamic:
                 continue
             if e.op.matches(node, modules) or (e.qat_op is not None and e.qat_op.matches(node, modules)):
                 return e
         return None
+
+    @functools.cached_property
+    def _static_index(self) -> Optional[dict[tuple[str, Any], OpEntry]]:
+        """``(node.op, module class / function / method name) ->`` the first static entry whose op or QAT op it
+        is: what :meth:`entry_for`'s scan of the table finds, in one lookup (it ran for every node, against every
+        entry). ``None`` when an entry's op matches by a rule of its own (an ``OpKind`` subclass): then the scan."""
+        index: dict[tuple[str, Any], OpEntry] = {}
+        for e in self.entries:
+            if e.is_dynamic:
+                continue
+            for kind in (e.op, e.qat_op):
+                if kind is None:
+                    continue
+                if type(kind).matches is not OpKind.matches:
+                    return None
+                for op, keys in zip(_CALLS, (kind.modules, kind.functions, kind.methods)):
+                    for key in keys:
+                        index.setdefault((op, key), e)
+        return index
 
     def dynamic_entries_for(self, module_type: type) -> list[OpEntry]:
         """The dynamic / weight-only entries for a module class, in table order."""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
+import torchvision
 
 from fxquant.backends import BACKENDS, Observation, get_backend_config, resolve_backend
+from fxquant.backends.config import OpKind
 from fxquant.backends.kernels import get_kernels
 from fxquant.backends.render import render_markdown
+from fxquant.passes import QuantContext
+from fxquant.passes.fuse import FusePass
+from fxquant.tracer import trace
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "backends.md")
 
@@ -72,3 +78,32 @@ def test_duplicate_entry_names_rejected():
     cfg = get_backend_config("fbgemm")
     with pytest.raises(ValueError, match="duplicate entry names"):
         cfg.replace(entries=cfg.entries + (cfg.entries[0],))
+
+
+def _scan(cfg, node, modules):
+    """What entry_for answers by definition: the first static entry whose op or QAT op matches."""
+    return next((e for e in cfg.entries if not e.is_dynamic and (e.op.matches(node, modules) or (
+        e.qat_op is not None and e.qat_op.matches(node, modules)))), None)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_entry_for_looks_up_what_a_scan_of_the_table_finds(backend):
+    cfg = get_backend_config(backend)
+    checked = 0
+    for model in (torchvision.models.mobilenet_v3_small(), torchvision.models.swin_t(),
+                  torchvision.models.googlenet(init_weights=False, aux_logits=False)):
+        gm = FusePass().run(trace(model.eval()), QuantContext(backend=cfg)).graph_module
+        modules = dict(gm.named_modules())
+        for node in gm.graph.nodes:
+            assert cfg.entry_for(node, modules) is _scan(cfg, node, modules), node.format_node()
+            checked += _scan(cfg, node, modules) is not None
+    assert checked > 50
+
+    class Everything(OpKind):   # an op kind with a rule of its own: the table is scanned, not indexed
+        def matches(self, node, modules):
+            return node.op == "call_function"
+
+    mine = dataclasses.replace(cfg, entries=(dataclasses.replace(cfg.entries[0], op=Everything("everything")),)
+                               + cfg.entries[1:])
+    add = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert mine.entry_for(add, modules) is mine.entries[0]
