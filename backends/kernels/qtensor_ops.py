@@ -32,13 +32,14 @@ class QuantizedConvTranspose(_Packed):
 
     def __init__(self, conv: nn.Module, weight: QParams, output: QParams, engine_name: str) -> None:
         super().__init__(output)
-        self.dims = conv.weight.dim() - 2
+        float_weight = conv.weight.detach()  # read once: a conv with a batch norm folded on read computes it
+        self.dims = float_weight.dim() - 2
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.output_padding, self.dilation = list(conv.output_padding), list(conv.dilation)
         self.groups = conv.groups
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
         self._engine = engine_name
-        self._repack(quantize(conv.weight.detach().float(), weight))
+        self._repack(quantize(float_weight.float(), weight))
 
     def _pack(self, weight: torch.Tensor) -> Any:
         return _TRANSPOSE_OPS[self.dims][0](weight, self.bias, self.stride, self.padding, self.output_padding,
