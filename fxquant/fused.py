@@ -138,18 +138,48 @@ def _channel_shape(op: nn.Module, dim: int) -> list[int]:
     return shape
 
 
+def _folded_weight(op: nn.Module, raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``raw * scale`` per output channel, ``rows`` being a ``bn_fold`` buffer ``[scale; mean; beta]``."""
+    return raw * rows[0].reshape(_channel_shape(op, raw.dim()))
+
+
+def _folded_bias(raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(raw - mean) * scale + beta``, ``rows`` being a ``bn_fold`` buffer ``[scale; mean; beta]``."""
+    scale, mean, beta = rows
+    return (raw - mean) * scale + beta
+
+
 def fold_bn(op: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``op`` (conv or linear) with the eval-mode batch norm ``bn`` folded into it.
 
     ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
     """
-    scale, mean, beta = _bn_rows(bn)
+    rows = _bn_rows(bn)
     fused = _copy(op)
-    bias = op.bias if op.bias is not None else torch.zeros_like(mean)
+    bias = op.bias if op.bias is not None else torch.zeros_like(rows[1])
     with torch.no_grad():
-        fused.weight = nn.Parameter(op.weight.detach() * scale.reshape(_channel_shape(op, op.weight.dim())))
-        fused.bias = nn.Parameter((bias.detach() - mean) * scale + beta)
+        fused.weight = nn.Parameter(_folded_weight(op, op.weight.detach(), rows))
+        fused.bias = nn.Parameter(_folded_bias(bias.detach(), rows))
     return fused
+
+
+def _fold_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                  missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    """A load_state_dict pre-hook of a materialized module (:meth:`_FoldsBNOnRead.materialize_fold`): a state
+    dict saved before it materialized holds the unfolded weight and bias with their ``bn_fold`` rows; they are
+    folded as a read would have, so the plain module gets what it computes with (not the raw weight, and no
+    unexpected ``bn_fold`` key)."""
+    rows = state_dict.pop(prefix + FOLD_BUFFER, None)
+    if rows is None:
+        return
+    lacking = [prefix + name for name in ("weight", "bias") if prefix + name not in state_dict]
+    if lacking:
+        error_msgs.append(f"{prefix}{FOLD_BUFFER} (a batch norm's fold) came without {', '.join(lacking)}: the "
+                          "fold needs the unfolded weight and bias it was saved with")
+        return
+    with torch.no_grad():
+        state_dict[prefix + "weight"] = _folded_weight(module, state_dict[prefix + "weight"], rows)
+        state_dict[prefix + "bias"] = _folded_bias(state_dict[prefix + "bias"], rows)
 
 
 class _FoldsBNOnRead:
@@ -177,21 +207,19 @@ class _FoldsBNOnRead:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        raw = self._parameters["weight"]  # type: ignore[attr-defined]
-        scale = self._buffers[FOLD_BUFFER][0].reshape(_channel_shape(self, raw.dim()))  # type: ignore[attr-defined]
+        raw, rows = self._parameters["weight"], self._buffers[FOLD_BUFFER]  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # autograd may save it (an input gradient) or pass gradients to ``raw``
-            return raw * scale
+            return _folded_weight(self, raw, rows)  # type: ignore[arg-type]
         with torch.inference_mode():
-            return raw.detach() * scale
+            return _folded_weight(self, raw.detach(), rows)  # type: ignore[arg-type]
 
     @property
     def bias(self) -> torch.Tensor:  # type: ignore[override]
-        scale, mean, beta = self._buffers[FOLD_BUFFER]  # type: ignore[attr-defined]
-        raw = self._parameters["bias"]  # type: ignore[attr-defined]
+        raw, rows = self._parameters["bias"], self._buffers[FOLD_BUFFER]  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
-            return (raw - mean) * scale + beta
+            return _folded_bias(raw, rows)
         with torch.inference_mode():
-            return (raw.detach() - mean) * scale + beta
+            return _folded_bias(raw.detach(), rows)
 
     def materialize_fold(self, own_parameters: bool = False) -> None:
         """Become the plain float class holding the folded weight and bias, in the same ``Parameter`` objects
@@ -202,6 +230,7 @@ class _FoldsBNOnRead:
         raw_weight, raw_bias = self._parameters["weight"], self._parameters["bias"]  # type: ignore[attr-defined]
         del self._buffers[FOLD_BUFFER]  # type: ignore[attr-defined]
         self.__class__ = self._float_type
+        self.register_load_state_dict_pre_hook(_fold_on_load)  # type: ignore[attr-defined]
         if own_parameters:
             self._parameters["weight"] = nn.Parameter(weight, requires_grad=raw_weight.requires_grad)  # type: ignore[attr-defined]
             self._parameters["bias"] = nn.Parameter(bias, requires_grad=raw_bias.requires_grad)  # type: ignore[attr-defined]

@@ -270,6 +270,27 @@ def test_train_mode_materializes_and_leaves_user_model_alone():
     assert all(p.data_ptr() not in {q.data_ptr() for q in model.parameters()} for p in prepared.parameters())
 
 
+def test_a_materialized_model_loads_a_state_dict_saved_before_it_materialized():
+    """A state dict with the unfolded weights and their bn_fold rows (saved from a prepared model) loads into a
+    model whose folds have materialized (trained since): the weights are folded on load, as a read folds them."""
+    model = seeded(SmallCNN())
+    saved_from = prepare(model, X_CNN)
+    calibrate(saved_from, X_CNN)
+    saved = {k: v.detach().clone() for k, v in saved_from.state_dict().items()}
+    assert any(k.endswith("bn_fold") for k in saved)
+    materialized = prepare(model, X_CNN)
+    materialized.train()
+    materialized(X_CNN)
+    assert folded_modules(materialized) == []
+    materialized.load_state_dict(saved)   # strict: no unexpected bn_fold keys
+    materialized.eval()
+    with torch.no_grad():
+        assert torch.allclose(materialized(X_CNN), saved_from(X_CNN), rtol=1e-5, atol=1e-6)
+    broken = {k: v for k, v in saved.items() if not k.endswith(".bias") or k.replace(".bias", ".bn_fold") not in saved}
+    with pytest.raises(RuntimeError, match="bn_fold.*came without.*bias"):
+        materialized.load_state_dict(broken)
+
+
 class ConvThenConvBN(nn.Module):
     """a plain conv (trainable weight, not folded) feeding conv -> bn: the folded conv's input requires grad."""
 
