@@ -294,10 +294,7 @@ class BackendConfig:
         index = self._static_index
         if index is not None and node.op in _CALLS:
             key = float_type(modules.get(str(node.target))) if node.op == "call_module" else node.target
-            try:
-                return index.get((node.op, key))
-            except TypeError:  # an unhashable call target: no op of the table is it
-                return None
+            return index.get((node.op, key))  # torch.fx keys its nodes by target: a target is hashable
         for e in self.entries:
             if e.is_dynamic:
                 continue
@@ -309,7 +306,8 @@ class BackendConfig:
     def _static_index(self) -> Optional[dict[tuple[str, Any], OpEntry]]:
         """``(node.op, module class / function / method name) ->`` the first static entry whose op or QAT op it
         is: what :meth:`entry_for`'s scan of the table finds, in one lookup (it ran for every node, against every
-        entry). ``None`` when an entry's op matches by a rule of its own (an ``OpKind`` subclass): then the scan."""
+        entry). ``None`` when an entry's op matches by a rule of its own (an ``OpKind`` subclass) or names an
+        unhashable function: then the scan."""
         index: dict[tuple[str, Any], OpEntry] = {}
         for e in self.entries:
             if e.is_dynamic:
@@ -321,7 +319,10 @@ class BackendConfig:
                     return None
                 for op, keys in zip(_CALLS, (kind.modules, kind.functions, kind.methods)):
                     for key in keys:
-                        index.setdefault((op, key), e)
+                        try:
+                            index.setdefault((op, key), e)
+                        except TypeError:  # an unhashable callable among the functions: the scan compares by ==
+                            return None
         return index
 
     def dynamic_entries_for(self, module_type: type) -> list[OpEntry]:

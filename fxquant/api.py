@@ -199,7 +199,7 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
                            "pipeline, or the model's forward on the example inputs, changed them in place (in your float model too). A pass "
                            "must assign new tensors (the prepared model reads the float weights where they are); "
                            "a forward that writes its parameters cannot be prepared")
-    return _guard_shared_weights(prepared)
+    return _guard_shared_weights(prepared, user)
 
 
 #: set on a prepared model while its parameters still share memory with the user's float model
@@ -292,7 +292,7 @@ def _unshare_before_training(module: nn.Module, args: Any) -> None:
         module.__dict__[_FOLDS_MATERIALIZED_ATTR] = True
 
 
-def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
+def _guard_shared_weights(prepared: nn.Module, user: nn.Module) -> nn.Module:
     """A prepared model reads the user's float weights without copying them; the ways a prepared model's
     weights get written, ``load_state_dict`` and running it in train mode or with gradients enabled (an optimizer
     step may follow), first give it copies of its own, so the user's model never changes. Calibration runs
@@ -305,8 +305,9 @@ def _guard_shared_weights(prepared: nn.Module) -> nn.Module:
             module.__dict__[SHARED_WEIGHTS_ATTR] = True
             module.register_load_state_dict_pre_hook(_unshare_before_load)
     prepared.register_forward_pre_hook(_unshare_before_training)
-    for p in prepared.parameters():
-        if p.requires_grad:
+    users = {p.untyped_storage().data_ptr() for p in user.parameters()}  # storages: a view (an attention's k
+    for p in prepared.parameters():                                       # projection) starts inside one
+        if p.requires_grad and p.untyped_storage().data_ptr() in users:
             p.register_post_accumulate_grad_hook(_unshare_on_grad(p.data_ptr()))
     return prepared
 

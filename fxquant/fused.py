@@ -177,9 +177,16 @@ def _fold_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, lo
         error_msgs.append(f"{prefix}{FOLD_BUFFER} (a batch norm's fold) came without {', '.join(lacking)}: the "
                           "fold needs the unfolded weight and bias it was saved with")
         return
+    weight, bias = state_dict[prefix + "weight"], state_dict[prefix + "bias"]
+    axis = _channel_shape(module, weight.dim()).index(-1)
+    channels = rows.shape[-1] if rows.dim() else -1
+    if tuple(rows.shape) != (3, channels) or weight.shape[axis] != channels or tuple(bias.shape) != (channels,):
+        error_msgs.append(f"size mismatch for {prefix}{FOLD_BUFFER}: {tuple(rows.shape)} from the checkpoint does not "
+                          f"fold a weight of shape {tuple(weight.shape)} and a bias of shape {tuple(bias.shape)}")
+        return
     with torch.no_grad():
-        state_dict[prefix + "weight"] = _folded_weight(module, state_dict[prefix + "weight"], rows)
-        state_dict[prefix + "bias"] = _folded_bias(state_dict[prefix + "bias"], rows)
+        state_dict[prefix + "weight"] = _folded_weight(module, weight, rows)
+        state_dict[prefix + "bias"] = _folded_bias(bias, rows)
 
 
 class _FoldsBNOnRead:

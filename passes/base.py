@@ -7,9 +7,10 @@ graph is verified between passes unless verification is switched off.
 Every run records a :class:`TimingReport` (wall time per pass; ``print(pm.report)`` shows a table).
 
 A pass that changes the graph calls :func:`recompile` instead of ``gm.recompile()``: outside a pipeline it
-regenerates the code at once; inside :meth:`PassManager.run` it marks the code stale, and the manager
-regenerates it once, when something needs it: a pass that runs the module (any pass that does not declare
-``runs_module = False``), printing the graph, or the end of the run. Generating and compiling the code of a
+regenerates the code at once; inside :meth:`PassManager.run`, on the module the run works on, it marks the code
+stale (so does a pass that returns ``modified=True`` with the module it was given), and the manager regenerates it once, when something needs
+it: a pass that runs the module (any pass that does not declare ``runs_module = False``), printing the graph,
+the end of the run (or an error), or a pipeline run inside a pass. Generating and compiling the code of a
 2,000-node graph takes tens of milliseconds, and a prepare pipeline used to pay it after every pass.
 
 Example:
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import os
@@ -38,25 +40,32 @@ __all__ = ["PassResult", "Pass", "PassManager", "recompile", "PassTiming", "Timi
 #: environment variable naming the passes after which to print the graph (comma-separated, or ``all``)
 PRINT_AFTER_ENV = "FXQUANT_PRINT_AFTER"
 
-#: inside :meth:`PassManager.run`: the GraphModules whose code is stale (by id); ``None`` outside a run
-_STALE: contextvars.ContextVar[Optional[dict[int, fx.GraphModule]]] = contextvars.ContextVar("fxquant_stale_code",
-                                                                                              default=None)
+class _Deferred:
+    """The code generation a :meth:`PassManager.run` holds back: the GraphModule its passes work on, and whether
+    that module's code is stale."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm, self.stale = gm, False
+
+    def flush(self) -> None:
+        if self.stale:
+            self.stale = False
+            self.gm.recompile()
+
+
+#: the innermost :meth:`PassManager.run` under way (``None`` outside one)
+_DEFERRED: contextvars.ContextVar[Optional[_Deferred]] = contextvars.ContextVar("fxquant_deferred", default=None)
 
 
 def recompile(gm: fx.GraphModule) -> None:
-    """Regenerate ``gm``'s code after its graph changed: at once outside a pipeline, and inside
-    :meth:`PassManager.run` once, before the next thing that needs the code (see the module docstring)."""
-    stale = _STALE.get()
-    if stale is None:
-        gm.recompile()
+    """Regenerate ``gm``'s code after its graph changed: at once, unless ``gm`` is the module a
+    :meth:`PassManager.run` is working on, whose code is regenerated once, before the next thing that needs it
+    (see the module docstring). Any other module (one a pass builds or edits on the side) is regenerated at once."""
+    deferred = _DEFERRED.get()
+    if deferred is not None and deferred.gm is gm:
+        deferred.stale = True
     else:
-        stale[id(gm)] = gm
-
-
-def _flush(stale: dict[int, fx.GraphModule]) -> None:
-    for gm in stale.values():
         gm.recompile()
-    stale.clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,25 +234,36 @@ class PassManager:
         self.timings = []
         env = os.environ.get(PRINT_AFTER_ENV, "")
         print_after = self.print_after | {s.strip() for s in env.split(",") if s.strip()}
-        stale: dict[int, fx.GraphModule] = {}
-        token = _STALE.set(stale)
+        outer = _DEFERRED.get()
+        if outer is not None:  # a pipeline run inside a pass: the module it gets has current code
+            outer.flush()
+        deferred = _Deferred(gm)
+        token = _DEFERRED.set(deferred)
         try:
             for p in self.passes:
                 start = time.perf_counter()
-                if stale and getattr(p, "runs_module", True):
-                    _flush(stale)
-                result = p.run(gm, ctx)
-                gm = result.graph_module
+                if getattr(p, "runs_module", True):
+                    deferred.flush()
+                result = p.run(deferred.gm, ctx)
+                if result.graph_module is not deferred.gm:  # a new module (built with its code): the old one ends
+                    deferred.flush()                        # current too, for whoever still holds it
+                    deferred.gm = result.graph_module
+                elif result.modified:  # changed in place, by a pass that may not have called recompile()
+                    deferred.stale = True
                 self.timings.append(PassTiming(p.name, time.perf_counter() - start, result.modified))
                 if self.verify:  # after every pass: one that says it changed nothing may still have
-                    self._verify(gm, ctx, p.name)
+                    self._verify(deferred.gm, ctx, p.name)
                 if "all" in print_after or p.name in print_after:
-                    _flush(stale)
-                    print(f"# --- graph after pass '{p.name}' ---\n{gm.code}")
-            _flush(stale)
+                    deferred.flush()
+                    print(f"# --- graph after pass '{p.name}' ---\n{deferred.gm.code}")
+        except BaseException:
+            with contextlib.suppress(Exception):  # the module keeps code that matches its graph; the pass's error
+                deferred.flush()                  # is the one to report
+            raise
         finally:
-            _STALE.reset(token)
-        return gm
+            _DEFERRED.reset(token)
+        deferred.flush()
+        return deferred.gm
 
     def _verify(self, gm: fx.GraphModule, ctx: Any, after: str) -> None:
         try:

@@ -18,14 +18,14 @@ __all__ = ["CleanupPass"]
 
 @dataclasses.dataclass(frozen=True)
 class CleanupPass:
-    """Dead-code elimination (and recompilation, when it removed something)."""
+    """Dead-code elimination, unused submodules dropped, and recompilation when nodes were removed."""
 
     name: str = "cleanup"
     runs_module: ClassVar[bool] = False  # edits the graph only (see passes.base)
 
     def run(self, gm: fx.GraphModule, ctx: object) -> PassResult:
         modified = gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
         if modified:
-            gm.delete_all_unused_submodules()
             recompile(gm)
         return PassResult(gm, bool(modified))

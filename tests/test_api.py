@@ -402,6 +402,29 @@ def test_a_submodule_trained_on_its_own_leaves_the_user_alone(name):
     assert not all(torch.equal(a, p) for a, p in zip(untrained, sub.parameters()))  # the copy did train
 
 
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_training_a_projection_of_a_decomposed_attention_leaves_the_user_alone():
+    """The decomposed attention's k and v projections are views into the middle of the user's in_proj_weight:
+    their gradients copy them too."""
+    model, x = seeded(_Attention(), 0).eval(), torch.randn(2, 5, 8)
+    before = _users_state(model)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,), backend_config="fbgemm")
+    k_proj = prepared.get_submodule("attn.k_proj")
+    assert k_proj.weight.untyped_storage().data_ptr() == model.attn.in_proj_weight.untyped_storage().data_ptr()
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.5)
+    k_proj(x).sum().backward()
+    opt.step()
+    assert _unchanged(model, before)
+
+
 def _conv_bn_stack() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 
 import pytest
@@ -107,3 +108,21 @@ def test_entry_for_looks_up_what_a_scan_of_the_table_finds(backend):
                                + cfg.entries[1:])
     add = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert mine.entry_for(add, modules) is mine.entries[0]
+
+
+def test_an_unhashable_function_in_a_table_is_matched_by_the_scan():
+    """A table may name a callable that cannot be hashed: the index is not built and the scan answers."""
+    @dataclasses.dataclass        # eq=True without frozen: instances are unhashable
+    class Scaled:
+        factor: float
+
+        def __call__(self, x):
+            return x * self.factor
+
+    cfg = get_backend_config("fbgemm")
+    mine = dataclasses.replace(cfg, entries=(dataclasses.replace(
+        cfg.entries[0], op=OpKind("scaled", functions=(Scaled(2.0), operator.add))),) + cfg.entries[1:])
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    node = graph.call_function(operator.add, (x, x))
+    assert mine.entry_for(node, {}) is mine.entries[0] is _scan(mine, node, {})

@@ -21,7 +21,8 @@ from fxquant.backends.config import KernelFusion
 from fxquant.fused import fold_bn
 from fxquant.passes import (Op, PassManager, PassOrderError, PassResult, PassVerificationError, Pattern, QuantContext,
                             Rewrite, RewritePass, TimingReport, convert_pipeline, find, fuse_pipeline,
-                            prepare_pipeline, record, rewrite, timing_report)
+                            prepare_pipeline, recompile, record, rewrite, timing_report)
+from fxquant.passes.cleanup import CleanupPass
 from fxquant.passes.fuse import fusion_rules
 from fxquant.passes import lower
 from fxquant.passes.lower import kernel_fusion_patterns
@@ -399,6 +400,97 @@ def test_a_pipeline_generates_the_code_once_and_a_pass_that_runs_the_module_gets
     pm.insert_after("observe", RunsIt())
     fxquant.prepare_fx(model, mapping, (X,), backend_config="fbgemm", pipeline=pm)
     assert seen[0][0] and seen[0][1] > 0  # observe's edits are in the code it runs
+
+
+class _DropLastRelu:
+    """Edits the graph in place: the last relu is bypassed and erased."""
+
+    name = "drop_relu"
+
+    def __init__(self, calls_recompile: bool) -> None:
+        self.calls_recompile = calls_recompile
+
+    def run(self, gm, ctx):
+        relu = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ReLU)
+                or n.target in (torch.relu, F.relu)][-1]
+        relu.replace_all_uses_with(relu.args[0])
+        gm.graph.erase_node(relu)
+        if self.calls_recompile:
+            recompile(gm)
+        return PassResult(gm, True)
+
+
+def _traced_small_cnn():
+    return trace(seeded(SmallCNN()).eval()), QuantContext(backend=FBGEMM)
+
+
+@pytest.mark.parametrize("calls_recompile", [True, False])
+def test_the_code_is_current_after_a_run_and_after_a_pass_fails(calls_recompile):
+    """A pass that edits in place and says so (or calls recompile) leaves the code stale only inside the run; the
+    run regenerates it at its end, and also when a later pass raises."""
+    gm, ctx = _traced_small_cnn()
+    out = PassManager([_DropLastRelu(calls_recompile)], verify=False).run(gm, ctx)
+    assert _code_is_current(out)
+
+    @dataclasses.dataclass(frozen=True)
+    class Fails:
+        name: str = "fails"
+        runs_module = False
+
+        def run(self, gm, ctx):
+            raise RuntimeError("boom")
+
+    gm, ctx = _traced_small_cnn()
+    with pytest.raises(RuntimeError, match="boom"):
+        PassManager([_DropLastRelu(calls_recompile), Fails()], verify=False).run(gm, ctx)
+    assert _code_is_current(gm)
+
+
+def test_only_the_run_s_own_module_waits_and_a_nested_run_gets_current_code():
+    seen = {}
+
+    @dataclasses.dataclass(frozen=True)
+    class SideAndNested:
+        name: str = "side_and_nested"
+        runs_module = False
+
+        def run(self, gm, ctx):
+            side, _ = _traced_small_cnn()
+            _DropLastRelu(True).run(side, ctx)
+            seen["side"] = _code_is_current(side)          # a module built on the side: regenerated at once
+
+            class Look:
+                name = "look"                               # no runs_module: it may call the module
+
+                def run(self, inner, ctx):
+                    seen["nested"] = _code_is_current(inner)
+                    return PassResult(inner, False)
+
+            PassManager([Look()], verify=False).run(gm, ctx)
+            return PassResult(gm, False)
+
+    gm, ctx = _traced_small_cnn()
+    PassManager([_DropLastRelu(True), SideAndNested()], verify=False).run(gm, ctx)
+    assert seen == {"side": True, "nested": True}
+
+
+def test_cleanup_drops_a_submodule_no_node_calls_any_more():
+    """A pass that retargets a call leaves the old submodule behind; cleanup deletes it (and its state_dict keys)
+    even when no node is dead."""
+    class Retarget:
+        name = "retarget"
+        runs_module = False
+
+        def run(self, gm, ctx):
+            node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "relu1")
+            gm.add_submodule("relu_new", nn.ReLU())
+            node.target = "relu_new"
+            return PassResult(gm, True)
+
+    gm, ctx = _traced_small_cnn()
+    out = PassManager([Retarget(), CleanupPass()], verify=False).run(gm, ctx)
+    names = dict(out.named_modules())
+    assert "relu_new" in names and "relu1" not in names and _code_is_current(out)
 
 
 def test_a_pass_run_on_its_own_regenerates_the_code_at_once():

@@ -160,11 +160,13 @@ class _Prepacked(_Grid):
         if weight.zero_point.ne(0).any():
             raise FxQuantError(f"{type(self).__name__}: oneDNN takes symmetric weights only (zero point 0); use a "
                                "per_channel_symmetric or per_tensor_symmetric weight observer")
-        self.register_buffer("weight_int", quantize_int(module.weight.detach().float(), weight))
+        float_weight = module.weight.detach()  # read once: a conv with a batch norm folded on read computes it
+        self.register_buffer("weight_int", quantize_int(float_weight.float(), weight))
         scale = weight.scale.to(torch.float32).reshape(-1)
-        out_channels = module.weight.shape[0]
+        out_channels = float_weight.shape[0]
         self.register_buffer("weight_scale", scale.expand(out_channels).clone())
-        self.register_buffer("bias", None if module.bias is None else module.bias.detach().float().clone())
+        bias = module.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("input_scale", torch.tensor(x.scalar()[0], dtype=torch.float64))
         self.register_buffer("input_zero_point", torch.tensor(x.scalar()[1], dtype=torch.int64))
         self._x_scale, self._x_zp = x.scalar()
@@ -211,7 +213,7 @@ class OneDNNConv(_Prepacked):
     def __init__(self, conv: nn.Module, weight: QParams, x: QParams, output: QParams, post: PostOp = PostOp(),
                  accum: Optional[QParams] = None, clone_accum: bool = True) -> None:
         super().__init__(conv, weight, x, output)
-        self.dims = conv.weight.dim() - 2
+        self.dims = self.weight_int.dim() - 2
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), int(conv.groups)
         self.in_channels, self.out_channels = int(conv.in_channels), int(conv.out_channels)

@@ -393,8 +393,9 @@ class CatU8(_Grid):
 def _fake_quantized_weight(module: nn.Module, weight: QParams) -> nn.Module:
     out = copy.deepcopy(module)
     with torch.no_grad():  # assigned, not written in place: a conv with a batch norm folded on read makes it its own
-        fq = dequantize(quantize_int(module.weight.detach().float(), weight), weight)
-        out.weight = nn.Parameter(fq.to(module.weight.dtype), requires_grad=False)
+        float_weight = module.weight.detach()  # read once (a fold on read computes it)
+        fq = dequantize(quantize_int(float_weight.float(), weight), weight)
+        out.weight = nn.Parameter(fq.to(float_weight.dtype), requires_grad=False)
     return out
 
 
