@@ -34,11 +34,12 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 
-__all__ = ["PassResult", "Pass", "PassManager", "recompile", "PassTiming", "TimingReport", "PassOrderError", "PassVerificationError",
-           "PRINT_AFTER_ENV"]
+__all__ = ["PassResult", "Pass", "PassManager", "recompile", "PassTiming", "TimingReport", "PassOrderError",
+           "PassVerificationError", "PRINT_AFTER_ENV"]
 
 #: environment variable naming the passes after which to print the graph (comma-separated, or ``all``)
 PRINT_AFTER_ENV = "FXQUANT_PRINT_AFTER"
+
 
 class _Deferred:
     """The code generation a :meth:`PassManager.run` holds back: the GraphModule its passes work on, and whether

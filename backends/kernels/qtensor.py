@@ -262,7 +262,8 @@ class QuantizedConv(_Packed):
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = tuple(conv.kernel_size)
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        bias = conv.bias  # read once (a fold on read computes it)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._engine = engine_name
         self._repack(quantize(float_weight.float(), weight))
 
@@ -292,7 +293,8 @@ class QuantizedLinear(_Packed):
         super().__init__(output)
         self.relu = bool(relu)  # indexes the (op, op + relu) tables
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        bias = linear.bias  # read once (a fold on read computes it)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._engine = engine_name
         self._repack(quantize(linear.weight.detach().float(), weight))
 

@@ -37,7 +37,8 @@ class QuantizedConvTranspose(_Packed):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.output_padding, self.dilation = list(conv.output_padding), list(conv.dilation)
         self.groups = conv.groups
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        bias = conv.bias  # read once (a fold on read computes it)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._engine = engine_name
         self._repack(quantize(float_weight.float(), weight))
 
