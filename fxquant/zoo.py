@@ -18,7 +18,11 @@ __all__ = ["torchvision_model", "reestimate_bn"]
 
 def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     """Update every batch norm's running statistics by train-mode forwards on ``batches`` (the layers' own
-    momentum, as a short training run would); returns ``model`` in eval mode."""
+    momentum, as a short training run would); returns ``model`` in eval mode. A model with no norm layer that
+    tracks running statistics is not run at all."""
+    if not any(getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+               for m in model.modules()):
+        return model.eval()  # no running statistics (a ViT, a Swin): the forwards would change nothing
     model.train()
     with torch.no_grad():
         for b in batches:

@@ -105,3 +105,26 @@ def _slow_params():
 @pytest.mark.parametrize("name, backend", list(_slow_params()))
 def test_zoo_sqnr_floor(name, backend, data):
     _check(name, backend, data, expect_all_quantized=False)
+
+
+def test_reestimate_bn_runs_only_models_that_track_running_statistics():
+    """fxquant.zoo.reestimate_bn updates batch-norm statistics by train-mode forwards, and does not run a model
+    without them (a ViT's forwards at 224 pixels would change nothing)."""
+    from fxquant.zoo import reestimate_bn
+
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    calls: list[bool] = []
+
+    def count(module: nn.Module, args: tuple) -> None:
+        calls.append(module.training)
+
+    norm_free = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU())
+    norm_free.register_forward_pre_hook(count)
+    assert reestimate_bn(norm_free, batches) is norm_free
+    assert calls == [] and not norm_free.training
+
+    with_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with_bn.register_forward_pre_hook(count)
+    reestimate_bn(with_bn, batches)
+    assert calls == [True, True, True] and not with_bn.training
+    assert not torch.equal(with_bn[1].running_mean, torch.zeros(4))
