@@ -315,10 +315,12 @@ def measure(case: Case) -> Result:
     return result
 
 
-def _compile_rounds(model: nn.Module, case: Case, x: torch.Tensor,
-                    calib: list[torch.Tensor]) -> tuple[Optional[Quantized], Quantized, str]:
+def _compile_rounds(model: nn.Module, case: Case, x: torch.Tensor, calib: list[torch.Tensor],
+                    on_round: Optional[Callable[[Optional[float], float], None]] = None,
+                    ) -> tuple[Optional[Quantized], Quantized, str]:
     """torch.ao's and fxquant's quantization of ``model``, ``case.compile_runs`` times each, interleaved; each
-    result's ``compile_s`` is the median over the rounds (the last round's models are returned).
+    result's ``compile_s`` is the median over the rounds (the last round's models are returned). ``on_round``
+    gets each round's seconds (torch.ao's, ``None`` when it did not run, and fxquant's).
 
     Every timed quantization starts after ``gc.collect()``: a full collection of the process's heap (hundreds
     of thousands of objects once torch and torchvision are imported) costs 0.1-0.3 s, and without it whichever
@@ -341,6 +343,8 @@ def _compile_rounds(model: nn.Module, case: Case, x: torch.Tensor,
         gc.collect()
         fxq = quantize_fxquant(model, case.backend, x, calib)
         fxq_times.append(fxq.compile_s)
+        if on_round is not None:
+            on_round(ao.compile_s if ao is not None else None, fxq.compile_s)
     assert fxq is not None
     fxq.compile_s = statistics.median(fxq_times)
     if ao is not None:

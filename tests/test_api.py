@@ -722,5 +722,7 @@ def test_a_float_tensor_read_from_a_module_that_became_a_kernel_gets_one_name_of
     assert reads == ["conv_gain", "conv_gain"]  # both reads, one attribute, not under the kernel
     assert torch.equal(q.conv_gain, model.conv.gain)
     out, expected = q(x), model(x)
-    assert fxquant.sqnr(expected[0], out[0]) > 25 and torch.allclose(out[1], expected[1])
+    # the reads are float; the add after them is quantized (8-bit activations give the float value here, the
+    # 7-bit ones fbgemm uses on a CPU without VNNI are 0.8% off)
+    assert fxquant.sqnr(expected[0], out[0]) > 25 and fxquant.sqnr(expected[1], out[1]) > 30
     q.load_state_dict(q.state_dict())  # the kernel's state_dict is its own (it once held the float tensor)

@@ -325,6 +325,28 @@ def test_bench_compile_time_is_the_median_of_interleaved_rounds(monkeypatch: pyt
     monkeypatch.setattr(bench, "quantize_torch_ao", fake("ao"))
     monkeypatch.setattr(bench, "quantize_fxquant", fake("fxq"))
     x = torch.randn(1, 3)
-    ao, fxq, error = bench._compile_rounds(nn.Identity(), bench.Case("m", compile_runs=3), x, [x])
+    seen: list[tuple] = []
+    ao, fxq, error = bench._compile_rounds(nn.Identity(), bench.Case("m", compile_runs=3), x, [x],
+                                           on_round=lambda a, f: seen.append((a, f)))
     assert calls == ["ao", "fxq"] * 3 and error == ""
     assert (ao.compile_s, fxq.compile_s) == (2.0, 0.5)
+    assert seen == [(3.0, 0.5), (1.0, 0.9), (2.0, 0.1)]
+
+
+def test_bench_compile_script_prints_each_round_and_the_median(capsys: pytest.CaptureFixture) -> None:
+    """tests/bench_compile.py: the bench's compile rounds alone, on a real model, each round printed."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import bench_compile
+    finally:
+        sys.path.pop(0)
+    old = torch.get_num_threads()
+    try:
+        out = bench_compile.rounds("resnet18", "fbgemm", 2, 1, 32)
+    finally:
+        torch.set_num_threads(old)
+    assert len(out["fxq"]) == 2 and all(s > 0 for s in out["fxq"])
+    from fxquant import bench
+    assert len(out["ao"]) == (2 if bench._ao_available() and not out["ao_error"] else 0)
+    err = capsys.readouterr().err
+    assert "resnet18 round 1: torch.ao" in err and "resnet18 round 2:" in err
