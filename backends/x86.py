@@ -43,9 +43,11 @@ X86_KERNEL_FUSIONS: tuple[KernelFusion, ...] = tuple(
         ("linear", ("hardswish", "relu6", "silu", "gelu", "add", "add_relu"))) for c in consumers)
 
 
-def make_x86_config() -> BackendConfig:
-    """The x86 table: oneDNN on plain integer tensors, or fbgemm's table where oneDNN's int8 kernels are missing."""
-    missing = cpu.onednn_int8_missing()
+def make_x86_config(*, assume_onednn: bool = False) -> BackendConfig:
+    """The x86 table: oneDNN on plain integer tensors, or fbgemm's table where oneDNN's int8 kernels are missing.
+    ``assume_onednn`` builds the oneDNN table whatever this machine has (docs/backends.md documents it; a model
+    converted with it runs only where oneDNN's int8 kernels do)."""
+    missing = None if assume_onednn else cpu.onednn_int8_missing()
     if missing:
         warnings.warn(f"backend 'x86': {missing}; using fbgemm's kernels on quantized tensors instead "
                       "(the 'fbgemm' table, under the name 'x86')", RuntimeWarning, stacklevel=2)
@@ -61,4 +63,6 @@ def make_x86_config() -> BackendConfig:
         name="x86", engine="x86", entries=entries, kernels="onednn", kernel_fusions=X86_KERNEL_FUSIONS,
         activation=QSpec(torch.quint8, torch.per_tensor_affine),
         weight=QSpec(torch.qint8, torch.per_channel_symmetric),
-        doc="oneDNN int8 kernels on plain uint8 tensors (torch.ops.onednn); x86 CPUs with VNNI.")
+        doc="oneDNN int8 kernels on plain uint8 tensors (torch.ops.onednn); x86 CPUs with VNNI. Where oneDNN's int8 "
+            "kernels are missing (a CPU without VNNI, or a torch build without them), 'x86' is the fbgemm table "
+            "under this name (7-bit activations without VNNI), with a warning that says why.")

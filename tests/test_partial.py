@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fxquant
+from fxquant.backends.cpu import has_vnni
 from fxquant.errors import FxQuantError, TraceError
 from fxquant.partial import PARTIAL_ATTR, PreparedCall
 
@@ -73,8 +74,9 @@ def test_untraceable_model_gets_its_traceable_pieces_quantized():
     assert isinstance(quantized.b1, PreparedCall) and isinstance(quantized.head, PreparedCall)
     kinds = {type(m).__name__ for m in quantized.modules()}
     assert "QuantizedLinear" in kinds
+    floor = 30 if has_vnni() else 25  # fbgemm uses 7-bit activations without VNNI (28.5 dB on one such CPU)
     with torch.no_grad():
-        assert fxquant.sqnr(model(x), quantized(x)) > 30
+        assert fxquant.sqnr(model(x), quantized(x)) > floor
     assert getattr(quantized, PARTIAL_ATTR).converted
     with pytest.raises(FxQuantError, match="already converted"):
         fxquant.convert_fx(quantized)
