@@ -6,7 +6,7 @@ import functools
 import platform
 from typing import Optional
 
-__all__ = ["has_vnni", "onednn_int8_missing"]
+__all__ = ["has_vnni", "onednn_int8_missing", "onnx_runtime_u8s8_saturates"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,6 +27,17 @@ def has_vnni() -> bool:
     except OSError:
         return False
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_runtime_u8s8_saturates() -> bool:
+    """Whether ONNX Runtime's CPU kernels for uint8 activations x int8 weights (``QLinearConv``, ``QGemm``, ...) can
+    saturate here: on x86-64 without VNNI its MLAS kernels multiply with ``VPMADDUBSW``, which sums each pair of
+    u8 x s8 products in int16 (ORT's quantization docs: use ``reduce_range`` or the U8U8 format there). Activation
+    codes up to 127 cannot saturate (127 * 128 * 2 < 2**15); its uint8 x uint8 kernels widen to int16 first and
+    are exact on every CPU. :func:`fxquant.export_onnx` writes uint8 weights for convs / linears that read wider
+    activations where this is true."""
+    return platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686") and not has_vnni()
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fxquant
 from fxquant.backends import get_backend_config
+from fxquant.backends.cpu import has_vnni, onednn_int8_missing
 from fxquant.backends.kernels.dynamic import (DynamicLinear, DynamicLinearFP16, DynamicRNN, DynamicRNNCell,
                                               PerTokenLinear, QuantizedEmbedding, QuantizedEmbeddingBag,
                                               quantize_rows)
@@ -268,6 +269,19 @@ def test_rnn_numerics(cls, layers, bidirectional, batch_first):
     assert sqnr(rnn(x[0])[0], q(x[0])[0]) > 30  # unbatched input
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dynamic_kernels_take_the_tables_activation_range_by_default(engine):
+    """Built directly, the dynamic int8 kernels quantize their inputs as the backend table of their engine does on
+    this CPU: 7 bits where fbgemm's kernels (which 'x86' also runs for dynamic ops) would saturate int16 pairs,
+    that is on a CPU without VNNI; the full 8 bits with VNNI and on qnnpack."""
+    expected = get_backend_config(engine).default_activation().reduce_range
+    assert expected is (engine != "qnnpack" and not has_vnni())
+    lin, rnn = seeded(nn.Linear(6, 4)), seeded(nn.LSTM(6, 4))
+    assert DynamicRNN(rnn, default_dynamic_qconfig.weight, engine_name=engine).reduce_range is expected
+    assert DynamicLinear(lin, _weight_qp(lin), engine_name=engine).reduce_range is expected
+    assert DynamicRNN(rnn, default_dynamic_qconfig.weight, reduce_range=False, engine_name=engine).reduce_range is False
+
+
 def test_lstm_matches_torch_ao_quantize_dynamic():
     from torch.ao.quantization import quantize_dynamic as ao_quantize_dynamic
     model, x = nn.Sequential(seeded(nn.LSTM(12, 16, num_layers=2))), randn(9, 3, 12)
@@ -473,7 +487,11 @@ def test_static_and_dynamic_mixed_in_one_mapping():
     fxquant.calibrate(prepared, [(x, idx)], progress=False)
     q = fxquant.convert_fx(prepared)
     kinds = module_types(q)
-    assert "OneDNNConv" in kinds and "PerTokenLinear" in kinds  # x86 lowers static convs to oneDNN and "QuantizedEmbedding" in kinds
+    # x86 lowers static convs to oneDNN where its int8 kernels run here; elsewhere (a CPU without VNNI) 'x86' is
+    # fbgemm's table under that name, whose convs run on quantized tensors
+    conv = "OneDNNConv" if onednn_int8_missing() is None else "QuantizedConv"
+    assert conv in kinds and "PerTokenLinear" in kinds and "QuantizedEmbedding" in kinds
+    assert not {"Conv2d", "Linear", "Embedding"} & set(kinds)  # nothing left float
     assert sqnr(model(x, idx), q(x, idx)) > 20
 
 

@@ -42,7 +42,7 @@ from fxquant.backends.kernels.qtensor import LoweringSpec, engine, entry
 from fxquant.qparams import QParams, quantize_int
 
 __all__ = ["BUILDERS", "DynamicLinear", "DynamicLinearFP16", "PerTokenLinear", "DynamicRNN", "DynamicRNNCell",
-           "QuantizedEmbedding", "QuantizedEmbeddingBag", "supports", "per_token_kernel"]
+           "QuantizedEmbedding", "QuantizedEmbeddingBag", "supports", "per_token_kernel", "default_reduce_range"]
 
 WeightFactory = Callable[[], nn.Module]
 
@@ -103,6 +103,17 @@ class _Repacking(nn.Module):
         self._repack()
 
 
+def default_reduce_range(engine_name: str) -> bool:
+    """Whether dynamic int8 kernels packed for ``engine_name`` should quantize their inputs to 7 bits on this CPU:
+    what the built-in backend table of that name says (:meth:`BackendConfig.default_activation`). fbgemm's kernels,
+    which ``x86`` also runs for its dynamic ops, sum u8 x s8 pairs in int16 on CPUs without VNNI, so the fbgemm
+    table (and ``x86``'s fallback to it) asks for 7 bits there and for the full 8 with VNNI; qnnpack never does.
+    An engine with no table of its name (``onednn``) keeps 8 bits."""
+    from fxquant.backends import BACKENDS, get_backend_config
+
+    return engine_name in BACKENDS and get_backend_config(engine_name).default_activation().reduce_range
+
+
 # -------------------------------------------------------------------------------- dynamic int8 linear
 
 #: (linear, linear + relu) overloads and their C++ entries (``qtensor.entry``), indexed by ``relu``
@@ -120,15 +131,18 @@ class DynamicLinear(_Repacking):
         linear: the float ``nn.Linear`` (or the ``.op`` of a fused Linear+ReLU).
         weight: the weight qparams (per tensor or per channel, from the qconfig's weight observer).
         relu: apply ReLU to the output (``linear_relu_dynamic``).
-        reduce_range: 7-bit activations (fbgemm on CPUs without VNNI).
+        reduce_range: 7-bit activations (fbgemm on CPUs without VNNI); ``None``: what the table of
+            ``engine_name`` uses on this CPU (:func:`default_reduce_range`).
         engine_name: the quantized engine the weight is packed for.
     """
 
-    def __init__(self, linear: nn.Linear, weight: QParams, relu: bool = False, reduce_range: bool = False,
+    def __init__(self, linear: nn.Linear, weight: QParams, relu: bool = False, reduce_range: Optional[bool] = None,
                  engine_name: str = "x86") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.relu, self.reduce_range, self._engine = bool(relu), reduce_range, engine_name
+        if reduce_range is None:
+            reduce_range = default_reduce_range(engine_name)
+        self.relu, self.reduce_range, self._engine = bool(relu), bool(reduce_range), engine_name
         _register_qweight(self, "weight", linear.weight, weight)
         self.register_buffer("bias", _bias(linear))
         self._repack()
@@ -342,12 +356,13 @@ class DynamicRNN(_Repacking):
     Args:
         rnn: the float ``nn.LSTM`` or ``nn.GRU`` (no ``proj_size``).
         weight_observer: the qconfig's weight observer factory (one fresh observer per weight matrix).
-        reduce_range: 7-bit activations (fbgemm on CPUs without VNNI).
+        reduce_range: 7-bit activations (fbgemm on CPUs without VNNI); ``None``: what the table of
+            ``engine_name`` uses on this CPU (:func:`default_reduce_range`).
         engine_name: the quantized engine the weights are packed for.
         dtype: ``torch.qint8`` or ``torch.float16`` (the weights).
     """
 
-    def __init__(self, rnn: nn.Module, weight_observer: WeightFactory, reduce_range: bool = False,
+    def __init__(self, rnn: nn.Module, weight_observer: WeightFactory, reduce_range: Optional[bool] = None,
                  engine_name: str = "x86", dtype: torch.dtype = torch.qint8) -> None:
         super().__init__()
         self.dtype = dtype
@@ -355,7 +370,9 @@ class DynamicRNN(_Repacking):
         self.input_size, self.hidden_size, self.num_layers = rnn.input_size, rnn.hidden_size, rnn.num_layers
         self.bidirectional, self.batch_first, self.has_bias = rnn.bidirectional, rnn.batch_first, rnn.bias
         self.dropout = float(rnn.dropout)
-        self.reduce_range, self._engine = reduce_range, engine_name
+        if reduce_range is None:
+            reduce_range = default_reduce_range(engine_name)
+        self.reduce_range, self._engine = bool(reduce_range), engine_name
         self._suffixes = _rnn_suffixes(rnn)
         for sfx in self._suffixes:
             for kind in ("ih", "hh"):
@@ -558,7 +575,7 @@ def _weight_qparams(spec: LoweringSpec, module: nn.Module) -> QParams:
 def _dynamic_linear(spec: LoweringSpec, engine_name: str) -> nn.Module:
     lin = _linear_of(spec.module)
     return DynamicLinear(lin, _weight_qparams(spec, lin), relu=spec.target.startswith("linear_relu"),
-                         reduce_range=bool(spec.kwargs.get("reduce_range", False)), engine_name=engine_name)
+                         reduce_range=spec.kwargs.get("reduce_range"), engine_name=engine_name)
 
 
 def _fp16_linear(spec: LoweringSpec, engine_name: str) -> nn.Module:
@@ -574,7 +591,7 @@ def _per_token_linear(spec: LoweringSpec, engine_name: str) -> nn.Module:
 
 def _rnn(spec: LoweringSpec, engine_name: str) -> nn.Module:
     dtype = torch.float16 if spec.target.endswith("fp16") else torch.qint8
-    return DynamicRNN(spec.module, spec.kwargs["weight_observer"], bool(spec.kwargs.get("reduce_range", False)),
+    return DynamicRNN(spec.module, spec.kwargs["weight_observer"], spec.kwargs.get("reduce_range"),
                       engine_name, dtype)
 
 
