@@ -21,6 +21,7 @@ from fxquant.observers import ObserverBase
 __all__ = [
     "ConvBNReLU", "ConvBN", "Residual", "SmallCNN", "LinearHead", "DepthwiseBlock", "SingleConv", "SingleLinear",
     "seeded", "torchvision_model", "quantize", "observer_nodes", "node_kinds", "restore_engine", "ao_quantize",
+    "codes_held", "sums_pairs_in_int16", "int16_pairs_can_overflow",
 ]
 
 
@@ -256,3 +257,38 @@ def restore_engine() -> Iterator[None]:
     """convert_fx selects its backend's quantized engine; put the previous one back after each test."""
     with _keep_engine():
         yield
+
+
+# ------------------------------------------------------------------------------- what the int8 kernels hold and sum
+
+def codes_held(qp: Any) -> Any:
+    """``qp`` (a :class:`fxquant.qparams.QParams`) over every code its dtype holds. A grid narrower than its dtype
+    (7-bit activations, ``reduce_range``: codes 0..127) only places the scale and zero point: torch's quantize and
+    the kernels clamp to the dtype (0..255), so values beyond the calibrated range land on the codes above the grid's
+    end (passes/lower.py keeps a clamp after a 7-bit grid for that reason). On a full 8-bit grid: ``qp`` itself."""
+    import dataclasses
+
+    from fxquant.qparams import QUANTIZED_DTYPES
+
+    _, lo, hi = QUANTIZED_DTYPES[qp.dtype]
+    return dataclasses.replace(qp, quant_min=lo, quant_max=hi)
+
+
+def sums_pairs_in_int16(backend: Any) -> bool:
+    """Whether the conv / linear kernels of ``backend`` (a name or a BackendConfig) sum u8 x s8 products in pairs
+    held in int16 on this CPU: fbgemm's kernels without VNNI. The table then picks 7-bit activations (see
+    backends/config.py), which keeps every pair inside int16 for codes up to 127, not for the codes above the grid's
+    end that values beyond the calibrated range take (:func:`codes_held`)."""
+    from fxquant.backends import get_backend_config
+    from fxquant.backends.cpu import has_vnni
+
+    cfg = get_backend_config(backend) if isinstance(backend, str) else backend
+    return cfg.reduce_range_without_vnni and not has_vnni()
+
+
+def int16_pairs_can_overflow(x_codes: torch.Tensor, weight_codes: torch.Tensor) -> bool:
+    """Whether a pair ``a1 * w1 + a2 * w2`` of u8 activation codes ``x_codes`` and s8 weight codes can leave int16
+    ([-32768, 32767]), bounded by twice the largest activation code times the largest weight magnitude."""
+    a = int(x_codes.to(torch.int32).max())
+    w = int(weight_codes.to(torch.int32).abs().max())
+    return 2 * a * w > 32767
