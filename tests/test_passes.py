@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxquant
-from models import (DepthwiseBlock, Residual, SingleConv, SingleLinear, SmallCNN, codes_held, int16_pairs_can_overflow,
-                    node_kinds, observer_nodes, quantize, seeded, sums_pairs_in_int16)
+from models import (DepthwiseBlock, Residual, SingleConv, SingleLinear, SmallCNN, codes_held, node_kinds,
+                    observer_nodes, quantize, seeded)
 from fxquant.api import STATE_KEY, convert_pipeline, prepare_pipeline
 from fxquant.backends import get_backend_config
 from fxquant.backends.kernels.onednn import OneDNNConv
