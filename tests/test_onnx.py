@@ -283,7 +283,11 @@ def test_resnet18_in_onnx_runtime_differs_from_fxquant_int8_by_orts_bias_roundin
     int32 bias, fxquant's int8 model meets the target against ORT (at 64 px bit for bit)."""
     case = _zoo_case("resnet18", size, tmp_path)
     assert float((case.diff <= 2).float().mean()) >= 0.95 and float(case.diff.max()) <= 6, case.diff.max()
-    assert case.sqnr_ort >= case.sqnr_int8 - 0.5, (case.sqnr_ort, case.sqnr_int8)
+    # on a 7-bit grid (fbgemm without VNNI) the file clips every activation at code 127 where the int8 kernels
+    # write up to 255, which costs ORT a little more (0.56 dB at 64 px on one such CPU)
+    from fxquant.backends import get_backend_config
+    margin = 1.0 if get_backend_config("fbgemm").default_activation().reduce_range else 0.5
+    assert case.sqnr_ort >= case.sqnr_int8 - margin, (case.sqnr_ort, case.sqnr_int8)
     same_bias = _steps_to_int8_with_ort_bias(case.prepared, case.quantized, case.path, case.x)
     assert float((same_bias <= 2).float().mean()) >= 0.999, same_bias.max()
 
