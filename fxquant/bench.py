@@ -274,6 +274,14 @@ def _time_all(result: Result, fns: dict[str, Callable[[], Any]], ort: dict[int, 
         result.latency.append(Latency(t, ms["fp32"], ms["fxq"], ms.get("ao"), ms.get("ort_fxq"), ms.get("ort_qs")))
 
 
+def _inputs(case: Case) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A cell's calibration batches (of 4) and its batch-1 input, seeded: the same for every library measured."""
+    size = case.image_size
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, size, size, generator=gen) for _ in range(case.calib_batches)]
+    return calib, torch.randn(1, 3, size, size, generator=gen)
+
+
 def measure(case: Case) -> Result:
     """Build the model, quantize it with fxquant and torch.ao (and ONNX Runtime), and measure them side by side.
     A torch.ao or ORT failure fills ``ao_error``/``ort_error``; an fxquant failure raises."""
@@ -286,9 +294,7 @@ def measure(case: Case) -> Result:
     untraceable = _traceable(model)
     if untraceable:
         return Result(case, error=f"not traceable by torch.fx: {untraceable}", traceable=False)
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.randn(4, 3, size, size, generator=gen) for _ in range(case.calib_batches)]
-    x = torch.randn(1, 3, size, size, generator=gen)
+    calib, x = _inputs(case)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # prepare+convert is timed on 1 thread, as the targets are stated
     try:

@@ -31,11 +31,8 @@ def rounds(model_name: str, backend: str, runs: int, calib_batches: int, input_s
 
     case = bench._sized(bench.Case(model=model_name, backend=backend, image_size=input_size,
                                    calib_batches=calib_batches, compile_runs=runs, with_ao=bench._ao_available()))
-    size = case.image_size
-    model = torchvision_model(model_name, image_size=size)
-    gen = torch.Generator().manual_seed(1)  # the bench's inputs
-    calib = [torch.randn(4, 3, size, size, generator=gen) for _ in range(calib_batches)]
-    x = torch.randn(1, 3, size, size, generator=gen)
+    model = torchvision_model(model_name, image_size=case.image_size)
+    calib, x = bench._inputs(case)
     out: dict = {"model": model_name, "ao": [], "fxq": []}
 
     def on_round(ao_s: Optional[float], fxq_s: float) -> None:

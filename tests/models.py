@@ -21,7 +21,7 @@ from fxquant.observers import ObserverBase
 __all__ = [
     "ConvBNReLU", "ConvBN", "Residual", "SmallCNN", "LinearHead", "DepthwiseBlock", "SingleConv", "SingleLinear",
     "seeded", "torchvision_model", "quantize", "observer_nodes", "node_kinds", "restore_engine", "ao_quantize",
-    "codes_held", "sums_pairs_in_int16", "int16_pairs_can_overflow",
+    "codes_held", "sums_pairs_in_int16", "int16_pairs_can_overflow", "activation_range", "int16_safe_weight",
 ]
 
 
@@ -292,3 +292,23 @@ def int16_pairs_can_overflow(x_codes: torch.Tensor, weight_codes: torch.Tensor) 
     a = int(x_codes.to(torch.int32).max())
     w = int(weight_codes.to(torch.int32).abs().max())
     return 2 * a * w > 32767
+
+
+def activation_range(backend: str) -> tuple[int, int]:
+    """The codes of ``backend``'s default activation grid on this CPU (0..127 for fbgemm without VNNI)."""
+    from fxquant.backends import get_backend_config
+    from fxquant.qparams import dtype_range
+
+    spec = get_backend_config(backend).default_activation()
+    return dtype_range(spec.dtype, spec.reduce_range, spec.quant_min, spec.quant_max)
+
+
+def int16_safe_weight(weight: Any, backend: str) -> Any:
+    """The weight observer factory ``weight`` on [-64, 63] where ``backend``'s table runs fbgemm's kernels (which sum
+    u8 x s8 pairs in int16 without VNNI), so that no pair of 8-bit activation codes leaves int16 (2 * 255 * 64 =
+    32640) and a test with full 8-bit activations means the same on every CPU; else ``weight`` itself."""
+    from fxquant.backends import get_backend_config
+
+    if get_backend_config(backend).reduce_range_without_vnni:
+        return weight.with_overrides(quant_min=-64, quant_max=63)
+    return weight

@@ -209,11 +209,9 @@ def test_swin_attention_trains_under_qat_and_converts(v2):
     # the head writes the output; compared inside its grid: on a 7-bit grid (fbgemm on a CPU without VNNI) the
     # fake quantize clamps at code 127 where the int8 kernel, as torch's, writes up to 255 (three steps at lr 0.05
     # take the logits past the moving-average range)
-    from fxquant.backends import get_backend_config
-    from fxquant.qparams import dtype_range
+    from models import activation_range
 
-    a = get_backend_config("fbgemm").default_activation()
-    qmin, qmax = dtype_range(a.dtype, a.reduce_range, a.quant_min, a.quant_max)
+    qmin, qmax = activation_range("fbgemm")
     head = quantized.head
     lo, hi = (qmin - head._zp) * head._scale, (qmax - head._zp) * head._scale
     with torch.no_grad():

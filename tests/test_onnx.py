@@ -71,12 +71,10 @@ def _on_the_grid(quantized: nn.Module, backend: str) -> nn.Module:
     cannot saturate its int16 pair sums). With VNNI the grid spans uint8 and this is the model itself."""
     import copy
 
-    from fxquant.backends import get_backend_config
-    from fxquant.qparams import dtype_range
+    from models import activation_range
 
-    spec = get_backend_config(backend).default_activation()
-    lo, hi = dtype_range(spec.dtype, spec.reduce_range)
-    if (lo, hi) == dtype_range(spec.dtype):
+    lo, hi = activation_range(backend)
+    if (lo, hi) == (0, 255):
         return quantized
 
     def clamp(module, inputs, out):
@@ -285,8 +283,8 @@ def test_resnet18_in_onnx_runtime_differs_from_fxquant_int8_by_orts_bias_roundin
     assert float((case.diff <= 2).float().mean()) >= 0.95 and float(case.diff.max()) <= 6, case.diff.max()
     # on a 7-bit grid (fbgemm without VNNI) the file clips every activation at code 127 where the int8 kernels
     # write up to 255, which costs ORT a little more (0.56 dB at 64 px on one such CPU)
-    from fxquant.backends import get_backend_config
-    margin = 1.0 if get_backend_config("fbgemm").default_activation().reduce_range else 0.5
+    from models import activation_range
+    margin = 1.0 if activation_range("fbgemm") != (0, 255) else 0.5
     assert case.sqnr_ort >= case.sqnr_int8 - margin, (case.sqnr_ort, case.sqnr_int8)
     same_bias = _steps_to_int8_with_ort_bias(case.prepared, case.quantized, case.path, case.x)
     assert float((same_bias <= 2).float().mean()) >= 0.999, same_bias.max()

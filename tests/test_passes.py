@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxquant
-from models import (DepthwiseBlock, Residual, SingleConv, SingleLinear, SmallCNN, codes_held, node_kinds,
-                    observer_nodes, quantize, seeded)
+from models import (DepthwiseBlock, Residual, SingleConv, SingleLinear, SmallCNN, codes_held, int16_safe_weight,
+                    node_kinds, observer_nodes, quantize, seeded)
 from fxquant.api import STATE_KEY, convert_pipeline, prepare_pipeline
 from fxquant.backends import get_backend_config
 from fxquant.backends.kernels.onednn import OneDNNConv
@@ -448,16 +448,8 @@ def _activation_bits(backend: str, bits: int, int16_safe: bool = False) -> fxqua
     leave int16 (2 * 255 * 64 = 32640) and the kernels compute what the reference computes on every CPU."""
     default = fxquant.get_default_qconfig(backend)
     act = default.activation.with_overrides(quant_min=0, quant_max=(1 << bits) - 1)
-    return fxquant.QConfigMapping().set_global(fxquant.QConfig(activation=act, weight=_weight(backend, int16_safe)))
-
-
-def _weight(backend: str, int16_safe: bool) -> fxquant.observers.ObserverFactory:
-    """The backend's default weight observer; with ``int16_safe``, on [-64, 63] where 8-bit activations could
-    saturate the table's kernels' int16 pairs (see ``_activation_bits``)."""
-    weight = fxquant.get_default_qconfig(backend).weight
-    if int16_safe and get_backend_config(backend).reduce_range_without_vnni:
-        weight = weight.with_overrides(quant_min=-64, quant_max=63)
-    return weight
+    weight = int16_safe_weight(default.weight, backend) if int16_safe else default.weight
+    return fxquant.QConfigMapping().set_global(fxquant.QConfig(activation=act, weight=weight))
 
 
 def _clamped_conv(act) -> tuple[nn.Module, float, float]:
@@ -957,7 +949,8 @@ def test_which_clamps_go_depends_on_the_graph_not_on_the_calibration_data(scale)
             return F.hardtanh(self.a(x)), F.relu(F.max_pool2d(self.b(x), 2))
 
     act = fxquant.observers.MinMaxObserver.with_args(quant_min=0, quant_max=255)
-    mapping = fxquant.QConfigMapping().set_global(fxquant.QConfig(activation=act, weight=_weight("fbgemm", True)))
+    weight = int16_safe_weight(fxquant.get_default_qconfig("fbgemm").weight, "fbgemm")
+    mapping = fxquant.QConfigMapping().set_global(fxquant.QConfig(activation=act, weight=weight))
     model = seeded(M())
     prepared, converted = quantize(model, X, "fbgemm", calib=[scale * X], mapping=mapping)
     names = {n.name for n in converted.graph.nodes}

@@ -472,13 +472,11 @@ def full_8_bit_qat_mapping(backend: str) -> fxquant.QConfigMapping:
     range took codes up to 138 in the converted model, 127 in the QAT one: 96% agreement). Where the table's kernels
     can sum u8 x s8 pairs in int16 (fbgemm's, without VNNI), weights on [-64, 63], so that no pair of 8-bit codes
     leaves int16 (2 * 255 * 64 = 32640)."""
-    from fxquant.backends import get_backend_config
+    from models import int16_safe_weight
 
     default = fxquant.get_default_qat_qconfig(backend)
-    weight = default.weight
-    if get_backend_config(backend).reduce_range_without_vnni:
-        weight = weight.with_overrides(quant_min=-64, quant_max=63)
-    qconfig = fxquant.QConfig(activation=default.activation.with_overrides(reduce_range=False), weight=weight)
+    qconfig = fxquant.QConfig(activation=default.activation.with_overrides(reduce_range=False),
+                              weight=int16_safe_weight(default.weight, backend))
     return fxquant.QConfigMapping().set_global(qconfig)
 
 
