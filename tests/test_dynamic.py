@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fxquant
 from fxquant.backends import get_backend_config
-from fxquant.backends.cpu import has_vnni, onednn_int8_missing
+from fxquant.backends.cpu import has_vnni
 from fxquant.backends.kernels.dynamic import (DynamicLinear, DynamicLinearFP16, DynamicRNN, DynamicRNNCell,
                                               PerTokenLinear, QuantizedEmbedding, QuantizedEmbeddingBag,
                                               quantize_rows)
@@ -487,9 +487,9 @@ def test_static_and_dynamic_mixed_in_one_mapping():
     fxquant.calibrate(prepared, [(x, idx)], progress=False)
     q = fxquant.convert_fx(prepared)
     kinds = module_types(q)
-    # x86 lowers static convs to oneDNN where its int8 kernels run here; elsewhere (a CPU without VNNI) 'x86' is
-    # fbgemm's table under that name, whose convs run on quantized tensors
-    conv = "OneDNNConv" if onednn_int8_missing() is None else "QuantizedConv"
+    # x86 lowers static convs to oneDNN where its table does (its int8 kernels run here); elsewhere (a CPU without
+    # VNNI) 'x86' is fbgemm's table under that name, whose convs run on quantized tensors
+    conv = "OneDNNConv" if get_backend_config("x86").kernels == "onednn" else "QuantizedConv"
     assert conv in kinds and "PerTokenLinear" in kinds and "QuantizedEmbedding" in kinds
     assert not {"Conv2d", "Linear", "Embedding"} & set(kinds)  # nothing left float
     assert sqnr(model(x, idx), q(x, idx)) > 20

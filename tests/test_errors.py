@@ -47,7 +47,7 @@ from torch import nn
 
 import fxquant
 from models import SmallCNN, quantize, seeded  # noqa: F401
-from fxquant.backends.cpu import onednn_int8_missing
+from fxquant.backends import get_backend_config
 from fxquant.errors import CalibrationError, ConvertError, EngineError, FxQuantError, QConfigError
 from fxquant.observers import HistogramObserver
 
@@ -238,7 +238,6 @@ def test_calibration_batch_of_the_wrong_structure(batch, shown, cause):
 def test_convert_with_another_table_under_the_same_name():
     import dataclasses
 
-    from fxquant.backends import get_backend_config
 
     prepared = prepare(seeded(SmallCNN()))
     fxquant.calibrate(prepared, [X], progress=False)
@@ -295,7 +294,7 @@ def test_wrong_feature_count_names_the_linear_node(backend):
 
     model = quantize(seeded(Head()), torch.randn(8, 16), backend)[1]
     err = no_raw_kernel_error(lambda: model(torch.randn(8, 12)))
-    kind = "OneDNNLinear" if backend == "x86" and onednn_int8_missing() is None else "QuantizedLinear"
+    kind = "OneDNNLinear" if get_backend_config(backend).kernels == "onednn" else "QuantizedLinear"
     assert str(err) == (f"{kind} at node 'fc': expects inputs with 16 features in the last dimension, like "
                         "the float Linear, got shape (8, 12); pass inputs shaped like the example the model was "
                         "prepared with")
@@ -306,7 +305,7 @@ def test_wrong_channel_count_names_the_conv_node(backend):
     """qnnpack's conv ran on a 4-channel input of a 3-channel conv and returned numbers."""
     model = converted(backend)
     err = no_raw_kernel_error(lambda: model(torch.randn(2, 4, 16, 16)))
-    kind = "OneDNNConv" if backend == "x86" and onednn_int8_missing() is None else "QuantizedConv"
+    kind = "OneDNNConv" if get_backend_config(backend).kernels == "onednn" else "QuantizedConv"
     assert str(err).startswith(f"{kind} at node 'conv1': expects a batched input with 3 channels and 2 spatial "
                                "dims (N, C, ...), got shape (2, 4, 16, 16); pass inputs shaped like the example")
     err = no_raw_kernel_error(lambda: model(X[0]))  # unbatched: the float conv takes it, the quantized one does not

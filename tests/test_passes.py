@@ -443,9 +443,8 @@ def _activation_bits(backend: str, bits: int, int16_safe: bool = False) -> fxqua
     """The backend's default qconfig with activations on an explicit 8-bit or 7-bit grid (the default's width
     depends on the CPU: 7 bits for fbgemm/x86 without VNNI), so a test means the same on every machine.
 
-    ``int16_safe``: where the table's kernels can sum u8 x s8 pairs in int16 (fbgemm's, on CPUs without VNNI: the
-    reason its activations drop to 7 bits there), weights on [-64, 63] as well, so that no pair of 8-bit codes can
-    leave int16 (2 * 255 * 64 = 32640) and the kernels compute what the reference computes on every CPU."""
+    ``int16_safe``: weights that no pair of 8-bit codes can take beyond int16 in fbgemm's kernels
+    (``models.int16_safe_weight``), so the kernels compute what the reference computes on every CPU."""
     default = fxquant.get_default_qconfig(backend)
     act = default.activation.with_overrides(quant_min=0, quant_max=(1 << bits) - 1)
     weight = int16_safe_weight(default.weight, backend) if int16_safe else default.weight

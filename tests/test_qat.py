@@ -469,9 +469,8 @@ def full_8_bit_qat_mapping(backend: str) -> fxquant.QConfigMapping:
     """The backend's default QAT qconfig on full 8-bit activation grids, whatever the CPU (the default drops to 7 bits
     for fbgemm's kernels without VNNI). The QAT model's fake quantizers clamp at the grid's end, the kernels at the
     dtype's (0..255): the same codes only on a grid spanning the dtype (on a 7-bit grid, values beyond the trained
-    range took codes up to 138 in the converted model, 127 in the QAT one: 96% agreement). Where the table's kernels
-    can sum u8 x s8 pairs in int16 (fbgemm's, without VNNI), weights on [-64, 63], so that no pair of 8-bit codes
-    leaves int16 (2 * 255 * 64 = 32640)."""
+    range took codes up to 138 in the converted model, 127 in the QAT one: 96% agreement). Weights that no pair of
+    8-bit codes can take beyond int16 in fbgemm's kernels (``models.int16_safe_weight``)."""
     from models import int16_safe_weight
 
     default = fxquant.get_default_qat_qconfig(backend)
