@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.report import interleaved_latency, state_dict_bytes
+from fxquant.report import interleaved_rounds, paired_ratio, state_dict_bytes
 
 __all__ = ["MODELS", "SUITES", "Case", "Latency", "Result", "Quantized", "measure", "measure_isolated", "measure_minilm",
            "ort_quantize_static", "quantize_fxquant", "quantize_torch_ao", "summary", "table", "markdown",
@@ -89,7 +89,8 @@ class Case:
 
 @dataclasses.dataclass
 class Latency:
-    """Median batch-1 milliseconds under ``threads`` torch (and ORT intra-op) threads."""
+    """Median batch-1 milliseconds under ``threads`` torch (and ORT intra-op) threads, the ratios taken within
+    rounds, and every round's milliseconds (``rounds_ms``: column name -> one time per round)."""
 
     threads: int
     fp32_ms: float
@@ -97,6 +98,19 @@ class Latency:
     ao_ms: Optional[float] = None
     ort_fxq_ms: Optional[float] = None   #: fxquant.export_onnx run by ONNX Runtime
     ort_qs_ms: Optional[float] = None    #: ONNX Runtime's quantize_static
+    fxq_ao: Optional[float] = None       #: median over rounds of fxquant's time / torch.ao's in the same round
+    fp32_fxq: Optional[float] = None     #: median over rounds of fp32's time / fxquant's in the same round
+    rounds_ms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def vs_ao(self) -> Optional[float]:
+        """fxquant's int8 time over torch.ao's: the paired ratio (results files before it: the medians' ratio)."""
+        if self.fxq_ao is not None:
+            return self.fxq_ao
+        return self.fxq_ms / self.ao_ms if self.ao_ms else None
+
+    def speedup(self) -> float:
+        """fp32's time over fxquant's int8: the paired ratio (results files before it: the medians' ratio)."""
+        return self.fp32_fxq if self.fp32_fxq is not None else self.fp32_ms / self.fxq_ms
 
 
 @dataclasses.dataclass
@@ -269,9 +283,13 @@ def _time_all(result: Result, fns: dict[str, Callable[[], Any]], ort: dict[int, 
         calls = dict(fns)
         if t in ort:
             calls["ort_fxq"], calls["ort_qs"] = (lambda f=ort[t][0]: f(x)), (lambda f=ort[t][1]: f(x))
-        ms = dict(zip(calls, (s * 1e3 for s in interleaved_latency(list(calls.values()), runs=result.case.runs,
-                                                                    threads=t))))
-        result.latency.append(Latency(t, ms["fp32"], ms["fxq"], ms.get("ao"), ms.get("ort_fxq"), ms.get("ort_qs")))
+        rounds = dict(zip(calls, ([s * 1e3 for s in times] for times in
+                                  interleaved_rounds(list(calls.values()), runs=result.case.runs, threads=t))))
+        ms = {k: statistics.median(v) for k, v in rounds.items()}
+        result.latency.append(Latency(t, ms["fp32"], ms["fxq"], ms.get("ao"), ms.get("ort_fxq"), ms.get("ort_qs"),
+                                      fxq_ao=paired_ratio(rounds["fxq"], rounds["ao"]) if "ao" in rounds else None,
+                                      fp32_fxq=paired_ratio(rounds["fp32"], rounds["fxq"]),
+                                      rounds_ms={k: [round(v, 4) for v in vs] for k, vs in rounds.items()}))
 
 
 def _inputs(case: Case) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -455,8 +473,8 @@ def _latency_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
     for r in results:
         for lat in r.latency:
             rows.append((r.case.model, r.case.backend, str(lat.threads), f"{lat.fp32_ms:.2f}", _f(lat.ao_ms, ".2f"),
-                         f"{lat.fxq_ms:.2f}", _f(_ratio(lat.fxq_ms, lat.ao_ms), ".2f", "x"),
-                         f"{lat.fp32_ms / lat.fxq_ms:.2f}x", _f(lat.ort_fxq_ms, ".2f"), _f(lat.ort_qs_ms, ".2f")))
+                         f"{lat.fxq_ms:.2f}", _f(lat.vs_ao(), ".2f", "x"), f"{lat.speedup():.2f}x",
+                         _f(lat.ort_fxq_ms, ".2f"), _f(lat.ort_qs_ms, ".2f")))
     return rows
 
 
@@ -500,10 +518,10 @@ def _targets(results: Sequence[Result], zoo_note: str) -> list[str]:
         return ["targets: no fbgemm 1-thread results in this run"]
     lines = [f"targets (fbgemm, 1 thread; {zoo_note}):"]
     if with_ao:
-        lat = _geomean([lat.fxq_ms / lat.ao_ms for _, lat in with_ao])  # type: ignore[operator]
+        lat = _geomean([lat.vs_ao() for _, lat in with_ao])  # type: ignore[misc]
         lines.append(f"  int8 latency fxquant/torch.ao geomean {lat:.2f}x over {len(with_ao)} models "
                      f"(target <= 0.9x): {_verdict(lat <= 0.9)}")
-    slower = [r.case.model for r, lat in ones if lat.fxq_ms >= lat.fp32_ms] + [f"{m} (failed)" for m in failed]
+    slower = [r.case.model for r, lat in ones if lat.speedup() <= 1.0] + [f"{m} (failed)" for m in failed]
     lines.append(f"  int8 faster than fp32 on {len(ones) + len(failed) - len(slower)} of {len(ones) + len(failed)} models (target: every one): "
                  f"{_verdict(not slower)}" + (f"; slower or failed: {', '.join(slower)}" if slower else ""))
     if with_ao:
@@ -524,10 +542,12 @@ def _geomean_lines(ok: list[Result]) -> list[str]:
     keys = sorted({(r.case.backend, lat.threads) for r in ok for lat in r.latency})
     for backend, t in keys:
         lats = [lat for r in ok if r.case.backend == backend for lat in r.latency if lat.threads == t]
-        parts = [f"fxq vs fp32 {_geomean([x.fp32_ms / x.fxq_ms for x in lats]):.2f}x "
-                 f"(slower than fp32 on {sum(x.fxq_ms >= x.fp32_ms for x in lats)} of {len(lats)})"]
-        for label, attr in (("fxq/ao", "ao_ms"), ("fxq/ORT fxq-export", "ort_fxq_ms"),
-                            ("fxq/ORT quantize_static", "ort_qs_ms")):
+        parts = [f"fxq vs fp32 {_geomean([x.speedup() for x in lats]):.2f}x "
+                 f"(slower than fp32 on {sum(x.speedup() <= 1.0 for x in lats)} of {len(lats)})"]
+        with_ao = [x.vs_ao() for x in lats if x.vs_ao()]
+        if with_ao:
+            parts.append(f"fxq/ao {_geomean(with_ao):.2f}x")  # type: ignore[arg-type]
+        for label, attr in (("fxq/ORT fxq-export", "ort_fxq_ms"), ("fxq/ORT quantize_static", "ort_qs_ms")):
             pairs = [(x.fxq_ms, getattr(x, attr)) for x in lats if getattr(x, attr)]
             if pairs:
                 parts.append(f"{label} {_geomean([a / b for a, b in pairs]):.2f}x")
@@ -696,7 +716,8 @@ def markdown(results: Sequence[Result], args: argparse.Namespace, minilm: Any = 
     note = "every zoo model" if zoo else f"{len(args.model_list)} of the {len(_zoo_names())} zoo models"
     parts = [BEGIN, "", f"Command: `{_command(args)}` (results kept in, and a rerun resumed from, `--out FILE.jsonl`)", "",
              f"Settings: batch-1 latency, median of {args.runs} interleaved rounds per thread count "
-             f"({', '.join(map(str, args.thread_list))}); prepare+convert timed on 1 thread, median of "
+             f"({', '.join(map(str, args.thread_list))}), the fxq/ao and fxq vs fp32 ratios the median over rounds "
+             "of the ratio within a round; prepare+convert timed on 1 thread, median of "
              f"{args.compile_runs} interleaved rounds each starting after gc.collect(); SQNR on a batch of 4; "
              f"{args.calib_batches} calibration batches of 4; input {args.input_size}x{args.input_size} "
              f"(vit/swin/maxvit 224); torch {torch.__version__}, {os.cpu_count()} CPUs; measured "

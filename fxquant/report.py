@@ -19,7 +19,7 @@ from torch import fx, nn
 from fxquant.passes.context import RECORD_KEY, FloatReason
 from fxquant.qparams import sqnr
 
-__all__ = ["QuantReport", "report", "float_ops", "state_dict_bytes", "interleaved_latency"]
+__all__ = ["QuantReport", "report", "float_ops", "state_dict_bytes", "interleaved_latency", "interleaved_rounds", "paired_ratio"]
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -29,10 +29,11 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
-                        threads: int = 1) -> list[float]:
-    """Median seconds per call of each function, timed in interleaved rounds (the order rotating from round to
-    round) under ``threads`` threads."""
+def interleaved_rounds(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
+                       threads: int = 1) -> list[list[float]]:
+    """Seconds of each call of each function, ``runs`` per function, timed in interleaved rounds (the order
+    rotating from round to round) under ``threads`` threads: ``out[i][r]`` is function ``i`` in round ``r``, so
+    the calls of one round ran back to back and can be compared pairwise (see :func:`paired_ratio`)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -49,7 +50,29 @@ def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup
                     times[i].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(old)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
+                        threads: int = 1) -> list[float]:
+    """Median seconds per call of each function, timed in interleaved rounds (the order rotating from round to
+    round) under ``threads`` threads."""
+    return [statistics.median(t) for t in interleaved_rounds(fns, runs, warmup, threads)]
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """The median over rounds of ``a[r] / b[r]``: the ratio of two functions timed in the same interleaved
+    rounds (:func:`interleaved_rounds`). A machine that runs slower for a few seconds slows both calls of a
+    round, so the ratio within a round holds where the ratio of the two medians, taken from different rounds,
+    can swing.
+
+    Example:
+        >>> paired_ratio([1.0, 3.0, 1.1], [2.0, 6.0, 2.0])
+        0.5
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty lists of times, got {len(a)} and {len(b)}")
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def float_ops(quantized: fx.GraphModule) -> list[FloatReason]:

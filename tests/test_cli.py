@@ -257,6 +257,36 @@ def test_bench_prints_the_tables_and_verdicts_writes_the_page_and_resumes(capsys
     assert len(out.read_text().splitlines()) == 1 and "| resnet18 | fbgemm | 1 |" in page.read_text()
 
 
+def test_bench_ratios_are_taken_within_rounds_and_the_rounds_are_kept(capsys: pytest.CaptureFixture,
+                                                                        tmp_path: Path) -> None:
+    from fxquant import bench
+    from fxquant.report import paired_ratio
+
+    out = tmp_path / "results.jsonl"
+    assert main(BENCH + ["--no-isolate", "--out", str(out)]) == ExitCode.OK
+    lat = bench.Result.from_json(out.read_text()).latency[0]
+    assert {k: len(v) for k, v in lat.rounds_ms.items()} == {"fp32": 2, "fxq": 2, "ao": 2}
+    assert lat.fxq_ao == pytest.approx(paired_ratio(lat.rounds_ms["fxq"], lat.rounds_ms["ao"]), rel=1e-3)
+    assert lat.fp32_fxq == pytest.approx(paired_ratio(lat.rounds_ms["fp32"], lat.rounds_ms["fxq"]), rel=1e-3)
+    row = next(r for r in map(str.split, capsys.readouterr().out.splitlines()) if r[:3] == ["resnet18", "fbgemm", "1"])
+    assert row[6] == f"{lat.fxq_ao:.2f}x" and row[7] == f"{lat.fp32_fxq:.2f}x"
+
+
+def test_paired_ratio_follows_a_machine_that_slows_down_for_a_while() -> None:
+    from fxquant import bench
+    from fxquant.report import paired_ratio
+
+    # fxquant takes 0.8x torch.ao's time; the machine runs 3x slower from the middle of round 3 on, after
+    # fxquant's call of that round: the medians' ratio (8 / 30) says 0.27x, the rounds say 0.8x
+    fxq, ao = [8.0, 8.0, 8.0, 24.0, 24.0], [10.0, 10.0, 30.0, 30.0, 30.0]
+    assert paired_ratio(fxq, ao) == pytest.approx(0.8)
+    lat = bench.Latency(1, 40.0, 8.0, 30.0, fxq_ao=paired_ratio(fxq, ao))
+    assert lat.vs_ao() == pytest.approx(0.8) and lat.speedup() == 5.0   # no paired speed-up: the medians' ratio
+    assert bench.Latency(1, 20.0, 8.0, 10.0).vs_ao() == 0.8   # a results file from before the paired ratios
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
 def test_bench_records_a_torch_ao_failure_as_a_cell(capsys: pytest.CaptureFixture,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from fxquant import bench
