@@ -12,7 +12,7 @@ The public pass-authoring API (stable names; see ``docs/pass-authoring.md``):
 * shared state: :class:`QuantContext`, :class:`NodeRecord` (``node.meta["fxquant"]``), :func:`record`.
 """
 
-from fxquant.passes.base import (PRINT_AFTER_ENV, Pass, PassManager, PassOrderError, PassResult, PassTiming,
+from fxquant.passes.base import (CODEGEN, PRINT_AFTER_ENV, Pass, PassManager, PassOrderError, PassResult, PassTiming,
                                  PassVerificationError, TimingReport, recompile)
 from fxquant.passes.context import RECORD_KEY, FloatReason, NodeRecord, QuantContext, modules_of, record
 from fxquant.passes.matching import Match, Op, Pattern, find
@@ -20,7 +20,7 @@ from fxquant.passes.rewrite import Rewrite, RewritePass, rewrite
 from fxquant.passes.pipelines import (convert_pipeline, freeze_qat_pipeline, fuse_pipeline, prepare_pipeline,
                                       timing_report)
 
-__all__ = ["Pass", "PassResult", "PassManager", "PassTiming", "TimingReport", "PassOrderError",
+__all__ = ["Pass", "PassResult", "PassManager", "PassTiming", "TimingReport", "CODEGEN", "PassOrderError",
            "PassVerificationError", "PRINT_AFTER_ENV", "recompile", "QuantContext", "NodeRecord", "FloatReason", "RECORD_KEY",
            "record", "modules_of", "Pattern", "Op", "Match", "find", "Rewrite", "RewritePass", "rewrite",
            "prepare_pipeline", "convert_pipeline", "freeze_qat_pipeline", "fuse_pipeline", "timing_report"]

@@ -4,7 +4,9 @@ A pass is a small object with a ``name`` and ``run(gm, ctx) -> PassResult``. Ord
 declared as constraints ``(before, after)`` and checked with networkx (cycles are reported by name); the
 graph is verified between passes unless verification is switched off.
 
-Every run records a :class:`TimingReport` (wall time per pass; ``print(pm.report)`` shows a table).
+Every run records a :class:`TimingReport` (wall time per pass; ``print(pm.report)`` shows a table), and a last
+row named :data:`CODEGEN`: the code generation held back to the end of the run (see below), so that the rows add
+up to the run's wall time.
 
 A pass that changes the graph calls :func:`recompile` instead of ``gm.recompile()``: outside a pipeline it
 regenerates the code at once; inside :meth:`PassManager.run`, on the module the run works on, it marks the code
@@ -35,10 +37,14 @@ from torch import fx
 from fxquant.errors import FxQuantError
 
 __all__ = ["PassResult", "Pass", "PassManager", "recompile", "PassTiming", "TimingReport", "PassOrderError",
-           "PassVerificationError", "PRINT_AFTER_ENV"]
+           "PassVerificationError", "PRINT_AFTER_ENV", "CODEGEN"]
 
 #: environment variable naming the passes after which to print the graph (comma-separated, or ``all``)
 PRINT_AFTER_ENV = "FXQUANT_PRINT_AFTER"
+
+#: the name of a run's last timing row: the code generation left for the end of the run (``modified``: whether
+#: the code was stale and regenerated); not a pass, so no pass may take the name
+CODEGEN = "(codegen)"
 
 
 class _Deferred:
@@ -206,6 +212,9 @@ class PassManager:
         dup = sorted({n for n in self.names if self.names.count(n) > 1})
         if dup:
             raise PassOrderError(f"several passes are named {dup}; give each pass its own name")
+        if CODEGEN in self.names:
+            raise PassOrderError(f"a pass is named {CODEGEN!r}, the name of a run's code generation row in its "
+                                 "timings; give the pass another name")
         position = {name: i for i, name in enumerate(self.names)}
         for a, b in self.constraints:
             if a in position and b in position and position[a] > position[b]:
@@ -263,7 +272,9 @@ class PassManager:
             raise
         finally:
             _DEFERRED.reset(token)
+        start, stale = time.perf_counter(), deferred.stale
         deferred.flush()
+        self.timings.append(PassTiming(CODEGEN, time.perf_counter() - start, stale))
         return deferred.gm
 
     def _verify(self, gm: fx.GraphModule, ctx: Any, after: str) -> None:

@@ -19,7 +19,7 @@ import fxquant
 from fxquant.backends import OpKind, cpu, get_backend_config, ops
 from fxquant.backends.config import KernelFusion
 from fxquant.fused import fold_bn
-from fxquant.passes import (Op, PassManager, PassOrderError, PassResult, PassVerificationError, Pattern, QuantContext,
+from fxquant.passes import (CODEGEN, Op, PassManager, PassOrderError, PassResult, PassVerificationError, Pattern, QuantContext,
                             Rewrite, RewritePass, TimingReport, convert_pipeline, find, fuse_pipeline,
                             prepare_pipeline, recompile, record, rewrite, timing_report)
 from fxquant.passes.cleanup import CleanupPass
@@ -306,6 +306,8 @@ def test_edit_operations_and_their_errors():
     pm.add_constraint("observe", "normalize")
     with pytest.raises(PassOrderError, match="cycle"):
         pm.check_order()
+    with pytest.raises(PassOrderError, match="the name of a run's code generation row"):
+        PassManager([_Noop(CODEGEN)]).check_order()
     with pytest.raises(TypeError, match="unknown option 'verbose'"):
         pm.copy(verbose=True)
 
@@ -317,7 +319,8 @@ def test_prepare_fx_runs_the_given_pipeline_without_changing_it():
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (X,), backend_config="fbgemm",
                                   pipeline=pm)
     timings = prepared.meta["fxquant_state"].timings
-    assert [t.name for t in timings] == pm.names
+    assert [t.name for t in timings] == pm.names + [CODEGEN]   # the code generation held back to the end
+    assert timings[-1].modified                                 # a prepare changes the graph: it was stale
     assert pm.timings == []                            # the user's object was copied, not run
     report = timing_report(prepared)
     assert report == TimingReport(tuple(timings))
