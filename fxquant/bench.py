@@ -2,9 +2,12 @@
 
 Per model and backend, in one process on the same inputs: prepare+convert seconds of torch.ao and fxquant
 (timed on 1 thread, after both pipelines have been warmed on a tiny model; the median of ``--compile-runs``
-interleaved rounds, each quantization starting after ``gc.collect()``), output SQNR of both int8 models vs
+interleaved rounds, each quantization starting after ``gc.collect()``; their ratio the median of the ratio within a
+round), output SQNR of both int8 models vs
 fp32 on a batch of 4, state_dict size vs fp32, and the median batch-1 latency of fp32, torch.ao int8 and fxquant
-int8 in interleaved rounds, once per ``--threads`` setting. ``--onnxruntime`` adds two ONNX Runtime columns on
+int8 in interleaved rounds, once per ``--threads`` setting (the ratios again the median over rounds of the ratio
+within a round: the machine's speed drifts for seconds at a time, and the calls of one round run back to back).
+``--onnxruntime`` adds two ONNX Runtime columns on
 the fbgemm rows: fxquant's calibrated model exported by ``fxquant.export_onnx``, and ORT's own
 ``quantize_static`` (QDQ, per-channel, MinMax) on the exported fp32 model with the same calibration batches.
 ``--minilm`` adds dynamic quantization of the pretrained all-MiniLM-L6-v2 (the variants of
@@ -125,6 +128,9 @@ class Result:
     fxq_sqnr: float = math.nan
     fxq_size: float = math.nan
     ao_compile_s: Optional[float] = None
+    fxq_compile_rounds: list[float] = dataclasses.field(default_factory=list)   #: seconds, one per round
+    ao_compile_rounds: list[float] = dataclasses.field(default_factory=list)
+    compile_ratio: Optional[float] = None   #: median over rounds of fxquant's seconds / torch.ao's in the same round
     ao_sqnr: Optional[float] = None
     ao_size: Optional[float] = None
     ao_error: str = ""
@@ -146,6 +152,13 @@ class Result:
     def at(self, threads: int) -> Optional[Latency]:
         return next((lat for lat in self.latency if lat.threads == threads), None)
 
+    def compile_vs_ao(self) -> Optional[float]:
+        """fxquant's prepare+convert time over torch.ao's: the paired ratio (results files before it: the
+        medians' ratio)."""
+        if self.compile_ratio is not None:
+            return self.compile_ratio
+        return self.fxq_compile_s / self.ao_compile_s if self.ao_compile_s else None
+
 
 @dataclasses.dataclass
 class Quantized:
@@ -154,6 +167,7 @@ class Quantized:
     module: nn.Module
     compile_s: float
     prepared: Optional[nn.Module] = None
+    rounds_s: list[float] = dataclasses.field(default_factory=list)   #: every round's seconds (``compile_s``: median)
 
 
 # ------------------------------------------------------------------------------------------ quantizers
@@ -328,8 +342,11 @@ def measure(case: Case) -> Result:
         if ao is not None:
             result.ao_sqnr = float(fxquant.sqnr(ref, ao.module(calib[0])))
     result.fxq_compile_s, result.fxq_size = fxq.compile_s, state_dict_bytes(fxq.module) / fp32_size
+    result.fxq_compile_rounds = fxq.rounds_s
     if ao is not None:
         result.ao_compile_s, result.ao_size = ao.compile_s, state_dict_bytes(ao.module) / fp32_size
+        result.ao_compile_rounds = ao.rounds_s
+        result.compile_ratio = paired_ratio(fxq.rounds_s, ao.rounds_s)
     fns: dict[str, Callable[[], Any]] = {"fp32": lambda: model(x), "fxq": lambda: fxq.module(x)}
     if ao is not None:
         fns["ao"] = lambda: ao.module(x)
@@ -343,7 +360,8 @@ def _compile_rounds(model: nn.Module, case: Case, x: torch.Tensor, calib: list[t
                     on_round: Optional[Callable[[Optional[float], float], None]] = None,
                     ) -> tuple[Optional[Quantized], Quantized, str]:
     """torch.ao's and fxquant's quantization of ``model``, ``case.compile_runs`` times each, interleaved; each
-    result's ``compile_s`` is the median over the rounds (the last round's models are returned). ``on_round``
+    result's ``compile_s`` is the median over the rounds, its ``rounds_s`` every round's (the last round's models
+    are returned). ``on_round``
     gets each round's seconds (torch.ao's, ``None`` when it did not run, and fxquant's).
 
     Every timed quantization starts after ``gc.collect()``: a full collection of the process's heap (hundreds
@@ -370,9 +388,9 @@ def _compile_rounds(model: nn.Module, case: Case, x: torch.Tensor, calib: list[t
         if on_round is not None:
             on_round(ao.compile_s if ao is not None else None, fxq.compile_s)
     assert fxq is not None
-    fxq.compile_s = statistics.median(fxq_times)
+    fxq.compile_s, fxq.rounds_s = statistics.median(fxq_times), fxq_times
     if ao is not None:
-        ao.compile_s = statistics.median(ao_times)
+        ao.compile_s, ao.rounds_s = statistics.median(ao_times), ao_times
     return ao, fxq, ao_error
 
 
@@ -454,10 +472,6 @@ def _f(value: Optional[float], fmt: str, suffix: str = "") -> str:
     return "-" if value is None or math.isnan(value) else format(value, fmt) + suffix
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a and b else None
-
-
 def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -484,7 +498,7 @@ def _compile_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
         notes = "; ".join(s for s in (r.error, r.ao_error and f"torch.ao failed: {r.ao_error}",
                                       r.ort_error and f"ONNX Runtime failed: {r.ort_error}") if s)
         rows.append((r.case.model, r.case.backend, str(r.case.image_size), _f(r.ao_compile_s, ".2f"),
-                     _f(r.fxq_compile_s, ".2f"), _f(_ratio(r.fxq_compile_s, r.ao_compile_s), ".2f", "x"),
+                     _f(r.fxq_compile_s, ".2f"), _f(r.compile_vs_ao(), ".2f", "x"),
                      _f(r.ao_sqnr, ".1f"), _f(r.fxq_sqnr, ".1f"), _f(r.ort_fxq_sqnr, ".1f"), _f(r.ort_qs_sqnr, ".1f"),
                      _f(r.ao_size, ".3f"), _f(r.fxq_size, ".3f"), notes.replace("|", "/")))
     return rows
@@ -525,7 +539,7 @@ def _targets(results: Sequence[Result], zoo_note: str) -> list[str]:
     lines.append(f"  int8 faster than fp32 on {len(ones) + len(failed) - len(slower)} of {len(ones) + len(failed)} models (target: every one): "
                  f"{_verdict(not slower)}" + (f"; slower or failed: {', '.join(slower)}" if slower else ""))
     if with_ao:
-        comp = {r.case.model: r.fxq_compile_s / r.ao_compile_s for r, _ in with_ao}  # type: ignore[operator]
+        comp = {r.case.model: r.compile_vs_ao() for r, _ in with_ao}
         over = [f"{m} {v:.3f}x" for m, v in comp.items() if v > 0.5] + [f"{m} (failed)" for m in failed]
         lines.append(f"  prepare+convert <= 0.5x torch.ao's on {len(comp) + len(failed) - len(over)} of "
                      f"{len(comp) + len(failed)} models (geomean "
@@ -718,7 +732,8 @@ def markdown(results: Sequence[Result], args: argparse.Namespace, minilm: Any = 
              f"Settings: batch-1 latency, median of {args.runs} interleaved rounds per thread count "
              f"({', '.join(map(str, args.thread_list))}), the fxq/ao and fxq vs fp32 ratios the median over rounds "
              "of the ratio within a round; prepare+convert timed on 1 thread, median of "
-             f"{args.compile_runs} interleaved rounds each starting after gc.collect(); SQNR on a batch of 4; "
+             f"{args.compile_runs} interleaved rounds each starting after gc.collect(), the fxq/ao compile ratio "
+             "again the median of the ratio within a round; SQNR on a batch of 4; "
              f"{args.calib_batches} calibration batches of 4; input {args.input_size}x{args.input_size} "
              f"(vit/swin/maxvit 224); torch {torch.__version__}, {os.cpu_count()} CPUs; measured "
              f"{time.strftime('%Y-%m-%d', time.gmtime())}.", "",

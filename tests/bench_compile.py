@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from fxquant.report import paired_ratio
+
 
 def rounds(model_name: str, backend: str, runs: int, calib_batches: int, input_size: int) -> dict:
     """The compile rounds of one model in this process: ``{"ao": [s, ...], "fxq": [s, ...], "ao_error": str}``."""
@@ -76,10 +78,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         fxq = statistics.median(r["fxq"])
         ao = statistics.median(r["ao"]) if r["ao"] else float("nan")
         spread = f"{min(r['fxq']):.2f}-{max(r['fxq']):.2f}"
-        ratio = f"{fxq / ao:.3f}x" if r["ao"] else "-"
+        ratio = f"{paired_ratio(r['fxq'], r['ao']):.3f}x" if len(r["ao"]) == len(r["fxq"]) else "-"
         rows.append(f"| {name} | {ao:.2f} | {fxq:.2f} | {spread} | {ratio} | {r['ao_error'] or ''} |")
-    print(f"prepare+convert, {args.backend}, 1 thread, median of {args.runs} interleaved rounds, "
-          f"{args.calib_batches} calibration batch(es) of 4 between prepare and convert (not timed)")
+    print(f"prepare+convert, {args.backend}, 1 thread, median of {args.runs} interleaved rounds (the ratio: median "
+          f"of the ratio within a round), {args.calib_batches} calibration batch(es) of 4 between prepare and convert "
+          "(not timed)")
     print("| model | torch.ao s | fxquant s | fxquant rounds s | ratio | torch.ao error |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

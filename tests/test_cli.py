@@ -264,8 +264,11 @@ def test_bench_ratios_are_taken_within_rounds_and_the_rounds_are_kept(capsys: py
 
     out = tmp_path / "results.jsonl"
     assert main(BENCH + ["--no-isolate", "--out", str(out)]) == ExitCode.OK
-    lat = bench.Result.from_json(out.read_text()).latency[0]
+    result = bench.Result.from_json(out.read_text())
+    lat = result.latency[0]
     assert {k: len(v) for k, v in lat.rounds_ms.items()} == {"fp32": 2, "fxq": 2, "ao": 2}
+    assert len(result.fxq_compile_rounds) == len(result.ao_compile_rounds) == 2
+    assert result.compile_ratio == paired_ratio(result.fxq_compile_rounds, result.ao_compile_rounds)
     assert lat.fxq_ao == pytest.approx(paired_ratio(lat.rounds_ms["fxq"], lat.rounds_ms["ao"]), rel=1e-3)
     assert lat.fp32_fxq == pytest.approx(paired_ratio(lat.rounds_ms["fp32"], lat.rounds_ms["fxq"]), rel=1e-3)
     row = next(r for r in map(str.split, capsys.readouterr().out.splitlines()) if r[:3] == ["resnet18", "fbgemm", "1"])
@@ -360,7 +363,13 @@ def test_bench_compile_time_is_the_median_of_interleaved_rounds(monkeypatch: pyt
                                            on_round=lambda a, f: seen.append((a, f)))
     assert calls == ["ao", "fxq"] * 3 and error == ""
     assert (ao.compile_s, fxq.compile_s) == (2.0, 0.5)
+    assert (ao.rounds_s, fxq.rounds_s) == ([3.0, 1.0, 2.0], [0.5, 0.9, 0.1])
     assert seen == [(3.0, 0.5), (1.0, 0.9), (2.0, 0.1)]
+    # the ratio of the rounds' ratios (0.17, 0.9, 0.05): 0.17x; the ratio of the medians would say 0.25x
+    result = bench.Result(bench.Case("m"), fxq_compile_s=fxq.compile_s, ao_compile_s=ao.compile_s,
+                          compile_ratio=bench.paired_ratio(fxq.rounds_s, ao.rounds_s))
+    assert result.compile_vs_ao() == pytest.approx(0.5 / 3.0)
+    assert bench.Result(bench.Case("m"), fxq_compile_s=0.5, ao_compile_s=2.0).compile_vs_ao() == 0.25   # older files
 
 
 def test_bench_compile_script_prints_each_round_and_the_median(capsys: pytest.CaptureFixture) -> None:
@@ -380,3 +389,29 @@ def test_bench_compile_script_prints_each_round_and_the_median(capsys: pytest.Ca
     assert len(out["ao"]) == (2 if bench._ao_available() and not out["ao_error"] else 0)
     err = capsys.readouterr().err
     assert "resnet18 round 1: torch.ao" in err and "resnet18 round 2:" in err
+
+
+def test_bench_ops_script_lists_the_ops_where_the_two_int8_models_differ() -> None:
+    """tests/bench_ops.py on efficientnet_b0: fxquant runs its SiLUs int8 (sigmoid and mul on quantized tensors),
+    torch.ao in float between a dequantize and a quantize; the table has both sides of that, with call counts."""
+    from fxquant import bench
+
+    if not bench._ao_available():
+        pytest.skip("torch.ao reference not available")
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import bench_ops
+    finally:
+        sys.path.pop(0)
+    old = torch.get_num_threads()
+    try:
+        lines = bench_ops.compare("efficientnet_b0", "fbgemm", 32, runs=2, profiles=1, top=40)
+    finally:
+        torch.set_num_threads(old)
+    assert lines[0] == "## efficientnet_b0 (fbgemm, input 32, 1 thread)" and "fxq/ao" in lines[2]
+    rows = {r.split("|")[1].strip(" `"): [c.strip() for c in r.split("|")[2:6]] for r in lines if r.startswith("| `")}
+    from fxquant.zoo import torchvision_model
+
+    silus = sum(isinstance(m, nn.SiLU) for m in torchvision_model("efficientnet_b0", image_size=32).modules())
+    assert float(rows["aten::silu_"][0]) == 0.0 and int(rows["aten::silu_"][3]) == silus   # torch.ao: float SiLU
+    assert int(rows["aten::sigmoid"][1]) > int(rows["aten::sigmoid"][3])                   # fxquant: int8 sigmoid
