@@ -69,7 +69,7 @@ def _transposed_entries(weight: WeightRule, limits: Constraints) -> list[OpEntry
 
 def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits: Optional[Constraints] = None,
                 binary_limits: Constraints = Constraints(),
-                conv3d_limits: Optional[Constraints] = None) -> tuple[OpEntry, ...]:
+                conv3d_limits: Optional[Constraints] = None, gelu_own_grid: bool = False) -> tuple[OpEntry, ...]:
     """The conv/linear/elementwise/shape entries of a CPU backend.
 
     Args:
@@ -78,6 +78,9 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
         conv2d_limits: constraints of 2-d convs if they differ (fbgemm's depthwise fast path).
         binary_limits: constraints of add/mul kernels (qnnpack's scale ratios).
         conv3d_limits: constraints of 3-d convs if they differ (fbgemm's depthwise weight range).
+        gelu_own_grid: GELU gets its own output observer and a ``gelu`` lowering (the quantized-tensor kernels:
+            GELU's output range, from about -0.17 up, is not its input's, and on its input's grid the negative half
+            of the codes goes unused); without it GELU shares its input's grid (oneDNN fuses it into the linear).
 
     Returns:
         The entries, in table order.
@@ -138,7 +141,14 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
         entries.append(OpEntry(kind.name, kind, Observation.FIXED, (_U8,), ((kind,),),
                                constraints=Constraints(fixed_qparams=FIXED_QPARAMS[kind.name]), quantized_args=(0,),
                                doc=f"{kind.name}, fixed output range"))
+    if gelu_own_grid:
+        entries.append(OpEntry("gelu", ops.GELU, Observation.OWN, (_U8,), ((ops.GELU,),), lowering="gelu",
+                               quantized_args=(0,), op_args=(("approximate", 1, "none"),),
+                               doc="GELU with its own output grid (computed in float between the kernel's "
+                                   "dequantize and quantize: no int8 GELU kernel)"))
     for kind in SHARES_INPUT_KINDS:
+        if gelu_own_grid and kind is ops.GELU:
+            continue
         entries.append(OpEntry(kind.name, kind, Observation.SHARES_INPUT, (_U8,), ((kind,),), quantized_args=(0,),
                                leaves_grid=kind in LEAVES_GRID_KINDS,
                                doc=f"{kind.name} on the quantized tensor, same qparams as its input"))

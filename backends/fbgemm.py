@@ -28,7 +28,8 @@ def make_fbgemm_config(name: str = "fbgemm", engine: str = "fbgemm") -> BackendC
     weight = WeightRule(dtype=torch.qint8)
     entries = cnn_entries(weight, Constraints(), conv2d_limits=Constraints(
         depthwise_channel_multiple=8, depthwise_weight_range=(-64, 63)),
-        conv3d_limits=Constraints(depthwise_weight_range=(-64, 63)))  # the 3-d depthwise kernel saturates too
+        conv3d_limits=Constraints(depthwise_weight_range=(-64, 63)),  # the 3-d depthwise kernel saturates too
+        gelu_own_grid=True)
     entries += dynamic_entries(weight, Constraints())
     return BackendConfig(
         name=name, engine=engine, entries=entries,

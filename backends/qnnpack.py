@@ -27,7 +27,7 @@ def make_qnnpack_config() -> BackendConfig:
     weight = WeightRule(dtype=torch.qint8, qschemes=(torch.per_channel_symmetric, torch.per_tensor_symmetric))
     weighted = Constraints(weight_range=(-127, 127))
     binary = Constraints(input_output_scale_ratio=(2.0 ** -14, 2.0 ** 8))
-    entries = cnn_entries(weight, weighted, binary_limits=binary)
+    entries = cnn_entries(weight, weighted, binary_limits=binary, gelu_own_grid=True)
     entries += dynamic_entries(weight, weighted, fp16=False)  # qnnpack has no float16-weight linear
     return BackendConfig(
         name="qnnpack", engine="qnnpack", entries=entries,

@@ -9,6 +9,9 @@ import os
 import pytest
 import torch
 import torchvision
+from torch import nn
+
+import fxquant
 
 from fxquant.backends import BACKENDS, Observation, get_backend_config, resolve_backend
 from fxquant.backends.config import OpKind
@@ -126,3 +129,24 @@ def test_an_unhashable_function_in_a_table_is_matched_by_the_scan():
     x = graph.placeholder("x")
     node = graph.call_function(operator.add, (x, x))
     assert mine.entry_for(node, {}) is mine.entries[0] is _scan(mine, node, {})
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_gelu_writes_its_own_grid_which_starts_at_its_minimum(backend, restore_engine):
+    """GELU's output (from about -0.17 up) is not its input's range: on the quantized-tensor kernels it gets its own
+    observer, so its grid starts near -0.17 instead of at the linear's most negative output, and the int8 model
+    computes exactly what the reference model (quantize / dequantize around the float op) does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(8, 16) * 2
+    torch.backends.quantized.engine = backend
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend), (x,), backend_config=backend)
+    fxquant.calibrate(prepared, [torch.randn(8, 16) * 2 for _ in range(4)], progress=False)
+    reference = fxquant.convert_to_reference_fx(prepared)
+    quantized = fxquant.convert_fx(prepared)
+    gelu = next(m for m in quantized.modules() if type(m).__name__ == "QuantizedGELU")
+    linear = next(m for m in quantized.modules() if type(m).__name__ == "QuantizedLinear")
+    lowest = lambda m: -m._zp * m._scale   # noqa: E731 - the grid's lowest value
+    assert -0.2 <= lowest(gelu) <= -0.1 and lowest(linear) < -1.0
+    with torch.no_grad():
+        assert torch.equal(quantized(x), reference(x))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxquant.backends.kernels.qtensor import (_BN_TARGETS, _CONV_TARGETS, LoweringSpec, QuantizedBatchNorm,
@@ -17,7 +18,7 @@ from fxquant.backends.kernels.qtensor import (_BN_TARGETS, _CONV_TARGETS, Loweri
 from fxquant.qparams import QParams, quantize
 
 __all__ = ["BUILDERS", "QuantizedConvTranspose", "QuantizedNorm", "QuantizedELU", "QuantizedLeakyReLU", 
-           "QuantizedSoftmax", "QuantizedMatmul", "QuantizedStack"]
+           "QuantizedSoftmax", "QuantizedGELU", "QuantizedMatmul", "QuantizedStack"]
 
 _TRANSPOSE_OPS = {
     1: (torch.ops.quantized.conv_transpose1d_prepack, torch.ops.quantized.conv_transpose1d.default),
@@ -102,6 +103,24 @@ class QuantizedLeakyReLU(_OutputQParams):
         return torch.ops.quantized.leaky_relu(x, self.negative_slope, False, self._scale, self._zp)
 
 
+class QuantizedGELU(_OutputQParams):
+    """GELU with its own output qparams: no quantized-tensor kernel writes GELU into another grid than its input's
+    (``torch.nn.functional.gelu`` on a quantized tensor keeps the input's qparams, where the negative half of the
+    codes goes unused), so the float GELU runs between a dequantize and a quantize, in one module."""
+
+    def __init__(self, approximate: str, output: QParams) -> None:
+        super().__init__(output)
+        self.approximate = str(approximate)
+        self.dtype = output.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(F.gelu(x.dequantize(), approximate=self.approximate), self._scale,
+                                         self._zp, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}, {super().extra_repr()}"
+
+
 class QuantizedSoftmax(_OutputQParams):
     """Softmax along ``dim`` (the output range is [0, 1]: fixed qparams)."""
 
@@ -173,5 +192,6 @@ BUILDERS: dict[str, Callable[[LoweringSpec, str], nn.Module]] = {
     # a single-slope PReLU is a leaky ReLU (per-channel PReLU stays float: see QTensorKernels.supports)
     "prelu": lambda spec, eng: QuantizedLeakyReLU(float(spec.module.weight.detach()), spec.output),
     "softmax": lambda spec, eng: QuantizedSoftmax(spec.kwargs["dim"], spec.output),
+    "gelu": lambda spec, eng: QuantizedGELU(spec.kwargs.get("approximate", "none"), spec.output),
     "matmul": lambda spec, eng: QuantizedMatmul(spec.output),
 }
