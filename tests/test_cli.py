@@ -6,6 +6,7 @@ Models are tiny (a file factory in a temp dir; resnet18 at 32x32) so the module 
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -372,18 +373,24 @@ def test_bench_compile_time_is_the_median_of_interleaved_rounds(monkeypatch: pyt
     assert bench.Result(bench.Case("m"), fxq_compile_s=0.5, ao_compile_s=2.0).compile_vs_ao() == 0.25   # older files
 
 
-def test_bench_compile_script_prints_each_round_and_the_median(capsys: pytest.CaptureFixture) -> None:
-    """tests/bench_compile.py: the bench's compile rounds alone, on a real model, each round printed."""
+def _run_script(name: str, call):
+    """``call`` on the module of tests/``name``.py (a benchmark script, not a package module), with torch's thread
+    count restored afterwards (the scripts time on 1 thread)."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        import bench_compile
+        module = importlib.import_module(name)
     finally:
         sys.path.pop(0)
     old = torch.get_num_threads()
     try:
-        out = bench_compile.rounds("resnet18", "fbgemm", 2, 1, 32)
+        return call(module)
     finally:
         torch.set_num_threads(old)
+
+
+def test_bench_compile_script_prints_each_round_and_the_median(capsys: pytest.CaptureFixture) -> None:
+    """tests/bench_compile.py: the bench's compile rounds alone, on a real model, each round printed."""
+    out = _run_script("bench_compile", lambda m: m.rounds("resnet18", "fbgemm", 2, 1, 32))
     assert len(out["fxq"]) == 2 and all(s > 0 for s in out["fxq"])
     from fxquant import bench
     assert len(out["ao"]) == (2 if bench._ao_available() and not out["ao_error"] else 0)
@@ -398,16 +405,7 @@ def test_bench_ops_script_lists_the_ops_where_the_two_int8_models_differ() -> No
 
     if not bench._ao_available():
         pytest.skip("torch.ao reference not available")
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        import bench_ops
-    finally:
-        sys.path.pop(0)
-    old = torch.get_num_threads()
-    try:
-        lines = bench_ops.compare("efficientnet_b0", "fbgemm", 32, runs=2, profiles=1, top=40)
-    finally:
-        torch.set_num_threads(old)
+    lines = _run_script("bench_ops", lambda m: m.compare("efficientnet_b0", "fbgemm", 32, runs=2, profiles=1, top=40))
     assert lines[0] == "## efficientnet_b0 (fbgemm, input 32, 1 thread)" and "fxq/ao" in lines[2]
     rows = {r.split("|")[1].strip(" `"): [c.strip() for c in r.split("|")[2:6]] for r in lines if r.startswith("| `")}
     from fxquant.zoo import torchvision_model
