@@ -55,3 +55,40 @@ def test_a_stream_read_by_layer_norm_through_layout_ops_stays_float(partition: b
 def test_a_layer_norm_behind_layout_ops_of_a_layer_output_stays_int8() -> None:
     floats = _float_ops(PartitionedBlock(residual=False))
     assert "norm" not in floats and not any(STREAM in reason for reason in floats.values())
+
+
+class PostNorm(nn.Module):
+    """Two post-norm blocks, ``x + norm(linear(x))``, Swin V2's form: no LayerNorm reads the stream."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+        self.fc1, self.fc2 = nn.Linear(c, c), nn.Linear(c, c)
+        self.norm1, self.norm2 = nn.LayerNorm(c), nn.LayerNorm(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.conv(x).permute(0, 2, 3, 1)
+        t = t + self.norm1(self.fc1(t))
+        return t + self.norm2(self.fc2(t))
+
+
+class ConvResidual(nn.Module):
+    """A ResNet-style residual add (no LayerNorm anywhere): stays int8."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        return self.conv2(y + torch.relu(y))
+
+
+def test_a_post_norm_stream_stays_float_and_its_layer_norms_int8() -> None:
+    floats = _float_ops(PostNorm())
+    assert STREAM in floats["add"] and STREAM in floats["add_1"]
+    assert not any(name.startswith(("norm", "fc", "conv")) for name in floats)
+
+
+def test_a_residual_add_without_layer_norm_stays_int8() -> None:
+    assert "add" not in _float_ops(ConvResidual())
