@@ -101,19 +101,24 @@ class Latency:
     ao_ms: Optional[float] = None
     ort_fxq_ms: Optional[float] = None   #: fxquant.export_onnx run by ONNX Runtime
     ort_qs_ms: Optional[float] = None    #: ONNX Runtime's quantize_static
-    fxq_ao: Optional[float] = None       #: median over rounds of fxquant's time / torch.ao's in the same round
-    fp32_fxq: Optional[float] = None     #: median over rounds of fp32's time / fxquant's in the same round
     rounds_ms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
+    def ratio(self, a: str, b: str) -> Optional[float]:
+        """Column ``a``'s time over column ``b``'s (``"fxq"``, ``"ao"``, ``"fp32"``, ``"ort_fxq"``, ``"ort_qs"``):
+        the median over rounds of the ratio within a round (:func:`fxquant.report.paired_ratio`); the ratio of the
+        medians for results files without rounds; ``None`` where either column was not measured."""
+        if a in self.rounds_ms and b in self.rounds_ms:
+            return paired_ratio(self.rounds_ms[a], self.rounds_ms[b])
+        x, y = getattr(self, f"{a}_ms"), getattr(self, f"{b}_ms")
+        return x / y if x and y else None
+
     def vs_ao(self) -> Optional[float]:
-        """fxquant's int8 time over torch.ao's: the paired ratio (results files before it: the medians' ratio)."""
-        if self.fxq_ao is not None:
-            return self.fxq_ao
-        return self.fxq_ms / self.ao_ms if self.ao_ms else None
+        """fxquant's int8 time over torch.ao's."""
+        return self.ratio("fxq", "ao")
 
     def speedup(self) -> float:
-        """fp32's time over fxquant's int8: the paired ratio (results files before it: the medians' ratio)."""
-        return self.fp32_fxq if self.fp32_fxq is not None else self.fp32_ms / self.fxq_ms
+        """fp32's time over fxquant's int8."""
+        return self.ratio("fp32", "fxq")  # type: ignore[return-value]  # both are always measured
 
 
 @dataclasses.dataclass
@@ -130,7 +135,6 @@ class Result:
     ao_compile_s: Optional[float] = None
     fxq_compile_rounds: list[float] = dataclasses.field(default_factory=list)   #: seconds, one per round
     ao_compile_rounds: list[float] = dataclasses.field(default_factory=list)
-    compile_ratio: Optional[float] = None   #: median over rounds of fxquant's seconds / torch.ao's in the same round
     ao_sqnr: Optional[float] = None
     ao_size: Optional[float] = None
     ao_error: str = ""
@@ -153,10 +157,10 @@ class Result:
         return next((lat for lat in self.latency if lat.threads == threads), None)
 
     def compile_vs_ao(self) -> Optional[float]:
-        """fxquant's prepare+convert time over torch.ao's: the paired ratio (results files before it: the
-        medians' ratio)."""
-        if self.compile_ratio is not None:
-            return self.compile_ratio
+        """fxquant's prepare+convert time over torch.ao's: the median over rounds of the ratio within a round (the
+        ratio of the medians for results files without rounds)."""
+        if self.ao_compile_rounds and len(self.ao_compile_rounds) == len(self.fxq_compile_rounds):
+            return paired_ratio(self.fxq_compile_rounds, self.ao_compile_rounds)
         return self.fxq_compile_s / self.ao_compile_s if self.ao_compile_s else None
 
 
@@ -301,9 +305,7 @@ def _time_all(result: Result, fns: dict[str, Callable[[], Any]], ort: dict[int, 
                                   interleaved_rounds(list(calls.values()), runs=result.case.runs, threads=t))))
         ms = {k: statistics.median(v) for k, v in rounds.items()}
         result.latency.append(Latency(t, ms["fp32"], ms["fxq"], ms.get("ao"), ms.get("ort_fxq"), ms.get("ort_qs"),
-                                      fxq_ao=paired_ratio(rounds["fxq"], rounds["ao"]) if "ao" in rounds else None,
-                                      fp32_fxq=paired_ratio(rounds["fp32"], rounds["fxq"]),
-                                      rounds_ms={k: [round(v, 4) for v in vs] for k, vs in rounds.items()}))
+                                      rounds_ms=rounds))
 
 
 def _inputs(case: Case) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -346,7 +348,6 @@ def measure(case: Case) -> Result:
     if ao is not None:
         result.ao_compile_s, result.ao_size = ao.compile_s, state_dict_bytes(ao.module) / fp32_size
         result.ao_compile_rounds = ao.rounds_s
-        result.compile_ratio = paired_ratio(fxq.rounds_s, ao.rounds_s)
     fns: dict[str, Callable[[], Any]] = {"fp32": lambda: model(x), "fxq": lambda: fxq.module(x)}
     if ao is not None:
         fns["ao"] = lambda: ao.module(x)
@@ -558,13 +559,10 @@ def _geomean_lines(ok: list[Result]) -> list[str]:
         lats = [lat for r in ok if r.case.backend == backend for lat in r.latency if lat.threads == t]
         parts = [f"fxq vs fp32 {_geomean([x.speedup() for x in lats]):.2f}x "
                  f"(slower than fp32 on {sum(x.speedup() <= 1.0 for x in lats)} of {len(lats)})"]
-        with_ao = [x.vs_ao() for x in lats if x.vs_ao()]
-        if with_ao:
-            parts.append(f"fxq/ao {_geomean(with_ao):.2f}x")  # type: ignore[arg-type]
-        for label, attr in (("fxq/ORT fxq-export", "ort_fxq_ms"), ("fxq/ORT quantize_static", "ort_qs_ms")):
-            pairs = [(x.fxq_ms, getattr(x, attr)) for x in lats if getattr(x, attr)]
-            if pairs:
-                parts.append(f"{label} {_geomean([a / b for a, b in pairs]):.2f}x")
+        for label, other in (("fxq/ao", "ao"), ("fxq/ORT fxq-export", "ort_fxq"), ("fxq/ORT quantize_static", "ort_qs")):
+            ratios = [r for r in (x.ratio("fxq", other) for x in lats) if r]
+            if ratios:
+                parts.append(f"{label} {_geomean(ratios):.2f}x")
         lines.append(f"  {backend}, {t} thread(s), {len(lats)} models: " + ", ".join(parts))
     return lines
 

@@ -19,7 +19,8 @@ from torch import fx, nn
 from fxquant.passes.context import RECORD_KEY, FloatReason
 from fxquant.qparams import sqnr
 
-__all__ = ["QuantReport", "report", "float_ops", "state_dict_bytes", "interleaved_latency", "interleaved_rounds", "paired_ratio"]
+__all__ = ["QuantReport", "report", "float_ops", "state_dict_bytes", "interleaved_latency", "interleaved_rounds",
+           "paired_ratio"]
 
 
 def state_dict_bytes(model: nn.Module) -> int:
