@@ -13,7 +13,8 @@ from fxquant import fused, qat
 from fxquant.backends import ops
 from fxquant.backends.config import Constraints, DTypeConfig, Observation, OpEntry, OpKind, WeightRule
 
-__all__ = ["cnn_entries", "dynamic_entries", "SHARES_INPUT_KINDS", "LEAVES_GRID_KINDS", "FIXED_QPARAMS"]
+__all__ = ["cnn_entries", "dynamic_entries", "SHARES_INPUT_KINDS", "LEAVES_GRID_KINDS", "LAYOUT_KINDS",
+           "FIXED_QPARAMS"]
 
 _U8 = DTypeConfig(input=torch.quint8, output=torch.quint8)
 _U8_WEIGHTED = DTypeConfig(input=torch.quint8, output=torch.quint8, weight=torch.qint8, bias=torch.float32)
@@ -25,6 +26,10 @@ SHARES_INPUT_KINDS: tuple[OpKind, ...] = (
     ops.CHUNK, ops.GETITEM, ops.MEAN, ops.DROPOUT, ops.IDENTITY, ops.CHANNEL_SHUFFLE, ops.INTERPOLATE,
     ops.SPLIT, ops.PIXEL_SHUFFLE, ops.PIXEL_UNSHUFFLE, ops.PAD, ops.EXPAND, ops.REPEAT, ops.GELU,
 )
+
+#: shares-input ops that only move values (no value changes, none mixed): a tensor keeps its meaning through them
+LAYOUT_KINDS: tuple[OpKind, ...] = (ops.RESHAPE, ops.PERMUTE, ops.TRANSPOSE, ops.CONTIGUOUS, ops.FLATTEN, ops.SQUEEZE,
+                                    ops.UNSQUEEZE)
 
 #: shares-input ops whose result can leave the input's integer grid (the quantized op rounds it back)
 LEAVES_GRID_KINDS: tuple[OpKind, ...] = (ops.RELU6, ops.HARDTANH, ops.CLAMP, ops.AVGPOOL, ops.ADAPTIVE_AVGPOOL,

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 from torch import fx
 
+from fxquant.backends.common import LAYOUT_KINDS
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import QuantContext, record
 
@@ -37,8 +38,8 @@ _STREAM_REASON = ("residual stream read by LayerNorm: kept float (one per-tensor
                   "see passes/residual.py)")
 
 
-#: the table entries that only move values (they share their input's grid): the stream passes through them
-_LAYOUT = frozenset({"reshape", "permute", "transpose", "contiguous", "flatten", "squeeze", "unsqueeze"})
+#: the entries of the ops that only move values (``LAYOUT_KINDS``): the stream passes through them
+_LAYOUT = frozenset(kind.name for kind in LAYOUT_KINDS)
 
 
 def _is(node: object, entry_name: str) -> bool:
