@@ -64,16 +64,18 @@ from fxquant.save import load, save
 
 __all__ += ["export_onnx", "save", "load"]
 
-# calibration methods (entropy, percentile, MSE) and the accuracy passes (cross-layer equalization, bias correction)
+# calibration methods (entropy, percentile, MSE) and the accuracy passes (cross-layer equalization, bias correction,
+# AdaRound)
 from fxquant.calibrators import (Calibrator, EntropyObserver, MSEObserver, PerChannelMSEObserver,
                                  PerChannelPercentileObserver, PercentileObserver, get_calibration_qconfig,
                                  get_calibration_qconfig_mapping)
+from fxquant.passes.adaround import adaround
 from fxquant.passes.bias_correction import correct_bias
 from fxquant.passes.equalize import equalize
 
 __all__ += ["Calibrator", "EntropyObserver", "PercentileObserver", "MSEObserver", "PerChannelPercentileObserver",
             "PerChannelMSEObserver", "get_calibration_qconfig", "get_calibration_qconfig_mapping", "equalize",
-            "correct_bias"]
+            "correct_bias", "adaround"]
 
 # finding where accuracy is lost: layer-by-layer comparison, sensitivity / mixed precision, graph pictures
 from fxquant import graphviz, numeric, sensitivity

@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,10 @@ from fxquant.fake_quantize import is_observer
 from fxquant.fused import _OpReLU
 from fxquant.passes.base import PassResult
 from fxquant.passes.context import RECORD_KEY
-from fxquant.passes.observe import weight_observer
+from fxquant.passes.observe import layer_weight_qparams
 from fxquant.qparams import fake_quantize
 
-__all__ = ["BiasCorrectionReport", "BiasCorrectionPass", "correct_bias"]
+__all__ = ["BiasCorrectionReport", "BiasCorrectionPass", "correct_bias", "layer_batches", "walk_layers"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -74,10 +74,11 @@ def _weighted_op(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[tuple
     return (op, relu) if isinstance(op, _CONVS + (nn.Linear,)) else None
 
 
-def _run_op(op: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _run_op(op: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The conv / linear ``op`` on ``x`` with the given weight and bias."""
     if isinstance(op, nn.Linear):
-        return F.linear(x, weight, op.bias)
-    return op._conv_forward(x, weight, op.bias)  # type: ignore[union-attr,operator]
+        return F.linear(x, weight, bias)
+    return op._conv_forward(x, weight, bias)  # type: ignore[union-attr,operator]
 
 
 def _observe_q(module: nn.Module, x: Any) -> Any:
@@ -142,13 +143,10 @@ class _TwoPaths:
 
 def _correct_layer(paths: _TwoPaths, node: fx.Node, op: nn.Module, relu: bool) -> float:
     """Correct one layer's bias; set both paths' outputs; return the largest shift."""
-    rec = node.meta[RECORD_KEY]
-    w_obs = weight_observer(rec, op)
-    w_obs(op.weight.detach())
-    w_q = fake_quantize(op.weight.detach(), w_obs.qparams())
+    w_q = fake_quantize(op.weight.detach(), layer_weight_qparams(node.meta[RECORD_KEY], op))
     n = len(paths.batches)
-    flt = [_run_op(op, paths.flt[node.args[0]][i], op.weight) for i in range(n)]  # type: ignore[index]
-    qnt = [_run_op(op, paths.qnt[node.args[0]][i], w_q) for i in range(n)]  # type: ignore[index]
+    flt = [_run_op(op, paths.flt[node.args[0]][i], op.weight, op.bias) for i in range(n)]  # type: ignore[index]
+    qnt = [_run_op(op, paths.qnt[node.args[0]][i], w_q, op.bias) for i in range(n)]  # type: ignore[index]
     axis = 1 if isinstance(op, _CONVS) else -1
     diff = torch.stack([(q - f).movedim(axis, 0).reshape(q.shape[axis], -1).mean(1) for q, f in zip(qnt, flt)])
     weights = torch.tensor([float(f.numel()) for f in flt])
@@ -165,16 +163,48 @@ def _correct_layer(paths: _TwoPaths, node: fx.Node, op: nn.Module, relu: bool) -
     return float(shift.abs().max())
 
 
-def _batches(data: Iterable[Any], max_batches: Optional[int]) -> list[tuple[Any, ...]]:
+def layer_batches(prepared: Any, data: Iterable[Any], max_batches: Optional[int], who: str) -> list[tuple[Any, ...]]:
+    """The batches of ``data`` as tuples of positional inputs, after checking that ``prepared`` is a calibrated
+    prepared GraphModule (``who``: the function named in errors)."""
+    if not isinstance(prepared, fx.GraphModule) or not any(is_observer(m) for m in prepared.modules()):
+        raise CalibrationError(f"{who} expects a calibrated model from fxquant.prepare_fx (a GraphModule with "
+                               f"observers), got {type(prepared).__name__}; a model prepared in pieces (partial "
+                               "tracing) is not supported")
     if isinstance(data, torch.Tensor):
-        raise CalibrationError(f"correct_bias: data is one tensor {tuple(data.shape)}; pass an iterable of batches")
+        raise CalibrationError(f"{who}: data is one tensor {tuple(data.shape)}; pass an iterable of batches")
     out = []
     for i, b in enumerate(data):
         if max_batches is not None and i >= max_batches:
             break
         out.append(tuple(b) if isinstance(b, (tuple, list)) else (b,))
     if not out:
-        raise CalibrationError("correct_bias: no calibration batch; pass at least one batch of representative inputs")
+        raise CalibrationError(f"{who}: no calibration batch; pass at least one batch of representative inputs")
+    return out
+
+
+def walk_layers(prepared: fx.GraphModule, batches: list[tuple[Any, ...]],
+                on_layer: Callable[[_TwoPaths, fx.Node, nn.Module, bool], Any], desc: str,
+                progress: bool) -> dict[str, Any]:
+    """Run ``batches`` through the float and quantized paths of ``prepared`` node by node, calling
+    ``on_layer(paths, node, op, relu)`` at each quantized conv / linear in graph order instead of evaluating it
+    (it must set ``paths.flt[node]`` and ``paths.qnt[node]``); what it returns, per module name."""
+    paths = _TwoPaths(prepared, batches)
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for node in tqdm(list(prepared.graph.nodes), desc=desc, disable=not progress, leave=False):
+            module = paths.modules.get(str(node.target)) if node.op == "call_module" else None
+            weighted = _weighted_op(node, paths.modules)
+            if node.op == "output":
+                break
+            if is_observer(module):
+                src = node.args[0]
+                paths.flt[node] = paths.flt[src]  # type: ignore[index]
+                paths.qnt[node] = [_observe_q(module, v) for v in paths.qnt[src]]  # type: ignore[index,arg-type]
+            elif weighted is not None:
+                out[str(node.target)] = on_layer(paths, node, *weighted)
+            else:
+                paths.plain(node)
+            paths.release(node)
     return out
 
 
@@ -195,28 +225,9 @@ def correct_bias(prepared: fx.GraphModule, data: Iterable[Any], progress: bool =
     Raises:
         CalibrationError: the model is not a prepared GraphModule, is not calibrated, or there is no data.
     """
-    if not isinstance(prepared, fx.GraphModule) or not any(is_observer(m) for m in prepared.modules()):
-        raise CalibrationError(f"correct_bias expects a calibrated model from fxquant.prepare_fx (a GraphModule with "
-                               f"observers), got {type(prepared).__name__}; a model prepared in pieces (partial "
-                               "tracing) is not supported")
-    paths = _TwoPaths(prepared, _batches(data, max_batches))
-    shifts: dict[str, float] = {}
-    with torch.no_grad():
-        for node in tqdm(list(prepared.graph.nodes), desc="bias correction", disable=not progress, leave=False):
-            module = paths.modules.get(str(node.target)) if node.op == "call_module" else None
-            weighted = _weighted_op(node, paths.modules)
-            if node.op == "output":
-                break
-            if is_observer(module):
-                src = node.args[0]
-                paths.flt[node] = paths.flt[src]  # type: ignore[index]
-                paths.qnt[node] = [_observe_q(module, v) for v in paths.qnt[src]]  # type: ignore[index,arg-type]
-            elif weighted is not None:
-                shifts[str(node.target)] = _correct_layer(paths, node, *weighted)
-            else:
-                paths.plain(node)
-            paths.release(node)
-    return BiasCorrectionReport(shifts, len(paths.batches))
+    batches = layer_batches(prepared, data, max_batches, "correct_bias")
+    return BiasCorrectionReport(walk_layers(prepared, batches, _correct_layer, "bias correction", progress),
+                                len(batches))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

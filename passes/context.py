@@ -44,8 +44,9 @@ class NodeRecord:
         is_tensor_tuple: whether it is a tuple of floating-point tensors (chunk, split) (annotate pass).
         quantized_output: in a converted graph, the node produces a quantized tensor (lower pass).
         quantized_inputs: in a converted graph, the node consumes quantized tensors (lower pass).
-        weight_qparams: the weight qparams a QAT module trained with (freeze_qat pass); lowering quantizes
-            the weight with them instead of observing it again.
+        weight_qparams: the weight qparams a QAT module trained with (freeze_qat pass), or the grid AdaRound
+            chose the weight's rounding on (:func:`fxquant.passes.adaround.adaround`); lowering quantizes the
+            weight with them instead of observing it again.
         computes: in a converted graph, the old node whose value this node's output is, where lowering dropped
             that node as a no-op (a clamp the producer's grid already applies): the float counterpart to compare
             it with.

@@ -8,7 +8,8 @@ Contract:
       is quantized at most once and dequantized at most once, so dequantize -> quantize pairs never appear;
     * observers that saw nothing make it raise :class:`~fxquant.errors.ConvertError` listing them all;
     * weights are quantized with ``NodeRecord.weight_qparams`` where a QAT model's freeze pass set them (the
-      trained fake quantizer's qparams), else with a fresh weight observer of the node's qconfig.
+      trained fake quantizer's qparams) or AdaRound did (the grid it chose the rounding on), else with a fresh
+      weight observer of the node's qconfig.
     * dynamic / weight-only nodes (``OpEntry.is_dynamic``) become their kernel module with float input and
       output, built from the float module and the qconfig's weight observer (no calibration data needed);
     * a clamp (relu, relu6, hardtanh, constant clamp) whose input is observed after it (so the clamp is its only
@@ -54,7 +55,7 @@ from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
 from fxquant.passes.dynamic import dynamic_spec
 from fxquant.passes.matching import Entry, Match, Op, Pattern, find
-from fxquant.passes.observe import is_observer_node, observer_qparams, tensor_inputs, weight_observer
+from fxquant.passes.observe import is_observer_node, layer_weight_qparams, observer_qparams, tensor_inputs
 from fxquant.qparams import QUANTIZED_DTYPES, QParams
 
 __all__ = ["LowerPass", "KernelFusionPattern", "kernel_fusion_patterns"]
@@ -517,12 +518,7 @@ class LowerPass:
         module = b.modules.get(str(node.target)) if node.op == "call_module" else None
         weight_qp = None
         if rec.entry.weight is not None and module is not None:
-            weight_qp = rec.weight_qparams  # a QAT model's trained weight qparams (freeze_qat pass)
-            if weight_qp is None:
-                op = getattr(module, "op", module)
-                w_obs = weight_observer(rec, op)
-                w_obs(op.weight.detach())
-                weight_qp = w_obs.qparams()
+            weight_qp = layer_weight_qparams(rec, getattr(module, "op", module))
         inputs = tuple(b.qparams.get(b.source(t)) for t in (tensor_inputs(node) or []) if isinstance(t, fx.Node))
         return LoweringSpec(rec.entry.lowering, module, weight_qp, out_qp, _op_args(rec.entry, node, module), inputs)
 

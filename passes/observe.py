@@ -69,6 +69,17 @@ def weight_observer(rec: NodeRecord, op: nn.Module) -> nn.Module:
     return factory()
 
 
+def layer_weight_qparams(rec: NodeRecord, op: nn.Module) -> QParams:
+    """The qparams the weight of the weighted module ``op`` is quantized with: the record's pinned ones
+    (``NodeRecord.weight_qparams``: a QAT module's trained qparams, or the grid AdaRound chose the rounding on),
+    else those of its weight observer on the current weight."""
+    if rec.weight_qparams is not None:
+        return rec.weight_qparams
+    obs = weight_observer(rec, op)
+    obs(op.weight.detach())
+    return obs.qparams()
+
+
 def tensor_inputs(node: fx.Node) -> Optional[list[Any]]:
     """The args of ``node`` its table entry marks as quantized (a cat's list is flattened)."""
     entry = record(node).entry

@@ -12,8 +12,8 @@
     * shares-input ops that leave their input's grid (``OpEntry.leaves_grid``: average pooling, mean, clamps,
       interpolation) get a ``quantize`` -> ``dequantize`` with their input's qparams on their output, as the
       int8 kernel rounds to that grid (QAT simulates the same with ``SharedFakeQuantize``);
-    * weights are quantized with ``NodeRecord.weight_qparams`` where the freeze pass set them, else with a
-      fresh weight observer of the node's qconfig (as lowering does);
+    * weights are quantized with ``NodeRecord.weight_qparams`` where the freeze pass or AdaRound set them, else
+      with a fresh weight observer of the node's qconfig (as lowering does);
     * the model computes exactly the fake-quant simulation: the prepared model with each observer applying
       ``fake_quantize`` with its qparams and each weight fake-quantized (bit for bit: same float32 math);
     * dynamic / weight-only nodes stay float modules (their activations are quantized at run time);
@@ -47,8 +47,8 @@ from fxquant.errors import ConvertError
 from fxquant.fused import float_type, materialize_folds
 from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import QuantContext, modules_of, record
-from fxquant.passes.observe import (grid_takers, is_observer_node, observer_qparams, reads_only_grid_takers,
-                                    weight_observer)
+from fxquant.passes.observe import (grid_takers, is_observer_node, layer_weight_qparams, observer_qparams,
+                                    reads_only_grid_takers)
 from fxquant.qdq import DEQUANTIZE_OPS, QUANTIZE_OPS
 from fxquant.qparams import QParams, quantize_int
 
@@ -143,11 +143,7 @@ class ReferencePass:
                                "which has no reference form (conv, transposed conv and linear have); leave it float "
                                "with qconfig_mapping.set_module_name(name, None)")
         rec = record(node)
-        qp = rec.weight_qparams
-        if qp is None:
-            obs = weight_observer(rec, op)
-            obs(op.weight.detach())
-            qp = obs.qparams()
+        qp = layer_weight_qparams(rec, op)
         base = str(node.target).replace(".", "_")
         graph = gm.graph
         with graph.inserting_before(node):

@@ -363,4 +363,4 @@ def test_docs_calibration_page_code_runs():
     namespace: dict = {}
     for i, code in enumerate(codes):
         exec(compile(code, f"calibration.md[block {i}]", "exec"), namespace)
-    assert namespace["report"].shifts
+    assert namespace["report"].shifts and namespace["rounding"].layers

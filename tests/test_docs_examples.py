@@ -1,5 +1,6 @@
 """The code on docs/pass-authoring.md and docs/debugging.md runs: each page's ```python blocks, top to bottom in one
-namespace (their asserts are the checks), plus the doctests of the pass-authoring and debugging modules."""
+namespace (their asserts are the checks), plus the doctests of the pass-authoring, debugging and accuracy-pass
+modules."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_the_fusion_pass_example_is_under_60_lines():
 
 @pytest.mark.parametrize("module", ["fxquant.passes.base", "fxquant.passes.matching", "fxquant.passes.rewrite",
                                     "fxquant.passes.pipelines", "fxquant.numeric", "fxquant.graphviz",
-                                    "fxquant.sensitivity"])
+                                    "fxquant.sensitivity", "fxquant.passes.bias_correction",
+                                    "fxquant.passes.adaround"])
 def test_module_doctests(module, one_thread):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
