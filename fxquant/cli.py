@@ -405,6 +405,9 @@ def _quantize_static(model: nn.Module, data: CalibrationData, args: argparse.Nam
     stages.step("calibrate")
     fxquant.calibrate(prepared, data.batches, progress=stages.bar.disable is False)
     reference = capture(prepared, (data.example,)) if isinstance(prepared, fx.GraphModule) else None
+    if args.adaround:  # after the float reference is captured: AdaRound writes rounded weights into `prepared`
+        stages.step("adaround")
+        fxquant.adaround(prepared, data.batches, args.adaround, progress=stages.bar.disable is False)
     stages.step("convert")
     start = time.perf_counter()
     quantized = fxquant.convert_fx(prepared)
@@ -442,7 +445,11 @@ def _save(quantized: nn.Module, path: str, fmt: str = "module") -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``fxquant quantize``: load, calibrate, convert, measure, print (and save)."""
     torch.manual_seed(args.seed)
-    steps = ["prepare", "calibrate", "convert"] if args.mode == "static" else ["quantize (dynamic)"]
+    if args.adaround < 0 or (args.adaround and args.mode != "static"):
+        raise CliError(ExitCode.USAGE, "--adaround STEPS needs STEPS >= 1 and --mode static (it rounds the weights "
+                                       "of a calibrated model)")
+    steps = (["prepare", "calibrate", *(["adaround"] if args.adaround else []), "convert"] if args.mode == "static"
+             else ["quantize (dynamic)"])
     stages = Stages(["load model", "calibration data", *steps, "measure"] + (["save"] if args.output else []),
                     _progress(args))
     try:
@@ -603,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mode", choices=("static", "dynamic"), default="static",
                    help="static: int8 activations, calibrated (default); dynamic: int8 weights, activations "
                         "quantized at run time (Linear/LSTM/GRU), no calibration")
+    q.add_argument("--adaround", type=int, default=0, metavar="STEPS",
+                   help="after calibration, choose each weight's rounding with AdaRound, STEPS Adam steps per layer "
+                        "on the calibration batches (static mode; docs/calibration.md); default: nearest rounding")
     q.add_argument("--output", "-o", default="", metavar="PATH", help="save the quantized model here")
     q.add_argument("--save-format", choices=("module", "data"), default="module",
                    help="module: torch.save of the GraphModule (default); data: fxquant.save, loaded with "

@@ -130,6 +130,20 @@ def test_quantize_json_figures_are_consistent(capsys: pytest.CaptureFixture, fil
     assert next(w for w in worst if w["node"] == "2")["sqnr_db"] == pytest.approx(res["sqnr_db"], abs=1e-3)
 
 
+def test_quantize_with_adaround(capsys: pytest.CaptureFixture, files: Path, tmp_path: Path) -> None:
+    """--adaround rounds some weights the other way (by one step at most) after calibration; the report still
+    compares with the float model."""
+    saved = {}
+    for name, extra in (("plain", []), ("adaround", ["--adaround", "40"])):
+        saved[name] = tmp_path / f"{name}.pt"
+        res = run_json(capsys, ["quantize", f"{files}/models.py:mlp", "--input-shape", "16", "-o", str(saved[name])]
+                       + extra)
+        assert res["sqnr_db"] > 25 and res["float_ops"] == [] and len(res["worst_layers"]) == 2
+    plain, rounded = (torch.load(saved[n], weights_only=False).get_submodule("0").weight.int_repr().int()
+                      for n in ("plain", "adaround"))
+    assert 0 < int((plain != rounded).sum()) and int((plain - rounded).abs().max()) == 1
+
+
 def test_skip_keeps_a_module_float(capsys: pytest.CaptureFixture, files: Path) -> None:
     res = run_json(capsys, ["quantize", f"{files}/models.py:mlp", "--input-shape", "16", "--skip", "2"])
     assert [f["node"] for f in res["float_ops"]] == ["_2"]
@@ -202,6 +216,7 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[int, str]:
     (["quantize"], ExitCode.USAGE, "the following arguments are required: MODEL"),
     (["quantize", "resnet18", "--backend", "tpu"], ExitCode.USAGE, "invalid choice: 'tpu'"),
     (["quantize", "{m}:mlp", "--calib-batches", "0"], ExitCode.USAGE, "must be >= 1"),
+    (["quantize", "{m}:mlp", "--mode", "dynamic", "--adaround", "5"], ExitCode.USAGE, "--adaround STEPS needs"),
     (["quantize", "{m}:mlp", "--input-shape", "a,b"], ExitCode.USAGE, "--input-shape 'a,b'"),
     (["quantize", "resnet1"], ExitCode.MODEL, "did you mean resnet18"),
     (["quantize", "{m}:nope"], ExitCode.MODEL, "has no callable 'nope'"),
