@@ -17,9 +17,11 @@ from torch import fx, nn
 
 import fxquant
 from fxquant.observers import ObserverBase
+from fxquant.qconfig import default_qconfig
 
 __all__ = [
     "ConvBNReLU", "ConvBN", "Residual", "SmallCNN", "LinearHead", "DepthwiseBlock", "SingleConv", "SingleLinear",
+    "ConvChain", "TWO_BIT",
     "seeded", "torchvision_model", "quantize", "observer_nodes", "node_kinds", "restore_engine", "ao_quantize",
     "codes_held", "sums_pairs_in_int16", "int16_pairs_can_overflow", "activation_range", "int16_safe_weight",
 ]
@@ -160,6 +162,26 @@ class SingleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)
+
+
+class ConvChain(nn.Module):
+    """Four 3x3 convs (3 -> 8 -> 8 -> 8 -> 4) with ReLUs between: the debugging tools' test model, whose
+    ``convs.1`` gets :data:`TWO_BIT` weights to lose accuracy on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in
+                                   ((3, 8), (8, 8), (8, 8), (8, 4)))
+
+    def forward(self, x):
+        for conv in self.convs[:-1]:
+            x = torch.relu(conv(x))
+        return self.convs[-1](x)
+
+
+#: 2-bit per-tensor weights (codes -2..1): a qconfig that makes its layer lose accuracy on purpose
+TWO_BIT = default_qconfig.replace(weight=fxquant.MinMaxObserver.with_args(
+    dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-2, quant_max=1))
 
 
 def seeded(model: nn.Module, seed: int = 0) -> nn.Module:

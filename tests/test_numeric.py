@@ -15,10 +15,9 @@ from torch import nn
 import fxquant
 from fxquant.errors import FxQuantError
 from fxquant.numeric import NumericReport, compare_layers, compare_weights, cosine, relative_l2, sqnr
-from fxquant.qconfig import default_qconfig
 from fxquant.testing import examples
 
-from models import Residual, SmallCNN, seeded, torchvision_model
+from models import TWO_BIT, ConvChain, Residual, SmallCNN, seeded, torchvision_model
 
 
 @pytest.fixture(autouse=True)
@@ -52,25 +51,12 @@ def test_metrics_agree_with_each_other(seed, noise, n):
 
 # =============================================================================== layers
 
-class _Chain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in
-                                   ((3, 8), (8, 8), (8, 8), (8, 4)))
-
-    def forward(self, x):
-        for conv in self.convs[:-1]:
-            x = torch.relu(conv(x))
-        return self.convs[-1](x)
-
-
 #: 2-bit weights: the layer that loses accuracy on purpose
-BAD = default_qconfig.replace(weight=fxquant.MinMaxObserver.with_args(
-    dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-2, quant_max=1))
+BAD = TWO_BIT
 
 
 def test_the_layer_that_loses_accuracy_is_found_isolated_and_its_error_propagates():
-    model = seeded(_Chain())
+    model = seeded(ConvChain())
     x = torch.randn(8, 3, 12, 12)
     before = copy.deepcopy(model.state_dict())
     quantized = _quantize(model, x, fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("convs.1", BAD))

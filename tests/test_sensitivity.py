@@ -11,11 +11,10 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.qconfig import default_qconfig
 from fxquant.sensitivity import (MetricTolerance, MinCosine, MinSQNR, auto_mixed_precision, quantizable_layers,
                                  sensitivity)
 
-from models import seeded, torchvision_model
+from models import TWO_BIT, ConvChain, seeded, torchvision_model
 
 
 @pytest.fixture(autouse=True)
@@ -29,33 +28,20 @@ def _quiet_one_thread():
     torch.set_num_threads(threads)
 
 
-class _Chain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in
-                                   ((3, 8), (8, 8), (8, 8), (8, 4)))
-
-    def forward(self, x):
-        for conv in self.convs[:-1]:
-            x = torch.relu(conv(x))
-        return self.convs[-1](x)
-
-
 #: 2-bit weights for one layer: the layer automatic mixed precision must find
-BAD = default_qconfig.replace(weight=fxquant.MinMaxObserver.with_args(
-    dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-2, quant_max=1))
+BAD = TWO_BIT
 MAPPING = fxquant.get_default_qconfig_mapping("fbgemm").set_module_name("convs.1", BAD)
 DATA = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 EVAL = [torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(9))]
 
 
 def _amp(target, **kwargs):
-    return auto_mixed_precision(seeded(_Chain()), MAPPING, DATA[0], DATA, target, evaluation=EVAL,
+    return auto_mixed_precision(seeded(ConvChain()), MAPPING, DATA[0], DATA, target, evaluation=EVAL,
                                 backend_config="fbgemm", progress=False, **kwargs)
 
 
 def test_the_layer_with_bad_weights_is_the_one_kept_float():
-    model = seeded(_Chain())
+    model = seeded(ConvChain())
     before = copy.deepcopy(model.state_dict())
     result = _amp(MinSQNR(30.0))
     assert result.met and result.float_layers == ("convs.1",) and result.score >= 30.0
@@ -76,13 +62,13 @@ def test_the_layer_with_bad_weights_is_the_one_kept_float():
 
 def test_sensitivity_in_both_modes_ranks_the_bad_layer_first():
     kwargs = dict(evaluation=EVAL, backend_config="fbgemm", progress=False)
-    floats = sensitivity(seeded(_Chain()), MAPPING, DATA[0], DATA, MinSQNR(0.0), **kwargs)
+    floats = sensitivity(seeded(ConvChain()), MAPPING, DATA[0], DATA, MinSQNR(0.0), **kwargs)
     assert floats.layers[0].name == "convs.1" and floats.layers[0].score > floats.all_int8 + 10
     assert [r.score for r in floats.layers] == sorted((r.score for r in floats.layers), reverse=True)
-    alone = sensitivity(seeded(_Chain()), MAPPING, DATA[0], DATA, mode="quantize_one", **kwargs)
+    alone = sensitivity(seeded(ConvChain()), MAPPING, DATA[0], DATA, mode="quantize_one", **kwargs)
     assert alone.layers[0].name == "convs.1" and alone.layers[0].score < alone.layers[1].score - 10
     assert {r.name for r in alone.layers} == {f"convs.{i}" for i in range(4)} and "FLOPs" in str(alone)
-    one = sensitivity(seeded(_Chain()), MAPPING, DATA[0], DATA, layers=["convs.3"], **kwargs)
+    one = sensitivity(seeded(ConvChain()), MAPPING, DATA[0], DATA, layers=["convs.3"], **kwargs)
     assert [r.name for r in one.layers] == ["convs.3"]
 
 
@@ -94,7 +80,7 @@ def test_targets_already_met_or_out_of_reach():
 
 
 def test_user_metric_and_cosine_targets():
-    model = seeded(_Chain())
+    model = seeded(ConvChain())
     reference = model(EVAL[0]).detach()
 
     def neg_mse(m):
@@ -117,11 +103,11 @@ def test_flops_are_multiply_accumulates_per_sample():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="mode must be 'float_one' or 'quantize_one'"):
-        sensitivity(seeded(_Chain()), MAPPING, DATA[0], DATA, mode="both", progress=False)
+        sensitivity(seeded(ConvChain()), MAPPING, DATA[0], DATA, mode="both", progress=False)
     with pytest.raises(ValueError, match="not conv / linear layers of the model: \\['convs.9'\\]"):
-        sensitivity(seeded(_Chain()), MAPPING, DATA[0], DATA, layers=["convs.9"], backend_config="fbgemm",
+        sensitivity(seeded(ConvChain()), MAPPING, DATA[0], DATA, layers=["convs.9"], backend_config="fbgemm",
                     progress=False)
-    training = seeded(_Chain()).train()
+    training = seeded(ConvChain()).train()
     with pytest.raises(ValueError, match="needs the model in eval mode: call model.eval"):
         auto_mixed_precision(training, MAPPING, DATA[0], DATA, MinSQNR(30.0), progress=False)
     assert training.training  # the user's flag is left as it was
