@@ -402,6 +402,9 @@ def _quantize_static(model: nn.Module, data: CalibrationData, args: argparse.Nam
     prepared = fxquant.prepare_fx(model, _mapping(args), (data.example,), backend_config=args.backend,
                                   partial=not args.no_partial)
     prepare_s = time.perf_counter() - start
+    if args.adaround and not isinstance(prepared, fx.GraphModule):
+        raise CliError(ExitCode.USAGE, "--adaround needs a model torch.fx traces whole; this one was quantized in "
+                                       "pieces (see the warning above): drop --adaround, or make the model traceable")
     stages.step("calibrate")
     fxquant.calibrate(prepared, data.batches, progress=stages.bar.disable is False)
     reference = capture(prepared, (data.example,)) if isinstance(prepared, fx.GraphModule) else None
@@ -446,8 +449,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``fxquant quantize``: load, calibrate, convert, measure, print (and save)."""
     torch.manual_seed(args.seed)
     if args.adaround < 0 or (args.adaround and args.mode != "static"):
-        raise CliError(ExitCode.USAGE, "--adaround STEPS needs STEPS >= 1 and --mode static (it rounds the weights "
-                                       "of a calibrated model)")
+        raise CliError(ExitCode.USAGE, "--adaround STEPS needs STEPS >= 1 (0, the default, is off) and --mode static "
+                                       "(it rounds the weights of a calibrated model)")
     steps = (["prepare", "calibrate", *(["adaround"] if args.adaround else []), "convert"] if args.mode == "static"
              else ["quantize (dynamic)"])
     stages = Stages(["load model", "calibration data", *steps, "measure"] + (["save"] if args.output else []),

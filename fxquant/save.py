@@ -2,7 +2,8 @@
 
 ``torch.save(model)`` of a prepared or converted model works (see :mod:`fxquant.serialization`), but loading it
 unpickles code objects (``torch.load(..., weights_only=False)``). :func:`save` writes only data: the backend name,
-the QConfigMapping in a plain form, the shapes and dtypes of the example inputs, and the state_dict.
+the QConfigMapping in a plain form, the shapes and dtypes of the example inputs, the state_dict, and the weight
+grids AdaRound pinned in a prepared model's node records.
 :func:`load` reads it with ``torch.load(weights_only=True)`` and rebuilds the model by running ``prepare_fx``
 (``prepare_qat_fx`` for QAT models) and, for converted models, ``convert_fx`` on the float model you hand it,
 then loads the saved state: observers' statistics for a prepared model, int8 weights and qparams for a
@@ -135,7 +136,41 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *,
              if example_inputs is not None else _input_specs(model))
     torch.save({"format": FORMAT, "stage": state.stage, "backend": name, "is_qat": bool(state.is_qat),
                 "qconfig_mapping": _encode_mapping(state.qconfig_mapping), "inputs": specs,
-                "code": model.code, "state_dict": model.state_dict()}, path)
+                "code": model.code, "state_dict": model.state_dict(),
+                "pinned_weight_qparams": _pinned(model) if state.stage == "prepared" else {}}, path)
+
+
+def _pinned(model: fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """The weight grids pinned in the node records of a prepared model (AdaRound's), as data, by node name: its
+    weights are on those grids, and a grid observed again from the rounded weights would round them again."""
+    from fxquant.passes.context import RECORD_KEY
+
+    out = {}
+    for node in model.graph.nodes:
+        qp = getattr(node.meta.get(RECORD_KEY), "weight_qparams", None)
+        if qp is not None:
+            out[node.name] = {"scale": qp.scale, "zero_point": qp.zero_point, "dtype": str(qp.dtype).removeprefix("torch."),
+                              "qscheme": str(qp.qscheme).removeprefix("torch."), "quant_min": qp.quant_min,
+                              "quant_max": qp.quant_max, "axis": qp.axis}
+    return out
+
+
+def _pin(model: fx.GraphModule, pinned: dict[str, dict[str, Any]]) -> None:
+    """Put the grids :func:`_pinned` stored back into ``model``'s node records."""
+    import dataclasses
+
+    from fxquant.passes.context import RECORD_KEY
+    from fxquant.qparams import QParams
+
+    nodes = {n.name: n for n in model.graph.nodes}
+    for name, qp in pinned.items():
+        node = nodes.get(name)
+        if node is None or node.meta.get(RECORD_KEY) is None:
+            raise SaveError(f"fxquant.load: the saved model pins the weight grid of node '{name}', which the rebuilt "
+                            "graph does not have; load it into the float model it was saved from")
+        grid = QParams(qp["scale"], qp["zero_point"], getattr(torch, qp["dtype"]), getattr(torch, qp["qscheme"]),
+                       int(qp["quant_min"]), int(qp["quant_max"]), qp["axis"])
+        node.meta[RECORD_KEY] = dataclasses.replace(node.meta[RECORD_KEY], weight_qparams=grid)
 
 
 class _Decoder:
@@ -247,4 +282,5 @@ def load(path: Union[str, os.PathLike], float_model: Union[nn.Module, Callable[[
                         "architecture, prepare_custom_config, or a decision that depended on the saved qparams); "
                         "save and load the prepared model instead, or use torch.save(model)")
     gm.load_state_dict(data["state_dict"])
+    _pin(gm, data.get("pinned_weight_qparams", {}))
     return gm

@@ -23,14 +23,17 @@ starting point is the float weight itself.
 The rounding is then ``h(V) >= 0.5``. It is kept only if its output error summed over all batches is below
 nearest rounding's (a layer where the optimisation did not help keeps nearest rounding; the report says which).
 The layer's weight becomes the chosen grid values (a new tensor: the user's float model is not written) and its
-grid is pinned in the node's record (``NodeRecord.weight_qparams``), so ``convert_fx``, ``convert_to_reference_fx``
-and :func:`fxquant.correct_bias` run after it quantize the weight exactly as chosen, not on a grid observed again
-from the rounded values. The pinned grid lives in the prepared graph's node records: convert the prepared model
-itself (or a ``copy.deepcopy`` of it), not one rebuilt from a saved ``state_dict``.
+grid is pinned in the node's record (``NodeRecord.weight_qparams``, a new record: a ``copy.deepcopy`` taken before
+keeps its own), so ``convert_fx`` and ``convert_to_reference_fx`` quantize the weight exactly as chosen, not on a
+grid observed again from the rounded values. ``fxquant.save`` / ``fxquant.load`` and ``torch.save`` keep the pinned
+grids; a bare ``state_dict`` does not. A module called at several nodes is rounded once, at the first. From then on
+the prepared model computes with the rounded weights (as AIMET's AdaRound leaves its model): a
+:func:`fxquant.correct_bias` after it takes them as its float reference. Models from ``prepare_qat_fx`` are
+refused: their fake quantizers train the weights and the grid.
 
 Contract of :class:`AdaRoundPass` (name ``"adaround"``): a calibrated prepared GraphModule in, the same with
-weights rounded and grids pinned; insert it into a convert pipeline before ``"lower"`` (and before
-``"bias_correction"`` when both run). Deterministic given the data and ``seed``.
+weights rounded and grids pinned; insert it into a convert pipeline before ``"lower"``. Deterministic given the
+data and ``seed``.
 
 Example:
     >>> import torch, fxquant
@@ -53,6 +56,7 @@ from typing import Any, ClassVar, Iterable, Optional
 import torch
 from torch import fx, nn
 
+from fxquant.errors import CalibrationError
 from fxquant.passes.base import PassResult
 from fxquant.passes.bias_correction import _CONVS, _run_op, _TwoPaths, layer_batches, walk_layers
 from fxquant.passes.context import RECORD_KEY
@@ -162,75 +166,109 @@ def _error(op: nn.Module, relu: bool, xs: list[torch.Tensor], targets: list[torc
     return total / max(count, 1)
 
 
-def _round_layer(paths: _TwoPaths, node: fx.Node, op: nn.Module, relu: bool, cfg: AdaRoundConfig) -> LayerRounding:
-    """Optimise one layer's rounding, set its weight and pinned grid, and both paths' outputs."""
-    rec = node.meta[RECORD_KEY]
-    qp = layer_weight_qparams(rec, op)
-    n = len(paths.batches)
+def _reuse(paths: _TwoPaths, node: fx.Node, op: nn.Module, relu: bool, qp: QParams) -> None:
+    """A module already rounded at an earlier node (called twice: ``fc(relu(fc(x)))``): the same grid pinned
+    here too, both paths evaluated with the weights it has (float path: as the prepared model computes)."""
+    node.meta[RECORD_KEY] = dataclasses.replace(node.meta[RECORD_KEY], weight_qparams=qp)
     post = torch.relu if relu else (lambda t: t)
-    with torch.inference_mode(False):  # clones: normal tensors (a folded conv's weight read under no_grad is not)
+    with torch.no_grad():
+        for env in (paths.flt, paths.qnt):
+            env[node] = [post(_run_op(op, x, op.weight, op.bias)) for x in env[node.args[0]]]  # type: ignore[index]
+
+
+def _round_layer(paths: _TwoPaths, node: fx.Node, op: nn.Module, relu: bool, cfg: AdaRoundConfig,
+                 done: dict[int, tuple[QParams, LayerRounding]]) -> LayerRounding:
+    """Optimise one layer's rounding, set its weight and pinned grid, and both paths' outputs."""
+    if id(op) in done:
+        qp, result = done[id(op)]
+        _reuse(paths, node, op, relu, qp)
+        return result
+    # inference_mode(False) throughout: under a caller's inference mode no tensor could require a gradient, and
+    # the clones are normal tensors (a folded conv's weight read under no_grad is an inference tensor)
+    with torch.inference_mode(False):
+        rec = node.meta[RECORD_KEY]
+        qp = layer_weight_qparams(rec, op)
+        n = len(paths.batches)
+        post = torch.relu if relu else (lambda t: t)
         weight = op.weight.detach().clone().float()
         bias = None if op.bias is None else op.bias.detach().clone()
         xs_q = [paths.qnt[node.args[0]][i].clone() for i in range(n)]  # type: ignore[index]
-        targets = [post(_run_op(op, paths.flt[node.args[0]][i], weight, bias)).clone()  # type: ignore[index]
+        targets = [post(_run_op(op, paths.flt[node.args[0]][i].clone(), weight, bias))  # type: ignore[index]
                    for i in range(n)]
-    scale, zp = _grid(qp, weight)
-    base = torch.floor(weight / scale)
-    frac = (weight / scale - base).clamp(0.0, 1.0)
-    nearest = _on_grid(base, (frac >= 0.5).float(), scale, zp, qp)  # round half up: ties are AdaRound's to break
-    # V where h(V) is the fractional part: the optimisation starts at the float weight
-    p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
-    v = torch.log(p / (1 - p)).requires_grad_(True)
-    axis = 1 if isinstance(op, _CONVS) else -1
-    order = torch.randperm(n * math.ceil(cfg.iterations / n), generator=torch.Generator().manual_seed(cfg.seed)) % n
-    warm = int(cfg.warmup * cfg.iterations)
-    with torch.enable_grad():
-        opt = torch.optim.Adam([v], lr=cfg.lr)
-        for step in range(cfg.iterations):
-            h = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
-            i = int(order[step])
-            out = post(_run_op(op, xs_q[i], _on_grid(base, h, scale, zp, qp), bias))
-            diff = out - targets[i]
-            loss = (diff * diff).mean() * diff.shape[axis]
-            if step >= warm and cfg.reg_weight > 0:
-                t = (step - warm) / max(cfg.iterations - warm - 1, 1)
-                beta = cfg.beta[0] + t * (cfg.beta[1] - cfg.beta[0])
-                loss = loss + cfg.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        up = (torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0) >= 0.5).float()
-        rounded = _on_grid(base, up, scale, zp, qp)
-        err_nearest = _error(op, relu, xs_q, targets, nearest, bias)
-        err_ada = _error(op, relu, xs_q, targets, rounded, bias)
-        kept = err_ada < err_nearest
-        chosen = rounded if kept else nearest
-        flipped = float((up != (frac >= 0.5).float()).float().mean())
-    raw = op._parameters.get("weight")  # the parameter (a folded conv's .weight is computed when read)
-    op.weight = nn.Parameter(chosen.to(raw.dtype if raw is not None else chosen.dtype),
-                             requires_grad=raw is not None and raw.requires_grad)
-    rec.weight_qparams = qp
-    with torch.no_grad():
-        paths.flt[node] = targets
-        paths.qnt[node] = [post(_run_op(op, x, chosen, bias)) for x in xs_q]
-    return LayerRounding(err_nearest, err_ada, flipped, bool(kept))
+        scale, zp = _grid(qp, weight)
+        base = torch.floor(weight / scale)
+        frac = (weight / scale - base).clamp(0.0, 1.0)
+        nearest_up = (frac >= 0.5).float()  # round half up: ties are AdaRound's to break
+        # V where h(V) is the fractional part: the optimisation starts at the float weight
+        p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
+        v = torch.log(p / (1 - p)).requires_grad_(True)
+        axis = 1 if isinstance(op, _CONVS) else -1
+        order = torch.randperm(n * math.ceil(cfg.iterations / n),
+                               generator=torch.Generator().manual_seed(cfg.seed)) % n
+        warm = int(cfg.warmup * cfg.iterations)
+        with torch.enable_grad():
+            opt = torch.optim.Adam([v], lr=cfg.lr)
+            for step in range(cfg.iterations):
+                h = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+                i = int(order[step])
+                out = post(_run_op(op, xs_q[i], _on_grid(base, h, scale, zp, qp), bias))
+                diff = out - targets[i]
+                loss = (diff * diff).mean() * diff.shape[axis]
+                if step >= warm and cfg.reg_weight > 0:
+                    t = (step - warm) / max(cfg.iterations - warm - 1, 1)
+                    beta = cfg.beta[0] + t * (cfg.beta[1] - cfg.beta[0])
+                    loss = loss + cfg.reg_weight * (1 - (2 * h - 1).abs().pow(beta)).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            up = (torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0) >= 0.5).float()
+            nearest, rounded = _on_grid(base, nearest_up, scale, zp, qp), _on_grid(base, up, scale, zp, qp)
+            err_nearest = _error(op, relu, xs_q, targets, nearest, bias)
+            err_ada = _error(op, relu, xs_q, targets, rounded, bias)
+            kept = err_ada < err_nearest
+            chosen = rounded if kept else nearest
+            # codes, not up/down choices: a weight clamped at the range's end is the same code either way
+            flipped = float((_on_grid(base, up, 1.0, zp, qp) != _on_grid(base, nearest_up, 1.0, zp, qp)).float().mean())
+        raw = op._parameters.get("weight")  # the parameter (a folded conv's .weight is computed when read)
+        op.weight = nn.Parameter(chosen.to(raw.dtype if raw is not None else chosen.dtype),
+                                 requires_grad=raw is not None and raw.requires_grad)
+        # a new record, not a write into the old one: a deepcopy of the prepared model shares the records
+        node.meta[RECORD_KEY] = dataclasses.replace(rec, weight_qparams=qp)
+        with torch.no_grad():
+            paths.flt[node] = targets
+            paths.qnt[node] = [post(_run_op(op, x, chosen, bias)) for x in xs_q]
+    result = LayerRounding(err_nearest, err_ada, flipped, bool(kept))
+    done[id(op)] = (qp, result)
+    return result
 
 
-def adaround(prepared: fx.GraphModule, data: Iterable[Any], iterations: int = 500, *,
+def adaround(prepared: fx.GraphModule, data: Iterable[Any], iterations: Optional[int] = None, *,
              config: Optional[AdaRoundConfig] = None, progress: bool = True,
              max_batches: Optional[int] = None) -> AdaRoundReport:
     """AdaRound the weights of a calibrated prepared model, in place (see the module docstring).
 
     ``prepared``, ``data``, ``progress`` and ``max_batches`` are as for :func:`fxquant.correct_bias` (and so
-    are its ``CalibrationError``s); ``iterations`` is the number of Adam steps per layer, ``config`` an
-    :class:`AdaRoundConfig` for the rest (its ``iterations`` wins when given; a bad value is a ``ValueError``).
-    Returns an :class:`AdaRoundReport`.
+    are its ``CalibrationError``s); ``config`` is an :class:`AdaRoundConfig` (default ``AdaRoundConfig()``: 500
+    steps per layer) and ``iterations``, when given, replaces its number of Adam steps per layer. A bad value is a
+    ``ValueError``; a model from ``prepare_qat_fx`` is a ``CalibrationError`` (QAT trains the weights' grid
+    instead). Returns an :class:`AdaRoundReport`.
     """
-    cfg = config or AdaRoundConfig(iterations=iterations)
+    from fxquant.api import STATE_KEY
+
+    cfg = config or AdaRoundConfig()
+    if iterations is not None:
+        cfg = dataclasses.replace(cfg, iterations=iterations)
     batches = layer_batches(prepared, data, max_batches, "adaround")
+    state = prepared.meta.get(STATE_KEY)
+    if state is not None and state.is_qat:
+        raise CalibrationError("adaround is for post-training quantization: this model comes from prepare_qat_fx, "
+                               "whose fake quantizers train the weights and their grid; convert it with convert_fx, "
+                               "or prepare the float model with prepare_fx and calibrate it before adaround")
     start = time.perf_counter()
-    layers = walk_layers(prepared, batches, lambda paths, node, op, relu: _round_layer(paths, node, op, relu, cfg),
+    done: dict[int, tuple[QParams, LayerRounding]] = {}
+    layers = walk_layers(prepared, batches,
+                         lambda paths, node, op, relu: _round_layer(paths, node, op, relu, cfg, done),
                          "AdaRound", progress)
     return AdaRoundReport(layers, len(batches), time.perf_counter() - start)
 
@@ -247,4 +285,4 @@ class AdaRoundPass:
 
     def run(self, gm: fx.GraphModule, ctx: Any) -> PassResult:
         report = adaround(gm, self.data, config=self.config, progress=self.progress)
-        return PassResult(gm, any(r.kept for r in report.layers.values()))
+        return PassResult(gm, bool(report.layers))  # weights snapped to the grid and grids pinned, kept or not

@@ -100,11 +100,18 @@ def test_the_user_model_is_left_alone_and_bias_correction_keeps_the_grid(digits_
     adaround(prepared, calib, 50, progress=False)
     after_ada = copy.deepcopy(prepared)
     fxquant.correct_bias(prepared, calib, progress=False)
+    untouched = _prepared(model, calib)
+    backup = copy.deepcopy(untouched)
+    adaround(untouched, calib, 5, progress=False)  # a deepcopy taken before keeps its own records: nothing pinned
+    assert not any(n.meta[RECORD_KEY].weight_qparams for n in backup.graph.nodes if RECORD_KEY in n.meta)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     q_ada, q_both = fxquant.convert_fx(after_ada), fxquant.convert_fx(prepared)
     for name in ("0", "2", "4"):  # bias correction changes biases only: the rounded weights stay as chosen
         assert torch.equal(q_ada.get_submodule(name).weight.int_repr(), q_both.get_submodule(name).weight.int_repr())
+        assert torch.equal(q_both.get_submodule(name).weight.q_per_channel_scales().float(),
+                           next(n.meta[RECORD_KEY].weight_qparams.scale.float() for n in prepared.graph.nodes
+                                if str(n.target) == name))
     assert _sqnr(model, q_both, x_test) > 15
 
 
@@ -140,8 +147,21 @@ def test_adaround_on_a_conv_net_with_folded_batch_norms(restore_engine):
     depthwise = next(n.meta[RECORD_KEY].weight_qparams for n in prepared.graph.nodes
                      if n.op == "call_module" and getattr(getattr(prepared.get_submodule(str(n.target)), "op", None), "groups", 1) == 16)
     assert (depthwise.quant_min, depthwise.quant_max) == (-64, 63)
-    quantized = fxquant.convert_fx(prepared)
+    quantized = fxquant.convert_fx(copy.deepcopy(prepared))
+    reference = fxquant.convert_to_reference_fx(prepared)
     assert _sqnr(model, quantized, calib[0]) > 20
+    # each conv's codes: the floor or ceiling of the batch-norm-folded float weight on the pinned grid, the same
+    # in the int8 model and in the reference model (which stores them as integers)
+    for (conv, bn), name in (((model[0], model[1]), "0"), ((model[3], model[4]), "3"), ((model[6], None), "6")):
+        w = conv.weight.detach()
+        if bn is not None:
+            w = w * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().reshape(-1, 1, 1, 1)
+        qp = next(n.meta[RECORD_KEY].weight_qparams for n in prepared.graph.nodes if str(n.target) == name)
+        scaled = w / qp.scale.reshape(-1, 1, 1, 1)
+        codes = quantized.get_submodule(name).weight.int_repr().float()
+        assert bool(((codes == scaled.floor().clamp(qp.quant_min, qp.quant_max))
+                     | (codes == scaled.ceil().clamp(qp.quant_min, qp.quant_max))).all()), name
+        assert torch.equal(codes, getattr(reference, f"{name}_weight_int").float()), name
 
 
 def test_adaround_errors(digits_mlp):
@@ -157,3 +177,57 @@ def test_adaround_errors(digits_mlp):
         adaround(prepared, calib, 0)
     with pytest.raises(ValueError, match="warmup"):
         AdaRoundConfig(warmup=1.0)
+    assert adaround(prepared, calib, 3, config=AdaRoundConfig(iterations=1000), progress=False).layers  # 3 wins
+
+
+def test_saved_and_loaded_the_rounding_survives(digits_mlp, restore_engine, tmp_path):
+    """fxquant.save / load and torch.save keep the pinned grids: converting the loaded model gives the same codes
+    (a grid observed again from the rounded weights would round them a second time)."""
+    model, calib, x_test = digits_mlp
+    torch.backends.quantized.engine = BACKEND
+    prepared = _prepared(model, calib)
+    adaround(prepared, calib, 60, progress=False)
+    fxquant.save(prepared, tmp_path / "p.fxq")
+    torch.save(prepared, tmp_path / "p.pt")
+    expected = fxquant.convert_fx(copy.deepcopy(prepared))
+    for loaded in (fxquant.load(tmp_path / "p.fxq", model), torch.load(tmp_path / "p.pt", weights_only=False)):
+        again = fxquant.convert_fx(loaded)
+        for name in ("0", "2", "4"):
+            assert torch.equal(again.get_submodule(name).weight.int_repr(), expected.get_submodule(name).weight.int_repr())
+        with torch.no_grad():
+            assert torch.equal(again(x_test), expected(x_test))
+
+
+def test_a_module_called_twice_is_rounded_once(restore_engine):
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    torch.backends.quantized.engine = BACKEND
+    torch.manual_seed(0)
+    model = Twice().eval()
+    calib = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    prepared = _prepared(model, calib)
+    report = adaround(prepared, calib, 40, progress=False)
+    grids = [n.meta[RECORD_KEY].weight_qparams for n in prepared.graph.nodes if n.op == "call_module"
+             and n.meta.get(RECORD_KEY) is not None and n.meta[RECORD_KEY].weight_qparams is not None]
+    assert len(grids) == 2 and grids[0] is grids[1] and list(report.layers) == ["fc"]
+    weight = prepared.get_submodule("fc").weight.detach() / grids[0].scale.reshape(-1, 1)
+    assert torch.allclose(weight, weight.round(), atol=1e-4)  # on the first visit's grid, not rounded on another
+
+
+def test_adaround_runs_under_inference_mode_and_refuses_qat(digits_mlp, restore_engine):
+    model, calib, _ = digits_mlp
+    torch.backends.quantized.engine = BACKEND
+    prepared = _prepared(model, calib)
+    with torch.inference_mode():
+        report = adaround(prepared, calib, 20, progress=False)
+    assert set(report.layers) == {"0", "2", "4"}
+    qat = fxquant.prepare_qat_fx(copy.deepcopy(model).train(), fxquant.get_default_qat_qconfig_mapping(BACKEND),
+                                 (calib[0],), backend_config=BACKEND)
+    with pytest.raises(CalibrationError, match="adaround is for post-training quantization"):
+        adaround(qat, calib, 5)

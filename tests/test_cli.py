@@ -144,6 +144,13 @@ def test_quantize_with_adaround(capsys: pytest.CaptureFixture, files: Path, tmp_
     assert 0 < int((plain != rounded).sum()) and int((plain - rounded).abs().max()) == 1
 
 
+def test_adaround_on_a_model_quantized_in_pieces_is_a_usage_error(capsys: pytest.CaptureFixture, files: Path) -> None:
+    """After the partial-tracing warning, one error line that says what to do."""
+    code, err = _error(capsys, ["quantize", f"{files}/models.py:branchy", "--input-shape", "16", "--adaround", "5"])
+    assert code == ExitCode.USAGE and err.splitlines()[-1].startswith("fxquant: error (usage): --adaround needs")
+    assert "drop --adaround" in err.splitlines()[-1]
+
+
 def test_skip_keeps_a_module_float(capsys: pytest.CaptureFixture, files: Path) -> None:
     res = run_json(capsys, ["quantize", f"{files}/models.py:mlp", "--input-shape", "16", "--skip", "2"])
     assert [f["node"] for f in res["float_ops"]] == ["_2"]
