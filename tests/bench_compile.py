@@ -51,13 +51,21 @@ def rounds(model_name: str, backend: str, runs: int, calib_batches: int, input_s
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", required=True, help="comma-separated torchvision names")
+def zoo_parser(doc: str) -> argparse.ArgumentParser:
+    """The options the zoo-model scripts share (this one and ``bench_ops.py``): ``--models``, ``--backend``,
+    ``--input-size``; ``doc``'s first paragraph is the description."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--models", required=True, type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+                    help="comma-separated torchvision names")
     ap.add_argument("--backend", default="fbgemm", choices=("fbgemm", "x86", "qnnpack"))
+    ap.add_argument("--input-size", type=int, default=96, help="pixels (vit/swin/maxvit always 224; default 96)")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = zoo_parser(__doc__)
     ap.add_argument("--runs", type=int, default=3, help="interleaved rounds per model (default 3)")
     ap.add_argument("--calib-batches", type=int, default=1, help="calibration batches of 4 (default 1)")
-    ap.add_argument("--input-size", type=int, default=96, help="pixels (vit/swin/maxvit always 224; default 96)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.runs < 1 or args.calib_batches < 1:
@@ -66,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(rounds(args.one, args.backend, args.runs, args.calib_batches, args.input_size)))
         return 0
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for name in args.models:
         cmd = [sys.executable, __file__, "--models", name, "--one", name, "--backend", args.backend,
                "--runs", str(args.runs), "--calib-batches", str(args.calib_batches),
                "--input-size", str(args.input_size)]

@@ -15,7 +15,7 @@ Timings come from a shared machine: read them within one run, not across runs.
 
 from __future__ import annotations
 
-import argparse
+import os
 import statistics
 import sys
 import warnings
@@ -24,6 +24,9 @@ from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_compile import zoo_parser  # noqa: E402  (the options the zoo-model scripts share)
 
 
 def op_times(module: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[float, int]]:
@@ -72,10 +75,7 @@ def compare(name: str, backend: str, input_size: int, runs: int, profiles: int, 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", required=True, help="comma-separated torchvision names")
-    ap.add_argument("--backend", default="fbgemm", choices=("fbgemm", "x86", "qnnpack"))
-    ap.add_argument("--input-size", type=int, default=96, help="pixels (vit/swin/maxvit always 224; default 96)")
+    ap = zoo_parser(__doc__)
     ap.add_argument("--runs", type=int, default=21, help="interleaved latency rounds (default 21)")
     ap.add_argument("--profiles", type=int, default=4, help="profiled forwards of each model (default 4)")
     ap.add_argument("--top", type=int, default=8, help="ops listed per model (default 8)")
@@ -88,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("the torch.ao reference is not available (needs tests/bench_torch_ao.py and torch.ao.quantization)")
     warnings.filterwarnings("ignore", category=UserWarning)   # torch.ao's deprecation warnings, once per model
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for name in args.models:
         print("\n".join(compare(name, args.backend, args.input_size, args.runs, args.profiles, args.top)),
               flush=True)
     return 0

@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from torch import nn
 
 import fxquant
 from fxquant.errors import FxQuantError
