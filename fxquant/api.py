@@ -34,8 +34,7 @@ from fxquant.fused import materialize_folds
 from fxquant.observers import ObserverBase
 from fxquant.passes.base import PassManager, PassTiming
 from fxquant.passes.context import RECORD_KEY, FloatReason, QuantContext
-from fxquant.passes.pipelines import (CONVERT_ORDER, PREPARE_ORDER, convert_pipeline, freeze_qat_pipeline,
-                                      fuse_pipeline, prepare_pipeline)
+from fxquant.passes.pipelines import convert_pipeline, freeze_qat_pipeline, fuse_pipeline, prepare_pipeline
 from fxquant.qconfig import QConfigMapping
 from fxquant.tracer import PrepareCustomConfig, trace
 

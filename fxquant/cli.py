@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 import fxquant
 from fxquant.errors import CalibrationError, ConvertError, EngineError, FxQuantError, QConfigError, TraceError
 from fxquant.passes.context import RECORD_KEY, NodeRecord
-from fxquant.report import QuantReport, float_ops, interleaved_latency, state_dict_bytes
+from fxquant.report import QuantReport, interleaved_latency, state_dict_bytes
 
 __all__ = ["main", "build_parser", "ExitCode", "CliError", "load_model", "load_data", "CalibrationData",
            "LayerError", "worst_layers", "describe_graph"]
@@ -375,7 +375,7 @@ class QuantizeResult:
         lines = [f"fxquant {self.model} ({self.mode}, {self.backend}): prepare {self.prepare_s:.2f} s, "
                  f"convert {self.convert_s:.2f} s, calibration: {self.data}", "", str(self.report)]
         if self.worst:
-            lines.append(f"worst layers (output SQNR vs float in dB, error propagated from the input):")
+            lines.append("worst layers (output SQNR vs float in dB, error propagated from the input):")
             lines += [f"  {w.node} ({w.op}): {w.sqnr_db:.2f}" for w in self.worst]
         if self.output:
             lines.append(f"saved to {self.output}")

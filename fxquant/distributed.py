@@ -50,7 +50,7 @@ from fxquant.errors import CalibrationError, FxQuantError
 from fxquant.fake_quantize import FakeQuantize
 from fxquant.observers import (FixedQParamsObserver, FloatQParamsObserver, HistogramObserver, MinMaxObserver,
                                MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, ObserverBase,
-                               PerChannelMinMaxObserver, PlaceholderObserver, _format_kwargs, _RangeObserver)
+                               PerChannelMinMaxObserver, PlaceholderObserver, _format_kwargs)
 from fxquant.qat import _BnFold
 from fxquant.qat_fake_quantize import FusedMovingAvgObsFakeQuantize, LearnableFakeQuantize
 

@@ -14,7 +14,6 @@ import dataclasses
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
-import torch
 from torch import fx, nn
 
 from fxquant.errors import TraceError

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn

@@ -26,7 +26,6 @@ sys.path.insert(0, str(HERE))
 import fxquant  # noqa: E402
 import fxquant.distributed as fxdist  # noqa: E402
 from fxquant import observers as O  # noqa: E402
-from fxquant.errors import CalibrationError  # noqa: E402
 from fxquant.qconfig import QConfig, QConfigMapping  # noqa: E402
 
 BACKEND = "fbgemm"

@@ -4,7 +4,6 @@ it into a plain conv holding the folded weights. Also the histogram observer's l
 
 from __future__ import annotations
 
-import copy
 import io
 import warnings
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import doctest
-import operator
 import warnings
 
 import pytest

@@ -36,7 +36,7 @@ from fxquant.fake_quantize import is_observer
 from fxquant.passes.cleanup import CleanupPass
 from fxquant.passes.context import RECORD_KEY, QuantContext
 from fxquant.passes.observe import weight_observer
-from fxquant.passes.verify import no_dead_nodes, one_observer_per_tensor, quantized_flow
+from fxquant.passes.verify import no_dead_nodes, quantized_flow
 from fxquant.qparams import QParams, fake_quantize
 from fxquant.testing import QuantCase, examples, quant_cases
 from fxquant.tracer import trace

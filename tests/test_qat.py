@@ -7,7 +7,6 @@ import copy
 import io
 import sys
 import os
-import warnings
 
 import pytest
 import torch
