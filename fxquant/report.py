@@ -20,7 +20,7 @@ from fxquant.passes.context import RECORD_KEY, FloatReason
 from fxquant.qparams import sqnr
 
 __all__ = ["QuantReport", "report", "float_ops", "state_dict_bytes", "interleaved_latency", "interleaved_rounds",
-           "paired_ratio"]
+           "round_order", "paired_ratio"]
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -30,11 +30,29 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
+def round_order(n: int, r: int) -> list[int]:
+    """The order in which round ``r`` of :func:`interleaved_rounds` calls ``n`` functions: rotated by ``r // 2``,
+    and reversed in odd rounds.
+
+    A rotation alone keeps the cyclic order, so every function would always run right after the same one (in
+    ``fxquant bench``, fxquant's int8 model always after the fp32 model, whose larger weights have just evicted
+    the caches). With the reversals, over ``2n`` rounds every function runs in every position equally often and,
+    for up to three functions, after each of the others equally often (for three, the six rounds are the six
+    permutations).
+
+    Example:
+        >>> [round_order(3, r) for r in range(4)]
+        [[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1]]
+    """
+    order = [(r // 2 + k) % n for k in range(n)]
+    return order[::-1] if r % 2 else order
+
+
 def interleaved_rounds(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
                        threads: int = 1) -> list[list[float]]:
-    """Seconds of each call of each function, ``runs`` per function, timed in interleaved rounds (the order
-    rotating from round to round) under ``threads`` threads: ``out[i][r]`` is function ``i`` in round ``r``, so
-    the calls of one round ran back to back and can be compared pairwise (see :func:`paired_ratio`)."""
+    """Seconds of each call of each function, ``runs`` per function, timed in interleaved rounds (in the orders
+    of :func:`round_order`) under ``threads`` threads: ``out[i][r]`` is function ``i`` in round ``r``, so the
+    calls of one round ran back to back and can be compared pairwise (see :func:`paired_ratio`)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -44,8 +62,7 @@ def interleaved_rounds(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup:
                 for f in fns:
                     f()
             for r in range(runs):
-                for k in range(len(fns)):  # the order rotates each round: none always runs after the same one
-                    i = (r + k) % len(fns)
+                for i in round_order(len(fns), r):
                     start = time.perf_counter()
                     fns[i]()
                     times[i].append(time.perf_counter() - start)
@@ -56,8 +73,7 @@ def interleaved_rounds(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup:
 
 def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
                         threads: int = 1) -> list[float]:
-    """Median seconds per call of each function, timed in interleaved rounds (the order rotating from round to
-    round) under ``threads`` threads."""
+    """Median seconds per call of each function, timed in interleaved rounds (in the orders of :func:`round_order`) under ``threads`` threads."""
     return [statistics.median(t) for t in interleaved_rounds(fns, runs, warmup, threads)]
 
 

@@ -313,6 +313,28 @@ def test_paired_ratio_follows_a_machine_that_slows_down_for_a_while() -> None:
         paired_ratio([1.0], [1.0, 2.0])
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_interleaved_rounds_vary_who_runs_first_and_after_whom(n: int) -> None:
+    import collections
+
+    from fxquant.report import interleaved_rounds, round_order
+
+    calls: list[int] = []
+    fns = [lambda i=i: calls.append(i) for i in range(n)]
+    times = interleaved_rounds(fns, runs=2 * n, warmup=0)
+    assert [len(t) for t in times] == [2 * n] * n
+    orders = [calls[r * n:(r + 1) * n] for r in range(2 * n)]
+    assert orders == [round_order(n, r) for r in range(2 * n)]   # the calls follow round_order
+    assert all(sorted(o) == list(range(n)) for o in orders)       # each round calls each function once
+    positions = collections.Counter((i, pos) for o in orders for pos, i in enumerate(o))
+    assert set(positions.values()) == {2} and len(positions) == n * n   # every function in every place, twice
+    after = collections.Counter(pair for o in orders for pair in zip(o, o[1:]))
+    if n <= 3:   # no function always runs right after the same one (the fp32 model, in fxquant bench)
+        assert len(after) == n * (n - 1) and len(set(after.values())) <= 1
+    else:
+        assert all(len({a for (a, b) in after if b == i}) >= 2 for i in range(n))
+
+
 def test_bench_records_a_torch_ao_failure_as_a_cell(capsys: pytest.CaptureFixture,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from fxquant import bench
