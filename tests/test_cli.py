@@ -442,6 +442,23 @@ def test_bench_compile_script_prints_each_round_and_the_median(capsys: pytest.Ca
     assert "resnet18 round 1: torch.ao" in err and "resnet18 round 2:" in err
 
 
+def test_bench_kernels_script_compares_the_same_integers(capsys: pytest.CaptureFixture) -> None:
+    """tests/bench_kernels.py: fbgemm's and oneDNN's int8 convs get the same 7-bit activations and weights and give
+    the same output integers (within one step), so the table compares the kernels, not two computations."""
+    if not hasattr(torch.ops.onednn, "qconv_pointwise"):
+        pytest.skip("this torch build has no oneDNN int8 conv")
+    gen = torch.Generator().manual_seed(0)
+    for shape in _run_script("bench_kernels", lambda m: m.SHAPES):
+        fbgemm, onednn = _run_script("bench_kernels", lambda m: m._conv_pair(*shape, gen))
+        a, b = fbgemm(), onednn()
+        assert a.shape == b.shape and b.dtype == torch.uint8
+        assert int((a.int_repr().int() - b.int()).abs().max()) <= 1, shape
+    assert _run_script("bench_kernels", lambda m: m.main(["--runs", "1"])) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| ") and "x |" in r]
+    assert len(rows) == len(_run_script("bench_kernels", lambda m: m.SHAPES)) and "geomean oneDNN/fbgemm" in out
+
+
 def test_bench_ops_script_lists_the_ops_where_the_two_int8_models_differ() -> None:
     """tests/bench_ops.py on efficientnet_b0: fxquant runs its SiLUs int8 (sigmoid and mul on quantized tensors),
     torch.ao in float between a dequantize and a quantize; the table has both sides of that, with call counts."""

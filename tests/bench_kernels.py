@@ -1,0 +1,106 @@
+"""fbgemm's and oneDNN's int8 convolutions on the same integers: which kernel is faster on this CPU, per shape.
+
+Run: ``python tests/bench_kernels.py`` (``--help`` for the rest).
+
+The ``x86`` backend runs oneDNN (``torch.ops.onednn.qconv_pointwise``) only on CPUs with VNNI, where its
+activations are full 8-bit; without VNNI both libraries sum u8 x s8 pairs in int16, so activations must stay
+within 7 bits, as fbgemm's do (``reduce_range``). This asks whether oneDNN would still be the faster kernel there:
+per conv shape (those of the zoo's ResNets, MobileNets and VGGs at a 96x96 input), both kernels get the same 7-bit
+activations, int8 per-channel weights and bias, batch 1, one thread, in interleaved rounds
+(``fxquant.report.interleaved_rounds``); the ratio is the median over rounds of oneDNN's time over fbgemm's
+within a round, and the last column the largest difference of their output integers. Timings come from a shared
+machine: read the ratios, not the absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import warnings
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: (in channels, out channels, kernel, stride, groups, input height = width)
+SHAPES = [
+    (3, 64, 7, 2, 1, 96),      # ResNet stem
+    (64, 64, 3, 1, 1, 24),     # ResNet basic block
+    (256, 64, 1, 1, 1, 24),    # bottleneck reduce
+    (64, 256, 1, 1, 1, 24),    # bottleneck expand
+    (128, 128, 3, 1, 1, 12),
+    (512, 512, 3, 1, 1, 3),    # last stage
+    (32, 32, 3, 1, 32, 48),    # depthwise (MobileNetV2)
+    (96, 96, 3, 1, 96, 24),
+    (144, 24, 1, 1, 1, 24),    # inverted-residual projection
+    (256, 256, 3, 1, 1, 24),   # VGG
+]
+
+
+def _conv_pair(cin: int, cout: int, k: int, stride: int, groups: int, hw: int, gen: torch.Generator):
+    """Both kernels' calls on the same 7-bit activations and int8 per-channel weights."""
+    x_scale, x_zp, y_scale, y_zp = 2.0 / 127, 0, 0.05, 64
+    x = torch.rand(1, cin, hw, hw, generator=gen) * 2
+    w = torch.randn(cout, cin // groups, k, k, generator=gen) * 0.1
+    bias = torch.randn(cout, generator=gen) * 0.1
+    qx = torch.quantize_per_tensor(x, x_scale, x_zp, torch.quint8).contiguous(memory_format=torch.channels_last)
+    w_scale = (w.abs().amax(dim=(1, 2, 3)) / 127).double()
+    qw = torch.quantize_per_channel(w, w_scale, torch.zeros(cout, dtype=torch.long), 0, torch.qint8)
+    pad, one = [k // 2, k // 2], [1, 1]
+    packed = torch.ops.quantized.conv2d_prepack(qw, bias, [stride, stride], pad, one, groups)
+    xu = qx.int_repr().contiguous(memory_format=torch.channels_last)
+    scales = w_scale.float()
+    o_packed = torch.ops.onednn.qconv_prepack(qw.int_repr(), scales, x_scale, x_zp, [stride, stride], pad, one,
+                                              groups, None)
+    w_zp = torch.zeros(cout, dtype=torch.int64)
+
+    def fbgemm() -> torch.Tensor:
+        return torch.ops.quantized.conv2d(qx, packed, y_scale, y_zp)
+
+    def onednn() -> torch.Tensor:
+        return torch.ops.onednn.qconv_pointwise.default(xu, x_scale, x_zp, o_packed, scales, w_zp, bias,
+                                                        [stride, stride], pad, one, groups, y_scale, y_zp, None,
+                                                        "none", [], "")
+    return fbgemm, onednn
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=31, help="interleaved rounds per shape (default 31)")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    if not hasattr(torch.ops.onednn, "qconv_pointwise"):
+        print("this torch build has no torch.ops.onednn.qconv_pointwise: nothing to compare", file=sys.stderr)
+        return 1
+    warnings.filterwarnings("ignore", category=UserWarning)   # quantized tensors' deprecation warnings
+    from fxquant.backends.cpu import has_vnni
+    from fxquant.report import interleaved_rounds, paired_ratio
+
+    torch.backends.quantized.engine = "fbgemm"
+    gen = torch.Generator().manual_seed(0)
+    print(f"int8 conv, batch 1, 1 thread, 7-bit activations, median of {args.runs} interleaved rounds; "
+          f"CPU with VNNI: {'yes' if has_vnni() else 'no'}; torch {torch.__version__}\n")
+    print("| conv (in->out, kernel, stride, groups @ size) | fbgemm us | oneDNN us | oneDNN/fbgemm | max int diff |")
+    print("|---|---|---|---|---|")
+    ratios = []
+    for cin, cout, k, stride, groups, hw in SHAPES:
+        fbgemm, onednn = _conv_pair(cin, cout, k, stride, groups, hw, gen)
+        diff = int((fbgemm().int_repr().int() - onednn().int()).abs().max())
+        fb_s, on_s = interleaved_rounds([fbgemm, onednn], runs=args.runs, warmup=3, threads=1)
+        ratio = paired_ratio(on_s, fb_s)
+        ratios.append(ratio)
+        print(f"| {cin}->{cout}, {k}x{k}, s{stride}, g{groups} @ {hw} | {statistics.median(fb_s) * 1e6:.1f} | "
+              f"{statistics.median(on_s) * 1e6:.1f} | {ratio:.2f}x | {diff} |", flush=True)
+    geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    print(f"\ngeomean oneDNN/fbgemm over {len(ratios)} shapes: {geomean:.2f}x "
+          f"(faster on {sum(r < 1 for r in ratios)} of {len(ratios)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
