@@ -73,7 +73,8 @@ def interleaved_rounds(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup:
 
 def interleaved_latency(fns: Sequence[Callable[[], Any]], runs: int = 20, warmup: int = 2,
                         threads: int = 1) -> list[float]:
-    """Median seconds per call of each function, timed in interleaved rounds (in the orders of :func:`round_order`) under ``threads`` threads."""
+    """Median seconds per call of each function, timed in interleaved rounds (in the orders of
+    :func:`round_order`) under ``threads`` threads."""
     return [statistics.median(t) for t in interleaved_rounds(fns, runs, warmup, threads)]
 
 

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import warnings
 from typing import Optional
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: (in channels, out channels, kernel, stride, groups, input height = width)
 SHAPES = [

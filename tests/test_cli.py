@@ -447,16 +447,17 @@ def test_bench_kernels_script_compares_the_same_integers(capsys: pytest.CaptureF
     the same output integers (within one step), so the table compares the kernels, not two computations."""
     if not hasattr(torch.ops.onednn, "qconv_pointwise"):
         pytest.skip("this torch build has no oneDNN int8 conv")
+    script = _run_script("bench_kernels", lambda m: m)
     gen = torch.Generator().manual_seed(0)
-    for shape in _run_script("bench_kernels", lambda m: m.SHAPES):
-        fbgemm, onednn = _run_script("bench_kernels", lambda m: m._conv_pair(*shape, gen))
+    for shape in script.SHAPES:
+        fbgemm, onednn = script._conv_pair(*shape, gen)
         a, b = fbgemm(), onednn()
         assert a.shape == b.shape and b.dtype == torch.uint8
         assert int((a.int_repr().int() - b.int()).abs().max()) <= 1, shape
-    assert _run_script("bench_kernels", lambda m: m.main(["--runs", "1"])) == 0
+    assert _run_script("bench_kernels", lambda m: m.main(["--runs", "1"])) == 0   # restores the thread count
     out = capsys.readouterr().out
     rows = [r for r in out.splitlines() if r.startswith("| ") and "x |" in r]
-    assert len(rows) == len(_run_script("bench_kernels", lambda m: m.SHAPES)) and "geomean oneDNN/fbgemm" in out
+    assert len(rows) == len(script.SHAPES) and "geomean oneDNN/fbgemm" in out
 
 
 def test_bench_ops_script_lists_the_ops_where_the_two_int8_models_differ() -> None:
