@@ -487,6 +487,9 @@ class LowerPass:
         inputs = [b.qparams[b.source(x)]] + ([b.qparams[b.source(plan.accum)]] if plan.accum is not None else [])
         args = [b.qnt(x)] + ([b.qnt(plan.accum)] if plan.accum is not None else [])
         clone = plan.accum is not None and not _fresh(b, b.as_quant[b.source(plan.accum)])
+        # the added tensor is also the kernel's input: the kernel would write the sum over the input it still
+        # reads (oneDNN's AVX2 conv does: a 3x3 conv of a + a came out up to 29 steps off)
+        clone = clone or (plan.accum is not None and b.source(plan.accum) is b.source(x))
         spec = dataclasses.replace(spec, target=plan.fusion.target, inputs=tuple(inputs),
                                    kwargs={**spec.kwargs, "clone_accum": clone or plan.accum_read_later})
         self._emit_kernel(b, producer, spec, tuple(args))

@@ -21,7 +21,7 @@ from models import (DepthwiseBlock, Residual, SingleConv, SingleLinear, SmallCNN
                     node_kinds, observer_nodes, quantize, seeded)
 from fxquant.api import STATE_KEY, convert_pipeline, prepare_pipeline
 from fxquant.backends import get_backend_config
-from fxquant.backends.kernels.onednn import OneDNNConv
+from fxquant.backends.kernels.onednn import OneDNNConv, OneDNNLinear
 from fxquant.backends.kernels.qtensor import (Quantize, QuantizedBinary, QuantizedConv, QuantizedLinear)
 from fxquant.errors import QConfigError
 from fxquant.observers import HistogramObserver, ObserverBase, PerChannelMinMaxObserver
@@ -304,7 +304,9 @@ def _simulate(prepared: fx.GraphModule, converted: fx.GraphModule, name: str, x:
     w_obs(op.weight.detach())
     wq = fake_quantize(op.weight.detach(), w_obs.qparams())
     assert torch.equal(kernel_weight.dequantize(), wq)  # the kernel's weight is the observer's grid
-    in_qp, out_qp = codes_held(in_qp), codes_held(out_qp)  # a 7-bit grid's kernels write codes up to 255
+    if not isinstance(converted.get_submodule(name), (OneDNNConv, OneDNNLinear)):
+        # a 7-bit grid's quantized tensors hold codes up to 255; oneDNN's modules clamp to the grid (127)
+        in_qp, out_qp = codes_held(in_qp), codes_held(out_qp)
     xq = fake_quantize(x, in_qp)
     if isinstance(op, nn.Linear):
         y = F.linear(xq, wq, op.bias)

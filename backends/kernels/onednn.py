@@ -149,6 +149,28 @@ class DequantizeU8(_Grid):
         return from_u8(q, self._scale, self._zp)
 
 
+def _seven_bit_post(post: PostOp, scale: float, zp: int, lo: int, hi: int, hardtanh: bool) -> tuple[PostOp, bool]:
+    """The post-op a kernel runs and whether its uint8 result still needs ``clamp_max_(hi)``.
+
+    oneDNN clamps its output codes to [0, 255]; an output grid of 7 bits (CPUs without VNNI) ends at 127, as the
+    simulation does, and codes above it would let the next conv's int16 pair sums saturate. Where the post-op is
+    none, relu or hardtanh, a hardtanh whose bounds are the grid's float ends clamps inside the kernel (free);
+    other post-ops, kernels that take no hardtanh (``hardtanh=False``: conv1d / conv3d, and the ``sum`` of a fused
+    add) keep theirs and the result is clamped afterwards."""
+    if hi >= 255:
+        return post, False
+    if not hardtanh:
+        return post, True
+    top = (hi - zp) * scale
+    if post.attr == "none":
+        return PostOp("hardtanh", ((lo - zp) * scale, top)), False
+    if post.attr == "relu":
+        return PostOp("hardtanh", (0.0, top)), False
+    if post.attr == "hardtanh":
+        return PostOp("hardtanh", (post.scalars[0], min(post.scalars[1], top))), False
+    return post, True
+
+
 class _Prepacked(_Grid):
     """A oneDNN kernel with a weight prepacked once; int8 weight, float32 scales and float bias stay as buffers
     (``state_dict`` round-trips, a pickled or deep-copied module repacks itself)."""
@@ -181,8 +203,14 @@ class _Prepacked(_Grid):
     def _pack(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def _takes_hardtanh(self) -> bool:
+        """Whether the kernel takes a hardtanh post-op (measured: 2-d conv and linear, without a fused add)."""
+        return not self.binary and getattr(self, "dims", 2) == 2
+
     def _repack(self) -> None:
-        self._scalars = list(self.post.scalars)  # built once, not per call
+        self._kernel_post, self._clamp_hi = _seven_bit_post(self.post, self._scale, self._zp, self._lo, self._hi,
+                                                             self._takes_hardtanh())
+        self._scalars = list(self._kernel_post.scalars)  # built once, not per call
         self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
         self._w_zp = torch.zeros(self.weight_int.shape[0], dtype=torch.int32)
         self._packed = self._pack()
@@ -251,17 +279,21 @@ class OneDNNConv(_Prepacked):
             self._check(x)
         if self.pointwise and x.shape[2] == 1 and x.shape[3] == 1:
             return self._as_linear(x)
+        post = self._kernel_post
         if accum is None:
             y = _QCONV(x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias,
                        self.stride, self.padding, self.dilation, self.groups, self._scale, self._zp, None,
-                       self.post.attr, self._scalars, self.post.algorithm)
-            return y.clamp_min_(self._zp) if self.relu_after else y
+                       post.attr, self._scalars, post.algorithm)
+            if self.relu_after:
+                y = y.clamp_min_(self._zp)
+            return y.clamp_max_(self._hi) if self._clamp_hi else y
         if self.clone_accum:
             accum = accum.clone(memory_format=torch.channels_last)
-        return _QCONV_SUM(
+        y = _QCONV_SUM(
             x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, accum, self.bias,
             self.stride, self.padding, self.dilation, self.groups, self._scale, self._zp, None, self._accum[0],
-            self._accum[1], "sum", 1.0, self.post.attr, self._scalars, self.post.algorithm or None)
+            self._accum[1], "sum", 1.0, post.attr, self._scalars, post.algorithm or None)
+        return y.clamp_max_(self._hi) if self._clamp_hi else y
 
     def _as_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The conv on an (N, C, 1, 1) input as oneDNN's int8 linear on (N, C): the same weights, scales, bias and
@@ -269,9 +301,12 @@ class OneDNNConv(_Prepacked):
         if self._packed_linear is None:
             self._packed_linear = torch.ops.onednn.qlinear_prepack(
                 self.weight_int.reshape(self.out_channels, self.in_channels), None)
+        post = self._kernel_post
         y = _QLINEAR(x.reshape(x.shape[0], self.in_channels), self._x_scale, self._x_zp, self._packed_linear,
-                     self.weight_scale, self._w_zp, self.bias, self._scale, self._zp, None, self.post.attr,
-                     self._scalars, self.post.algorithm)
+                     self.weight_scale, self._w_zp, self.bias, self._scale, self._zp, None, post.attr,
+                     self._scalars, post.algorithm)
+        if self._clamp_hi:
+            y = y.clamp_max_(self._hi)
         return y.reshape(x.shape[0], self.out_channels, 1, 1)
 
     def extra_repr(self) -> str:
@@ -307,14 +342,17 @@ class OneDNNLinear(_Prepacked):
             raise FxQuantError(f"{self._describe()}: expects inputs with {self.in_features} features in the last "
                                f"dimension, like the float Linear, got shape {tuple(x.shape)}; pass inputs shaped like "
                                "the example the model was prepared with")
+        post = self._kernel_post
         if accum is None:
-            return _QLINEAR(x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias,
-                            self._scale, self._zp, None, self.post.attr, self._scalars, self.post.algorithm)
-        accum = accum.clone() if self.clone_accum else accum
-        return torch.ops.onednn.qlinear_pointwise.binary(
-            x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, accum, self.bias,
-            self._scale, self._zp, None, self._accum[0], self._accum[1], "sum", 1.0, self.post.attr,
-            self._scalars, self.post.algorithm)
+            y = _QLINEAR(x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, self.bias,
+                         self._scale, self._zp, None, post.attr, self._scalars, post.algorithm)
+        else:
+            accum = accum.clone() if self.clone_accum else accum
+            y = torch.ops.onednn.qlinear_pointwise.binary(
+                x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, accum, self.bias,
+                self._scale, self._zp, None, self._accum[0], self._accum[1], "sum", 1.0, post.attr,
+                self._scalars, post.algorithm)
+        return y.clamp_max_(self._hi) if self._clamp_hi else y
 
     def extra_repr(self) -> str:
         post = "" if self.post.attr == "none" else f", post={self.post.attr}"

@@ -109,8 +109,8 @@ class GlobalMeanU8(_Mirrors):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if (_QCONV is not None and self.dims == (2, 3) and x.dim() == 4 and x.dtype == torch.uint8
-                and (self._lo, self._hi) == (0, 255)):
-            return self._onednn(x)
+                and _kernel_clamps(self._lo, self._hi)):
+            return _clamp_codes(self._onednn(x), self._hi)
         n = 1
         for d in self.dims:
             n *= x.shape[d]
@@ -133,6 +133,17 @@ class GlobalMeanU8(_Mirrors):
         y = _QCONV(x, self._scale, self._zp, pack[0], pack[1], pack[2], None, [1, 1], [0, 0], [1, 1], channels,
                    self._scale, self._zp, None, "none", [], "")
         return y if self.keepdim else y.reshape(x.shape[0], channels)
+
+
+def _kernel_clamps(lo: int, hi: int) -> bool:
+    """Whether a oneDNN int8 kernel's output (clamped to [0, 255]) can be brought to the grid's [lo, hi]: the full
+    8 bits, or the 7 bits of CPUs without VNNI (:func:`_clamp_codes`)."""
+    return lo == 0 and hi in (127, 255)
+
+
+def _clamp_codes(y: torch.Tensor, hi: int) -> torch.Tensor:
+    """Codes above a 7-bit grid's top clamped to it, as fake quant does (a no-op on 8-bit grids)."""
+    return y.clamp_max_(hi) if hi < 255 else y
 
 
 def _global_mean(call: OpCall, grid: QParams) -> Optional[nn.Module]:
@@ -329,8 +340,8 @@ class FloatKernel(_Grid):
         if a.numel() < b.numel():
             (a, sa, za), (b, sb, zb) = (b, sb, zb), (a, sa, za)
         if (_QCONV is not None and a.dim() == 4 and a.shape[0] == 1 and b.shape == (1, a.shape[1], 1, 1)
-                and a.dtype == b.dtype == torch.uint8 and (self._lo, self._hi) == (0, 255)):
-            return self._gate(a, sa, za, b, sb, zb)
+                and a.dtype == b.dtype == torch.uint8 and _kernel_clamps(self._lo, self._hi)):
+            return _clamp_codes(self._gate(a, sa, za, b, sb, zb), self._hi)
         return self._float_mul(a, sa, za, b, sb, zb)
 
     def _float_mul(self, a: torch.Tensor, sa: float, za: int, b: torch.Tensor, sb: float, zb: int) -> torch.Tensor:
