@@ -43,12 +43,15 @@ def onnx_runtime_u8s8_saturates() -> bool:
 @functools.lru_cache(maxsize=None)
 def onednn_int8_missing() -> Optional[str]:
     """``None`` where oneDNN's int8 kernels (``torch.ops.onednn.qconv_pointwise`` / ``qlinear_pointwise`` on plain
-    uint8 tensors) run here, else why not: a torch build without oneDNN or without those ops, or a kernel that
-    fails a one-element probe. The ``x86`` table falls back to fbgemm's kernels on quantized tensors then.
+    uint8 tensors) run here and pay off, else why not: a torch build without oneDNN or without those ops, a CPU
+    without VNNI, or a kernel that fails a one-element probe. The ``x86`` table falls back to fbgemm's kernels on
+    quantized tensors then.
 
-    A CPU without VNNI does not count: oneDNN's u8 x s8 pairs then sum in int16, as fbgemm's do, and the ``x86``
-    table asks for 7-bit activations there (``reduce_range_without_vnni``), with which no pair can saturate
-    (2 x 127 x 128 < 2**15)."""
+    Without VNNI oneDNN's u8 x s8 pairs sum in int16, as fbgemm's do: with 7-bit activations (which the oneDNN
+    table asks for there) no pair saturates and the kernels are exact, but the models ran slower than on fbgemm's
+    kernels (at abc7770, ``python tests/bench_ptq.py --x86 --runs 9 --models
+    resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0`` on an AMD EPYC with AVX2: slower on 3 of 5,
+    mobilenet_v3_large by about 30%), so such a CPU counts as missing."""
     import torch
 
     if not torch.backends.mkldnn.is_available():
@@ -57,6 +60,9 @@ def onednn_int8_missing() -> Optional[str]:
     for name in ("qconv_prepack", "qconv_pointwise", "qlinear_prepack", "qlinear_pointwise"):
         if ops is None or not hasattr(ops, name):
             return f"this torch build has no torch.ops.onednn.{name}"
+    if not has_vnni():
+        return ("the CPU has no VNNI (oneDNN's int8 kernels sum u8 x s8 pairs in int16 there and ran the zoo models "
+                "slower than fbgemm's)")
     try:
         w = torch.ones(1, 1, 1, 1, dtype=torch.int8)
         packed = ops.qconv_prepack(w, torch.ones(1), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)

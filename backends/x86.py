@@ -1,4 +1,4 @@
-"""x86: oneDNN int8 kernels on plain uint8 / int8 tensors (no quantized tensor types), for x86 CPUs.
+"""x86: oneDNN int8 kernels on plain uint8 / int8 tensors (no quantized tensor types), for x86 CPUs with VNNI.
 
 Facts encoded here (measured on this machine, tests/test_x86_onednn.py):
 * conv 1d/2d/3d and linear run on ``torch.ops.onednn`` kernels with per-channel (or per-tensor) symmetric int8
@@ -6,8 +6,9 @@ Facts encoded here (measured on this machine, tests/test_x86_onednn.py):
 * activations are full 8-bit uint8 on CPUs with VNNI (VNNI sums u8 x s8 products in int32: no saturation, so
   neither 7-bit activations nor fbgemm's 7-bit depthwise weights are needed); without VNNI oneDNN sums pairs of
   u8 x s8 products in int16 like fbgemm, so activations use 7 bits there (``reduce_range_without_vnni``, as
-  fbgemm's table), with which no pair saturates (2 x 127 x 128 < 2**15) and weights keep 8 bits; on such a CPU
-  (AMD EPYC, AVX2) oneDNN's int8 convs beat fbgemm's on 8 of 10 zoo conv shapes, ``python tests/bench_kernels.py``;
+  fbgemm's table), with which no pair saturates (2 x 127 x 128 < 2**15) and weights keep 8 bits, and conv /
+  linear outputs are clamped to the grid's top code 127; this table is built there only with ``assume_onednn``
+  (the whole models ran slower than on fbgemm's kernels: :func:`fxquant.backends.cpu.onednn_int8_missing`);
 * depthwise convs of any channel count stay on the fast path (fbgemm leaves it below multiples of 8);
 * a 2-d conv / linear whose only user is hardswish, relu6 or silu (gelu: linear only) runs it as a oneDNN
   post-op (conv1d takes relu only, conv3d no post-op: measured, the kernels reject the others);
@@ -16,9 +17,9 @@ Facts encoded here (measured on this machine, tests/test_x86_onednn.py):
 * silu is quantized here (its own observer), so that it can fuse into the conv in front (efficientnet);
 * the dynamic and weight-only entries are fbgemm's (quantized-tensor weights; the per-token linear runs on oneDNN).
 
-Where oneDNN's int8 kernels cannot run (a torch build without them, or a kernel that fails a probe:
-:func:`fxquant.backends.cpu.onednn_int8_missing`), :func:`make_x86_config` returns fbgemm's table under the
-name ``x86`` (engine ``x86``, quantized tensors) and warns once, naming the reason.
+Where oneDNN's int8 kernels cannot run or do not pay off (a torch build without them, a CPU without VNNI, a kernel
+that fails a probe: :func:`fxquant.backends.cpu.onednn_int8_missing`), :func:`make_x86_config` returns fbgemm's
+table under the name ``x86`` (engine ``x86``, quantized tensors) and warns once, naming the reason.
 """
 
 from __future__ import annotations
@@ -66,6 +67,6 @@ def make_x86_config(*, assume_onednn: bool = False) -> BackendConfig:
         name="x86", engine="x86", entries=entries, kernels="onednn", kernel_fusions=X86_KERNEL_FUSIONS,
         activation=QSpec(torch.quint8, torch.per_tensor_affine), reduce_range_without_vnni=True,
         weight=QSpec(torch.qint8, torch.per_channel_symmetric),
-        doc="oneDNN int8 kernels on plain uint8 tensors (torch.ops.onednn); x86 CPUs (7-bit activations without "
-            "VNNI, as fbgemm's). Where oneDNN's int8 kernels are missing (a torch build without them), 'x86' is the "
-            "fbgemm table under this name, with a warning that says why.")
+        doc="oneDNN int8 kernels on plain uint8 tensors (torch.ops.onednn); x86 CPUs with VNNI. Where oneDNN's int8 "
+            "kernels are missing or slower (a CPU without VNNI, or a torch build without them), 'x86' is the fbgemm "
+            "table under this name (7-bit activations without VNNI), with a warning that says why.")
