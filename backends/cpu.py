@@ -6,7 +6,7 @@ import functools
 import platform
 from typing import Optional
 
-__all__ = ["has_vnni", "onednn_int8_missing", "onnx_runtime_u8s8_saturates"]
+__all__ = ["has_vnni", "onednn_int8_missing", "onnx_runtime_u8s8_saturates", "x86_onednn_passed_over"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,15 +43,8 @@ def onnx_runtime_u8s8_saturates() -> bool:
 @functools.lru_cache(maxsize=None)
 def onednn_int8_missing() -> Optional[str]:
     """``None`` where oneDNN's int8 kernels (``torch.ops.onednn.qconv_pointwise`` / ``qlinear_pointwise`` on plain
-    uint8 tensors) run here and pay off, else why not: a torch build without oneDNN or without those ops, a CPU
-    without VNNI, or a kernel that fails a one-element probe. The ``x86`` table falls back to fbgemm's kernels on
-    quantized tensors then.
-
-    Without VNNI oneDNN's u8 x s8 pairs sum in int16, as fbgemm's do: with 7-bit activations (which the oneDNN
-    table asks for there) no pair saturates and the kernels are exact, but the models ran slower than on fbgemm's
-    kernels (at abc7770, ``python tests/bench_ptq.py --x86 --runs 9 --models
-    resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0`` on an AMD EPYC with AVX2: slower on 3 of 5,
-    mobilenet_v3_large by about 30%), so such a CPU counts as missing."""
+    uint8 tensors) run here, else why not: a torch build without oneDNN or without those ops, or a kernel that
+    fails a one-element probe. A model converted for the oneDNN table needs them (``EngineError`` otherwise)."""
     import torch
 
     if not torch.backends.mkldnn.is_available():
@@ -60,9 +53,6 @@ def onednn_int8_missing() -> Optional[str]:
     for name in ("qconv_prepack", "qconv_pointwise", "qlinear_prepack", "qlinear_pointwise"):
         if ops is None or not hasattr(ops, name):
             return f"this torch build has no torch.ops.onednn.{name}"
-    if not has_vnni():
-        return ("the CPU has no VNNI (oneDNN's int8 kernels sum u8 x s8 pairs in int16 there and ran the zoo models "
-                "slower than fbgemm's)")
     try:
         w = torch.ones(1, 1, 1, 1, dtype=torch.int8)
         packed = ops.qconv_prepack(w, torch.ones(1), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
@@ -73,4 +63,22 @@ def onednn_int8_missing() -> Optional[str]:
         return f"oneDNN's int8 conv fails here ({str(exc).splitlines()[0]})"
     if int(y.flatten()[0]) != 3:
         return f"oneDNN's int8 conv computes 1 x 3 = {int(y.flatten()[0])} here"
+    return None
+
+
+def x86_onednn_passed_over() -> Optional[str]:
+    """``None`` where the default ``x86`` table is oneDNN's, else why it is fbgemm's: oneDNN's int8 kernels missing
+    (:func:`onednn_int8_missing`), or a CPU without VNNI.
+
+    Without VNNI oneDNN's u8 x s8 pairs sum in int16, as fbgemm's do: with 7-bit activations (which the oneDNN
+    table asks for there) no pair saturates and the kernels are exact, but the models ran slower than on fbgemm's
+    kernels (at abc7770, ``python tests/bench_ptq.py --x86 --runs 9 --models
+    resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0`` on an AMD EPYC with AVX2: slower on 3 of 5,
+    mobilenet_v3_large by about 30%). ``make_x86_config(assume_onednn=True)`` still builds the oneDNN table there."""
+    missing = onednn_int8_missing()
+    if missing:
+        return missing
+    if not has_vnni():
+        return ("the CPU has no VNNI (oneDNN's int8 kernels sum u8 x s8 pairs in int16 there and ran the zoo models "
+                "slower than fbgemm's)")
     return None

@@ -8,7 +8,7 @@ Facts encoded here (measured on this machine, tests/test_x86_onednn.py):
   u8 x s8 products in int16 like fbgemm, so activations use 7 bits there (``reduce_range_without_vnni``, as
   fbgemm's table), with which no pair saturates (2 x 127 x 128 < 2**15) and weights keep 8 bits, and conv /
   linear outputs are clamped to the grid's top code 127; this table is built there only with ``assume_onednn``
-  (the whole models ran slower than on fbgemm's kernels: :func:`fxquant.backends.cpu.onednn_int8_missing`);
+  (the whole models ran slower than on fbgemm's kernels: :func:`fxquant.backends.cpu.x86_onednn_passed_over`);
 * depthwise convs of any channel count stay on the fast path (fbgemm leaves it below multiples of 8);
 * a 2-d conv / linear whose only user is hardswish, relu6 or silu (gelu: linear only) runs it as a oneDNN
   post-op (conv1d takes relu only, conv3d no post-op: measured, the kernels reject the others);
@@ -18,8 +18,8 @@ Facts encoded here (measured on this machine, tests/test_x86_onednn.py):
 * the dynamic and weight-only entries are fbgemm's (quantized-tensor weights; the per-token linear runs on oneDNN).
 
 Where oneDNN's int8 kernels cannot run or do not pay off (a torch build without them, a CPU without VNNI, a kernel
-that fails a probe: :func:`fxquant.backends.cpu.onednn_int8_missing`), :func:`make_x86_config` returns fbgemm's
-table under the name ``x86`` (engine ``x86``, quantized tensors) and warns once, naming the reason.
+that fails a probe: :func:`fxquant.backends.cpu.x86_onednn_passed_over`), :func:`make_x86_config` returns
+fbgemm's table under the name ``x86`` (engine ``x86``, quantized tensors) and warns once, naming the reason.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def make_x86_config(*, assume_onednn: bool = False) -> BackendConfig:
     """The x86 table: oneDNN on plain integer tensors, or fbgemm's table where oneDNN's int8 kernels are missing.
     ``assume_onednn`` builds the oneDNN table whatever this machine has (docs/backends.md documents it; a model
     converted with it runs only where oneDNN's int8 kernels do)."""
-    missing = None if assume_onednn else cpu.onednn_int8_missing()
+    missing = None if assume_onednn else cpu.x86_onednn_passed_over()
     if missing:
         warnings.warn(f"backend 'x86': {missing}; using fbgemm's kernels on quantized tensors instead "
                       "(the 'fbgemm' table, under the name 'x86')", RuntimeWarning, stacklevel=2)

@@ -227,7 +227,7 @@ class _PostOps(nn.Module):
 
 
 @pytest.mark.skipif(get_backend_config("x86").kernels != "onednn",
-                    reason=f"oneDNN int8 unavailable: {cpu.onednn_int8_missing()}")
+                    reason=f"x86 is not oneDNN's table here: {cpu.x86_onednn_passed_over()}")
 def test_lowering_fuses_exactly_the_matches_of_the_tables_kernel_fusion_patterns():
     x86 = get_backend_config("x86")
     model, x = seeded(_PostOps()), torch.randn(2, 4, 8, 8)
