@@ -1,4 +1,6 @@
-"""The x86 table on oneDNN kernels and plain uint8 tensors (backends/kernels/onednn.py).
+"""The x86 table on oneDNN kernels and plain uint8 tensors (backends/kernels/onednn.py), wherever oneDNN's int8
+kernels run: the default x86 table on a VNNI CPU, the table ``make_x86_config(assume_onednn=True)`` builds (7-bit
+activations) on a CPU without VNNI, where the default x86 table is fbgemm's.
 
 * every static x86 entry on a tiny model: it runs quantized (no float island) and stays within a few output steps of
   the fake-quant simulation (the reference model, ``fxquant.convert_to_reference_fx``), and close to float;
@@ -6,7 +8,8 @@
 * kernel fusions: conv + add + relu, conv + hardswish / relu6, linear + gelu run as one oneDNN kernel;
 * no quantized tensor and no ``torch.quantize_per_tensor`` while a model lowered for x86 runs;
 * without oneDNN int8 (simulated) the x86 table falls back to fbgemm's kernels, with a warning naming why;
-* full 8-bit activations by default on a VNNI CPU, 7-bit ones without VNNI (int16 pair sums), 8-bit weights on both.
+* full 8-bit activations by default on a VNNI CPU, 7-bit ones without VNNI (int16 pair sums), 8-bit weights on both;
+  on a 7-bit grid the conv / linear outputs are clamped at 127, like the simulation.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from typing import Union
 
 import pytest
 import torch
@@ -22,13 +26,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxquant
-from fxquant.backends import cpu, get_backend_config
+from fxquant.backends import BackendConfig, cpu, get_backend_config
+from fxquant.backends.x86 import make_x86_config
 from fxquant.backends.kernels.onednn import OneDNNConv, OneDNNLinear
 from fxquant.report import float_ops
 from test_coverage import _REMOVED_IN_EVAL, MODELS, _quantized_nodes
 
-X86 = get_backend_config("x86")
-pytestmark = pytest.mark.skipif(X86.kernels != "onednn", reason=f"x86 is not oneDNN's table here: {cpu.x86_onednn_passed_over()}")
+# oneDNN's table wherever its kernels run: the default x86 table on a VNNI CPU, and the one make_x86_config builds
+# with assume_onednn on a CPU without VNNI (7-bit activations there), so that its kernels are tested there too
+X86 = make_x86_config(assume_onednn=True) if cpu.onednn_int8_missing() is None else get_backend_config("x86")
+pytestmark = pytest.mark.skipif(X86.kernels != "onednn", reason=f"no oneDNN int8 here: {cpu.onednn_int8_missing()}")
 
 
 def _static_entries() -> list[str]:
@@ -39,7 +46,8 @@ def _static_entries() -> list[str]:
 X86_MODELS = {"silu": (nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.SiLU()), (2, 4, 6, 6))}
 
 
-def _quantize(model: nn.Module, x: torch.Tensor, backend: str = "x86", calib: int = 2):
+def _quantize(model: nn.Module, x: torch.Tensor, backend: Union[str, BackendConfig] = "x86", calib: int = 2):
+    backend = X86 if backend == "x86" else backend
     gen = torch.Generator().manual_seed(1)
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend), (x,), backend_config=backend)
     fxquant.calibrate(prepared, [x] + [torch.randn(*x.shape, generator=gen) for _ in range(calib - 1)],
@@ -252,7 +260,7 @@ def test_a_onednn_table_without_onednn_int8_is_a_clear_error(monkeypatch):
 
     model = _block()
     x = torch.randn(2, 3, 16, 16)
-    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (x,), backend_config="x86")
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(X86), (x,), backend_config=X86)
     fxquant.calibrate(prepared, [x], progress=False)
     monkeypatch.setattr(onednn, "onednn_int8_missing", lambda: "this torch build has no torch.ops.onednn.qconv_prepack")
     with pytest.raises(EngineError, match="backend 'x86': this torch build has no torch.ops.onednn.qconv_prepack"):
@@ -260,7 +268,7 @@ def test_a_onednn_table_without_onednn_int8_is_a_clear_error(monkeypatch):
 
 
 def test_x86_default_activations_are_8_bit_with_vnni_and_7_bit_without():
-    qconfig = fxquant.get_default_qconfig("x86")
+    qconfig = fxquant.get_default_qconfig(X86)
     obs = qconfig.activation()
     if cpu.has_vnni():
         assert (obs.quant_min, obs.quant_max) == (0, 255) and not obs.reduce_range
@@ -285,18 +293,6 @@ class _Reused(nn.Module):
         return self.c(out), view, x
 
 
-def test_a_fused_add_never_overwrites_a_tensor_read_later():
-    torch.manual_seed(0)
-    model = _Reused().eval()
-    x = torch.randn(2, 4, 5, 5)
-    prepared, q = _quantize(model, x)
-    fused = [m for m in q.modules() if isinstance(m, OneDNNConv) and m.binary]
-    assert len(fused) == 1 and fused[0].clone_accum
-    with torch.no_grad():
-        for ref, out in zip(model(x), q(x)):
-            assert fxquant.sqnr(ref, out) > (35 if cpu.has_vnni() else 30)  # 7-bit activations without VNNI
-
-
 class _AddsItsInput(nn.Module):
     """``relu(conv(a) + a)``: the added tensor is the conv's own input."""
 
@@ -306,21 +302,22 @@ class _AddsItsInput(nn.Module):
 
     def forward(self, x):
         a = self.a(x)
-        return torch.relu(self.b(a) + a)
+        return (torch.relu(self.b(a) + a),)
 
 
-def test_a_fused_add_of_the_convs_own_input_copies_it():
-    """oneDNN writes the sum into the added tensor; where that is the conv's input, which the kernel still reads,
-    the lowering copies it first (without the copy oneDNN's AVX2 conv came out up to 29 steps off)."""
+@pytest.mark.parametrize("model, shape", [(_Reused, (2, 4, 5, 5)), (_AddsItsInput, (2, 4, 8, 8))])
+def test_a_fused_add_copies_a_tensor_read_later_or_read_by_the_conv_itself(model, shape):
+    """oneDNN writes the sum into the added tensor: where another op reads it later, or the conv itself reads it
+    (``conv(a) + a``: without the copy oneDNN's AVX2 conv came out up to 29 steps off), lowering copies it first."""
     torch.manual_seed(0)
-    model = _AddsItsInput().eval()
-    x = torch.randn(2, 4, 8, 8)
+    model = model().eval()
+    x = torch.randn(*shape)
     prepared, q = _quantize(model, x)
     fused = [m for m in q.modules() if isinstance(m, OneDNNConv) and m.binary]
     assert len(fused) == 1 and fused[0].clone_accum
     with torch.no_grad():
-        out, sim = q(x), fxquant.convert_to_reference_fx(prepared)(x)
-    assert float((out - sim).abs().max()) / _output_step(q) <= 2.0 + 1e-4
+        for ref, out in zip(model(x), q(x)):
+            assert fxquant.sqnr(ref, out) > (35 if cpu.has_vnni() else 30)  # 7-bit activations without VNNI
 
 
 # ------------------------------------------------------------------------------ squeeze-excite fast paths (batch 1)
@@ -446,3 +443,47 @@ def test_global_mean_on_onednn_is_within_one_step_of_the_exact_mean():
             assert torch.equal(y[~halfway], exact[~halfway])
             assert torch.equal(flat(layout), y.reshape(shape[:2]))
     assert torch.equal(copy.deepcopy(pool)(x), pool(x))
+
+
+# ---------------------------------------------------------------------------------- 7-bit grids on oneDNN's kernels
+class _SevenBit(nn.Module):
+    """A conv + relu (hardtanh inside the kernel), a conv + hardswish (clamped after), a fused add, a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        b = F.hardswish(self.b(a))
+        c = torch.relu(self.c(b) + b)
+        return self.fc(c.mean((2, 3)))
+
+
+def test_onednn_kernels_clamp_a_7_bit_grid_at_127_like_the_simulation():
+    """On a 7-bit grid (the oneDNN table on a CPU without VNNI, or a reduce_range qconfig) oneDNN's kernels would
+    write codes up to 255 for values beyond the calibrated range, which the simulation clamps at 127 and which the
+    next conv's int16 pair sums (without VNNI) may not hold: every conv / linear output stays at or below 127."""
+    table = make_x86_config(assume_onednn=True)
+    qconfig = fxquant.get_default_qconfig(table)
+    seven = fxquant.QConfig(activation=qconfig.activation.with_overrides(reduce_range=True), weight=qconfig.weight)
+    mapping = fxquant.get_default_qconfig_mapping(table).set_global(seven)
+    torch.manual_seed(0)
+    model = _SevenBit().eval()
+    x = torch.randn(2, 4, 8, 8)
+    prepared = fxquant.prepare_fx(model, mapping, (x,), backend_config=table)
+    fxquant.calibrate(prepared, [x], progress=False)
+    q = fxquant.convert_fx(prepared)
+    kernels = [m for m in q.modules() if isinstance(m, (OneDNNConv, OneDNNLinear))]
+    assert {m.post.attr for m in kernels} >= {"relu", "hardswish"} and any(m.binary for m in kernels)
+    codes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, y: codes.append(int(y.max()))) for m in kernels]
+    wide = 3 * x  # far beyond the calibrated range
+    with torch.no_grad():
+        torch.backends.quantized.engine = "x86"
+        out, sim = q(wide), fxquant.convert_to_reference_fx(prepared)(wide)
+    for h in hooks:
+        h.remove()
+    assert len(codes) == len(kernels) and max(codes) == 127  # the top is reached, and never passed
+    assert float((out - sim).abs().max()) / _output_step(q) <= 3.0 + 1e-4
