@@ -249,7 +249,7 @@ class BackendConfig:
         activation: the default activation grid for this backend.
         weight: the default weight grid for this backend.
         kernels: the name of the kernel layer (see :mod:`fxquant.backends.kernels`).
-        reduce_range_without_vnni: activations drop to 7 bits on CPUs without VNNI (fbgemm's u8 x s8
+        reduce_range_without_vnni: activations drop to 7 bits on CPUs without VNNI (fbgemm's and oneDNN's u8 x s8
             kernels accumulate pairs in int16 there and can saturate); with VNNI the full 8 bits are used.
         kernel_fusions: producer / consumer pairs the kernel layer runs as one kernel (see :class:`KernelFusion`).
     """

@@ -48,9 +48,10 @@ X86_KERNEL_FUSIONS: tuple[KernelFusion, ...] = tuple(
 
 
 def make_x86_config(*, assume_onednn: bool = False) -> BackendConfig:
-    """The x86 table: oneDNN on plain integer tensors, or fbgemm's table where oneDNN's int8 kernels are missing.
-    ``assume_onednn`` builds the oneDNN table whatever this machine has (docs/backends.md documents it; a model
-    converted with it runs only where oneDNN's int8 kernels do)."""
+    """The x86 table: oneDNN on plain integer tensors, or fbgemm's table where oneDNN's int8 kernels are missing or
+    the CPU has no VNNI (:func:`fxquant.backends.cpu.x86_onednn_passed_over`). ``assume_onednn`` builds the oneDNN
+    table whatever this machine has (7-bit activations without VNNI; docs/choosing-a-backend.md); a model converted
+    with it runs only where oneDNN's int8 kernels do."""
     missing = None if assume_onednn else cpu.x86_onednn_passed_over()
     if missing:
         warnings.warn(f"backend 'x86': {missing}; using fbgemm's kernels on quantized tensors instead "
@@ -69,4 +70,5 @@ def make_x86_config(*, assume_onednn: bool = False) -> BackendConfig:
         weight=QSpec(torch.qint8, torch.per_channel_symmetric),
         doc="oneDNN int8 kernels on plain uint8 tensors (torch.ops.onednn); x86 CPUs with VNNI. Where oneDNN's int8 "
             "kernels are missing or slower (a CPU without VNNI, or a torch build without them), 'x86' is the fbgemm "
-            "table under this name (7-bit activations without VNNI), with a warning that says why.")
+            "table under this name (7-bit activations without VNNI), with a warning that says why; this oneDNN "
+            "table is then built only by make_x86_config(assume_onednn=True), with 7-bit activations there.")

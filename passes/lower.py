@@ -50,6 +50,7 @@ from fxquant.backends import ops
 from fxquant.backends.config import BackendConfig, KernelFusion, Observation, OpEntry
 from fxquant.backends.kernels import LoweringSpec, get_kernels
 from fxquant.backends.kernels.onednn_ops import OpCall
+from fxquant.errors import ConvertError
 from fxquant.fused import materialize_folds
 from fxquant.passes.base import PassResult, recompile
 from fxquant.passes.context import RECORD_KEY, NodeRecord, QuantContext, modules_of, record
@@ -459,7 +460,10 @@ class LowerPass:
     @staticmethod
     def _emit_kernel(b: _Builder, node: fx.Node, spec: LoweringSpec, args: tuple) -> None:
         name = b.kernel_name(node)
-        b.new_modules[name] = b.kernels.build(spec)
+        try:
+            b.new_modules[name] = b.kernels.build(spec)
+        except ConvertError as exc:  # a kernel that refuses its grids: name the node
+            raise ConvertError(f"node '{node.name}': {exc}") from None
         b.new_modules[name].where = f"node '{node.name}'"  # named in the kernel's input checks
         LowerPass._emit(b, node, "call_module", name, args, {})
 
@@ -551,7 +555,8 @@ def _clamp_is_identity(node: fx.Node, modules: dict[str, nn.Module], grid: Optio
     half a step inside it, dropping it leaves the code half a step outside: the same distance).
 
     Only grids that span their dtype (the kernels saturate at the dtype's range): a 7-bit grid (``reduce_range``)
-    holds codes up to 127 while the kernels write up to 255, so its clamp stays. With :func:`_observed_after` this keeps the decision a matter of the graph
+    holds codes up to 127 while the quantized-tensor kernels write up to 255, so its clamp stays (oneDNN's modules
+    clamp at the grid's top themselves, so for them the kept clamp changes nothing). With :func:`_observed_after` this keeps the decision a matter of the graph
     and the qconfig, not of the calibration data (``fxquant.load`` rebuilds the graph from other data and must get
     the same one)."""
     bounds = ops.clamp_bounds(node, modules)

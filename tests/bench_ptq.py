@@ -56,6 +56,15 @@ def _on_engine(engine: str, model: Callable) -> Callable:
     return run
 
 
+def _onednn_table() -> Any:
+    """The x86 table on oneDNN wherever its kernels run: the default one on a VNNI CPU, and the one
+    ``make_x86_config(assume_onednn=True)`` builds (7-bit activations) where the default x86 is fbgemm's (no VNNI)."""
+    from fxquant.backends import cpu, get_backend_config
+    from fxquant.backends.x86 import make_x86_config
+
+    return make_x86_config(assume_onednn=True) if cpu.onednn_int8_missing() is None else get_backend_config("x86")
+
+
 def bench_x86(name: str, runs: int, calib_batches: int, size: int) -> X86Row:
     """fp32, torch.ao fbgemm, fxquant fbgemm, fxquant x86 (oneDNN) and ONNX Runtime int8 on one model."""
     import tempfile
@@ -67,7 +76,7 @@ def bench_x86(name: str, runs: int, calib_batches: int, size: int) -> X86Row:
     x = torch.randn(1, 3, size, size, generator=gen)
     ao = _on_engine("fbgemm", quantize_torch_ao(model, "fbgemm", x, calib).module)
     fbgemm = _on_engine("fbgemm", quantize_fxquant(model, "fbgemm", x, calib).module)
-    x86 = _on_engine("x86", quantize_fxquant(model, "x86", x, calib).module)
+    x86 = _on_engine("x86", quantize_fxquant(model, _onednn_table(), x, calib).module)
     with tempfile.TemporaryDirectory() as tmp:
         ort_q = ort_quantize_static(model, x, calib, tmp)
     with torch.no_grad():

@@ -286,8 +286,9 @@ def restore_engine() -> Iterator[None]:
 def codes_held(qp: Any) -> Any:
     """``qp`` (a :class:`fxquant.qparams.QParams`) over every code its dtype holds. A grid narrower than its dtype
     (7-bit activations, ``reduce_range``: codes 0..127) only places the scale and zero point: torch's quantize and
-    the kernels clamp to the dtype (0..255), so values beyond the calibrated range land on the codes above the grid's
-    end (passes/lower.py keeps a clamp after a 7-bit grid for that reason). On a full 8-bit grid: ``qp`` itself."""
+    the quantized-tensor kernels clamp to the dtype (0..255), so values beyond the calibrated range land on the codes
+    above the grid's end (passes/lower.py keeps a clamp after a 7-bit grid for that reason; oneDNN's modules clamp at
+    the grid's top instead). On a full 8-bit grid: ``qp`` itself."""
     import dataclasses
 
     from fxquant.qparams import QUANTIZED_DTYPES
@@ -298,7 +299,7 @@ def codes_held(qp: Any) -> Any:
 
 def sums_pairs_in_int16(backend: Any) -> bool:
     """Whether the conv / linear kernels of ``backend`` (a name or a BackendConfig) sum u8 x s8 products in pairs
-    held in int16 on this CPU: fbgemm's kernels without VNNI. The table then picks 7-bit activations (see
+    held in int16 on this CPU: fbgemm's or oneDNN's kernels without VNNI. The table then picks 7-bit activations (see
     backends/config.py), which keeps every pair inside int16 for codes up to 127, not for the codes above the grid's
     end that values beyond the calibrated range take (:func:`codes_held`)."""
     from fxquant.backends import get_backend_config
@@ -331,6 +332,7 @@ def int16_safe_weight(weight: Any, backend: str) -> Any:
     32640) and a test with full 8-bit activations means the same on every CPU; else ``weight`` itself."""
     from fxquant.backends import get_backend_config
 
-    if get_backend_config(backend).reduce_range_without_vnni:
+    cfg = get_backend_config(backend)
+    if cfg.kernels == "qtensor" and cfg.reduce_range_without_vnni:  # x86 on oneDNN (a VNNI CPU) needs none of it
         return weight.with_overrides(quant_min=-64, quant_max=63)
     return weight

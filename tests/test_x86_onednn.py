@@ -254,6 +254,16 @@ def test_without_onednn_int8_x86_falls_back_to_fbgemm_kernels(monkeypatch):
         assert fxquant.sqnr(model(x), q(x)) > 25
 
 
+def test_without_vnni_the_default_x86_table_is_fbgemms_and_assume_onednn_gives_7_bits(monkeypatch):
+    from fxquant.backends.x86 import make_x86_config
+
+    monkeypatch.setattr(cpu, "has_vnni", lambda: False)
+    with pytest.warns(RuntimeWarning, match="the CPU has no VNNI .*; using fbgemm's kernels"):
+        assert make_x86_config().kernels == "qtensor"
+    table = make_x86_config(assume_onednn=True)
+    assert table.kernels == "onednn" and table.default_activation().reduce_range
+
+
 def test_a_onednn_table_without_onednn_int8_is_a_clear_error(monkeypatch):
     from fxquant.backends.kernels import onednn
     from fxquant.errors import EngineError
@@ -303,6 +313,49 @@ class _AddsItsInput(nn.Module):
     def forward(self, x):
         a = self.a(x)
         return (torch.relu(self.b(a) + a),)
+
+
+class _AddsItsInputsView(nn.Module):
+    """``relu(conv(a.reshape(...)) + a)``: the conv reads a view of the added tensor; lowering copies it (the
+    reshape is another reader of the added tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        a = self.a(x)
+        return (torch.relu(self.b(a.reshape(a.shape)) + a),)
+
+
+def test_a_fused_add_copies_the_added_tensor_when_the_conv_reads_a_view_of_it():
+    torch.manual_seed(0)
+    model = _AddsItsInputsView().eval()
+    x = torch.randn(2, 4, 8, 8)
+    prepared, q = _quantize(model, x)
+    fused = [m for m in q.modules() if isinstance(m, OneDNNConv) and m.binary]
+    assert len(fused) == 1 and fused[0].clone_accum
+    with torch.no_grad():
+        out, sim = q(x)[0], fxquant.convert_to_reference_fx(prepared)(x)[0]
+    assert float((out - sim).abs().max()) / _output_step(q) <= 2.0 + 1e-4
+
+
+def test_without_vnni_a_onednn_kernel_refuses_grids_whose_int16_pairs_can_overflow(monkeypatch):
+    """8-bit activations times 8-bit weights can leave int16 in oneDNN's pair sums without VNNI: convert says so and
+    names the node instead of lowering to kernels that would saturate."""
+    from fxquant.backends.kernels import onednn
+    from fxquant.errors import ConvertError
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 3)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    qconfig = fxquant.get_default_qconfig(X86)
+    full = fxquant.QConfig(activation=qconfig.activation.with_overrides(reduce_range=False), weight=qconfig.weight)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(X86).set_global(full), (x,),
+                                  backend_config=X86)
+    fxquant.calibrate(prepared, [x], progress=False)
+    monkeypatch.setattr(onednn, "has_vnni", lambda: False)
+    with pytest.raises(ConvertError, match="node '_0'.*overflow the int16 pair sums.*reduce_range=True"):
+        fxquant.convert_fx(prepared)
 
 
 @pytest.mark.parametrize("model, shape", [(_Reused, (2, 4, 5, 5)), (_AddsItsInput, (2, 4, 8, 8))])

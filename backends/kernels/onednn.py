@@ -35,9 +35,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fxquant.backends.cpu import onednn_int8_missing
+from fxquant.backends.cpu import has_vnni, onednn_int8_missing
 from fxquant.backends.kernels.qtensor import LoweringSpec
-from fxquant.errors import FxQuantError
+from fxquant.errors import ConvertError, FxQuantError
 from fxquant.qparams import QParams, quantize_int
 
 __all__ = ["PostOp", "OneDNNKernels", "QuantizeU8", "DequantizeU8", "OneDNNConv", "OneDNNLinear", "POST_OPS"]
@@ -171,6 +171,16 @@ def _seven_bit_post(post: PostOp, scale: float, zp: int, lo: int, hi: int, hardt
     return post, True
 
 
+def _check_int16_pairs(kind: str, top_code: int, top_weight: int) -> None:
+    """Without VNNI oneDNN's int8 kernels sum pairs of u8 x s8 products in int16: refuse a grid on which a pair can
+    leave int16 (8-bit activations with weights beyond [-64, 64]) instead of computing saturated garbage."""
+    if 2 * top_code * top_weight > 32767 and not has_vnni():
+        raise ConvertError(
+            f"{kind}: activation codes up to {top_code} times weight codes up to {top_weight} can overflow the int16 "
+            "pair sums of oneDNN's int8 kernels on this CPU (no VNNI); use 7-bit activations (reduce_range=True, "
+            "the default qconfig of this table here) or the 'fbgemm' backend")
+
+
 class _Prepacked(_Grid):
     """A oneDNN kernel with a weight prepacked once; int8 weight, float32 scales and float bias stay as buffers
     (``state_dict`` round-trips, a pickled or deep-copied module repacks itself)."""
@@ -184,6 +194,7 @@ class _Prepacked(_Grid):
                                "per_channel_symmetric or per_tensor_symmetric weight observer")
         float_weight = module.weight.detach()  # read once: a conv with a batch norm folded on read computes it
         self.register_buffer("weight_int", quantize_int(float_weight.float(), weight))
+        _check_int16_pairs(type(self).__name__, int(x.quant_max), int(self.weight_int.abs().max()))
         scale = weight.scale.to(torch.float32).reshape(-1)
         out_channels = float_weight.shape[0]
         self.register_buffer("weight_scale", scale.expand(out_channels).clone())
