@@ -138,9 +138,9 @@ def render_markdown(names: Iterable[str] = tuple(BACKENDS)) -> str:
             "Two placements follow from the op, on every backend: an op with its own observer whose only reader is a "
             "clamp (relu, relu6, hardtanh, a clamp with constant bounds) is observed after the clamp, so it writes "
             "into the clamped range and, on a grid of the full 8 bits that lies inside its bounds, the clamp is "
-            "dropped (conv -> relu6 becomes one conv; a 7-bit grid keeps it, as fbgemm's and qnnpack's kernels write 8 bits); and an "
-            "entry marked *an input only it reads is written in its grid* (cat) gives such inputs its own observer, "
-            "so their producers write into the output grid and the cat copies.\n\n"
+            "dropped (conv -> relu6 becomes one conv; a 7-bit grid keeps it, as fbgemm's and qnnpack's kernels write "
+            "8 bits); and an entry marked *an input only it reads is written in its grid* (cat) gives such inputs its "
+            "own observer, so their producers write into the output grid and the cat copies.\n\n"
             "Which backend to pick, with measured figures: [choosing-a-backend.md](choosing-a-backend.md).\n")
     return head + "\n" + "\n\n".join(render_backend(_documented(n)) for n in names) + "\n"
 

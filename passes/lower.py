@@ -165,7 +165,8 @@ class _Fusion:
     fusion: KernelFusion
     producer: fx.Node
     accum: Optional[fx.Node] = None  # the other operand of a fused add
-    accum_read_later: bool = False  # another op reads the added tensor after the add (the kernel writes into it)
+    accum_read_later: bool = False  # another op reads the added tensor after the add, or the producer reads it
+    # (the kernel writes into it)
 
 
 def _real_users(n: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
@@ -287,7 +288,10 @@ def _plan_one(b: _Builder, kp: KernelFusionPattern, match: Match, order: dict[fx
     later = any(order.get(u, len(order)) > order[consumer] for u in others)
     # a user that is not a kernel (a reshape, ...) may return a view of the tensor the kernel writes into
     aliased = any(record(u).entry is None or record(u).entry.lowering is None for u in others)
-    return _Fusion(kp.fusion, producer, accum, later or aliased or accum.op in ("placeholder", "get_attr"))
+    # the producer itself reads it (conv(a) + a): the kernel would write the sum over the input it still reads
+    own_input = producer in others
+    return _Fusion(kp.fusion, producer, accum,
+                   later or aliased or own_input or accum.op in ("placeholder", "get_attr"))
 
 
 def _share_qparams(b: _Builder) -> None:
@@ -491,9 +495,6 @@ class LowerPass:
         inputs = [b.qparams[b.source(x)]] + ([b.qparams[b.source(plan.accum)]] if plan.accum is not None else [])
         args = [b.qnt(x)] + ([b.qnt(plan.accum)] if plan.accum is not None else [])
         clone = plan.accum is not None and not _fresh(b, b.as_quant[b.source(plan.accum)])
-        # the added tensor is also the kernel's input: the kernel would write the sum over the input it still
-        # reads (oneDNN's AVX2 conv does: a 3x3 conv of a + a came out up to 29 steps off)
-        clone = clone or (plan.accum is not None and b.source(plan.accum) is b.source(x))
         spec = dataclasses.replace(spec, target=plan.fusion.target, inputs=tuple(inputs),
                                    kwargs={**spec.kwargs, "clone_accum": clone or plan.accum_read_later})
         self._emit_kernel(b, producer, spec, tuple(args))
@@ -555,9 +556,8 @@ def _clamp_is_identity(node: fx.Node, modules: dict[str, nn.Module], grid: Optio
     half a step inside it, dropping it leaves the code half a step outside: the same distance).
 
     Only grids that span their dtype (the kernels saturate at the dtype's range): a 7-bit grid (``reduce_range``)
-    holds codes up to 127 while the quantized-tensor kernels write up to 255, so its clamp stays (oneDNN's modules
-    clamp at the grid's top themselves, so for them the kept clamp changes nothing). With :func:`_observed_after` this keeps the decision a matter of the graph
-    and the qconfig, not of the calibration data (``fxquant.load`` rebuilds the graph from other data and must get
+    holds codes up to 127 while a kernel may write up to 255, so its clamp stays. With :func:`_observed_after` this
+    keeps the decision a matter of the graph and the qconfig, not of the calibration data (``fxquant.load`` rebuilds the graph from other data and must get
     the same one)."""
     bounds = ops.clamp_bounds(node, modules)
     if (bounds is None or grid is None or grid.is_per_channel or grid.dtype not in QUANTIZED_DTYPES

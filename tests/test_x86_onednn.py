@@ -361,7 +361,7 @@ def test_without_vnni_a_onednn_kernel_refuses_grids_whose_int16_pairs_can_overfl
 @pytest.mark.parametrize("model, shape", [(_Reused, (2, 4, 5, 5)), (_AddsItsInput, (2, 4, 8, 8))])
 def test_a_fused_add_copies_a_tensor_read_later_or_read_by_the_conv_itself(model, shape):
     """oneDNN writes the sum into the added tensor: where another op reads it later, or the conv itself reads it
-    (``conv(a) + a``: without the copy oneDNN's AVX2 conv came out up to 29 steps off), lowering copies it first."""
+    (``conv(a) + a``: without the copy oneDNN's AVX2 conv came out far off), lowering copies it first."""
     torch.manual_seed(0)
     model = model().eval()
     x = torch.randn(*shape)

@@ -149,8 +149,15 @@ class DequantizeU8(_Grid):
         return from_u8(q, self._scale, self._zp)
 
 
-def _seven_bit_post(post: PostOp, scale: float, zp: int, lo: int, hi: int, hardtanh: bool) -> tuple[PostOp, bool]:
-    """The post-op a kernel runs and whether its uint8 result still needs ``clamp_max_(hi)``.
+def _clamp_codes(y: torch.Tensor, top: int) -> torch.Tensor:
+    """uint8 codes above ``top`` clamped to it, as fake quant clamps a 7-bit grid (nothing to do for ``top`` 255,
+    where the kernels saturate anyway)."""
+    return y.clamp_max_(top) if top < 255 else y
+
+
+def _seven_bit_post(post: PostOp, scale: float, zp: int, lo: int, hi: int, hardtanh: bool) -> tuple[PostOp, int]:
+    """The post-op a kernel runs, and the top code its uint8 result is clamped to afterwards (:func:`_clamp_codes`;
+    255: no clamp).
 
     oneDNN clamps its output codes to [0, 255]; an output grid of 7 bits (CPUs without VNNI) ends at 127, as the
     simulation does, and codes above it would let the next conv's int16 pair sums saturate. Where the post-op is
@@ -158,17 +165,17 @@ def _seven_bit_post(post: PostOp, scale: float, zp: int, lo: int, hi: int, hardt
     other post-ops, kernels that take no hardtanh (``hardtanh=False``: conv1d / conv3d, and the ``sum`` of a fused
     add) keep theirs and the result is clamped afterwards."""
     if hi >= 255:
-        return post, False
+        return post, 255
     if not hardtanh:
-        return post, True
+        return post, hi
     top = (hi - zp) * scale
     if post.attr == "none":
-        return PostOp("hardtanh", ((lo - zp) * scale, top)), False
+        return PostOp("hardtanh", ((lo - zp) * scale, top)), 255
     if post.attr == "relu":
-        return PostOp("hardtanh", (0.0, top)), False
+        return PostOp("hardtanh", (0.0, top)), 255
     if post.attr == "hardtanh":
-        return PostOp("hardtanh", (post.scalars[0], min(post.scalars[1], top))), False
-    return post, True
+        return PostOp("hardtanh", (post.scalars[0], min(post.scalars[1], top))), 255
+    return post, hi
 
 
 def _check_int16_pairs(kind: str, top_code: int, top_weight: int) -> None:
@@ -219,7 +226,7 @@ class _Prepacked(_Grid):
         return not self.binary and getattr(self, "dims", 2) == 2
 
     def _repack(self) -> None:
-        self._kernel_post, self._clamp_hi = _seven_bit_post(self.post, self._scale, self._zp, self._lo, self._hi,
+        self._kernel_post, self._top = _seven_bit_post(self.post, self._scale, self._zp, self._lo, self._hi,
                                                              self._takes_hardtanh())
         self._scalars = list(self._kernel_post.scalars)  # built once, not per call
         self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
@@ -297,14 +304,14 @@ class OneDNNConv(_Prepacked):
                        post.attr, self._scalars, post.algorithm)
             if self.relu_after:
                 y = y.clamp_min_(self._zp)
-            return y.clamp_max_(self._hi) if self._clamp_hi else y
+            return _clamp_codes(y, self._top)
         if self.clone_accum:
             accum = accum.clone(memory_format=torch.channels_last)
         y = _QCONV_SUM(
             x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, accum, self.bias,
             self.stride, self.padding, self.dilation, self.groups, self._scale, self._zp, None, self._accum[0],
             self._accum[1], "sum", 1.0, post.attr, self._scalars, post.algorithm or None)
-        return y.clamp_max_(self._hi) if self._clamp_hi else y
+        return _clamp_codes(y, self._top)
 
     def _as_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The conv on an (N, C, 1, 1) input as oneDNN's int8 linear on (N, C): the same weights, scales, bias and
@@ -316,9 +323,7 @@ class OneDNNConv(_Prepacked):
         y = _QLINEAR(x.reshape(x.shape[0], self.in_channels), self._x_scale, self._x_zp, self._packed_linear,
                      self.weight_scale, self._w_zp, self.bias, self._scale, self._zp, None, post.attr,
                      self._scalars, post.algorithm)
-        if self._clamp_hi:
-            y = y.clamp_max_(self._hi)
-        return y.reshape(x.shape[0], self.out_channels, 1, 1)
+        return _clamp_codes(y, self._top).reshape(x.shape[0], self.out_channels, 1, 1)
 
     def extra_repr(self) -> str:
         post = "" if self.post.attr == "none" else f", post={self.post.attr}"
@@ -363,7 +368,7 @@ class OneDNNLinear(_Prepacked):
                 x, self._x_scale, self._x_zp, self._packed, self.weight_scale, self._w_zp, accum, self.bias,
                 self._scale, self._zp, None, self._accum[0], self._accum[1], "sum", 1.0, post.attr,
                 self._scalars, post.algorithm)
-        return y.clamp_max_(self._hi) if self._clamp_hi else y
+        return _clamp_codes(y, self._top)
 
     def extra_repr(self) -> str:
         post = "" if self.post.attr == "none" else f", post={self.post.attr}"

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.backends.kernels.onednn import (_QCONV, POST_OPS, OneDNNConv, OneDNNLinear, PostOp, _Grid, _Mirrors,
-                                             from_u8, to_u8)
+from fxquant.backends.kernels.onednn import (_QCONV, POST_OPS, OneDNNConv, OneDNNLinear, PostOp, _clamp_codes, _Grid,
+                                             _Mirrors, from_u8, to_u8)
 from fxquant.backends.config import ACCUMULATING_CONSUMERS
 from fxquant.backends.kernels.qtensor import LoweringSpec
 from fxquant.qparams import QParams, dequantize, quantize_int
@@ -137,13 +137,8 @@ class GlobalMeanU8(_Mirrors):
 
 def _kernel_clamps(lo: int, hi: int) -> bool:
     """Whether a oneDNN int8 kernel's output (clamped to [0, 255]) can be brought to the grid's [lo, hi]: the full
-    8 bits, or the 7 bits of CPUs without VNNI (:func:`_clamp_codes`)."""
+    8 bits, or the 7 bits of CPUs without VNNI (:func:`~fxquant.backends.kernels.onednn._clamp_codes`)."""
     return lo == 0 and hi in (127, 255)
-
-
-def _clamp_codes(y: torch.Tensor, hi: int) -> torch.Tensor:
-    """Codes above a 7-bit grid's top clamped to it, as fake quant does (a no-op on 8-bit grids)."""
-    return y.clamp_max_(hi) if hi < 255 else y
 
 
 def _global_mean(call: OpCall, grid: QParams) -> Optional[nn.Module]:
