@@ -2,8 +2,9 @@
 
 ``nn.MultiheadAttention`` is a leaf for torch.fx, so its projections and matmuls would stay float (torch.ao
 cannot quantize it: pytorch issue 53026). :func:`decompose_attention` swaps each one, in a copy of the
-model, for :class:`DecomposedMultiheadAttention`: the same function written with ``nn.Linear`` projections,
-``torch.matmul`` and ``torch.softmax``, which the tracer traces into and the backend tables quantize.
+model, for :class:`DecomposedMultiheadAttention`: the same function written with ``nn.Linear`` projections, which
+the tracer traces into and the backend tables quantize, around one float attention leaf
+(:class:`ScaledDotProductAttention`).
 
 Example:
     >>> import torch
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DecomposedMultiheadAttention", "DecomposedShiftedWindowAttention", "WindowAttention",
+__all__ = ["DecomposedMultiheadAttention", "DecomposedShiftedWindowAttention", "ScaledDotProductAttention",
+           "WindowAttention",
            "decompose_attention", "window_attention"]
 
 
@@ -50,10 +52,41 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float = 1
     return lin
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q k^T + mask) v of ``[B, heads, tokens, head_dim]`` queries, keys and values as a leaf module (float:
+    no kernel), with ``nn.MultiheadAttention``'s masks (a bool mask is True where attention is *not* allowed) and its
+    attention dropout acting in train mode only (read when the module runs, not when the model was traced).
+
+    The queries come scaled (the decomposition folds 1/sqrt(head_dim) into their projection). One float
+    ``scaled_dot_product_attention`` between the int8 projections replaces two quantized matmuls and a quantized
+    softmax, each of which dequantized its inputs and quantized its output again: fewer passes over the
+    ``tokens x tokens`` scores, and no rounding of the scores or of the probabilities."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = float(dropout)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        mask: Optional[torch.Tensor] = None
+        if attn_mask is not None or key_padding_mask is not None:
+            zeros = q.new_zeros(q.size(0), q.size(1), q.size(2), k.size(2))
+            mask = DecomposedMultiheadAttention._mask(zeros, key_padding_mask, attn_mask, is_causal)
+            is_causal = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                              is_causal=is_causal, scale=1.0)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}"
+
+
 class DecomposedMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` as traceable parts; the 1/sqrt(head_dim) scale is folded into the query
-    projection so no scalar multiply sits between quantized ops. The attention-probability dropout is an
-    ``nn.Dropout`` module: active in train mode (quantization-aware training), removed from eval graphs."""
+    projection so no scalar multiply sits between quantized ops. Called with ``need_weights=False`` (as torchvision's
+    ViT and most encoders call it), what lies between the projections is one float leaf,
+    :class:`ScaledDotProductAttention`. Asked for the attention weights, it computes them with ``torch.matmul`` and
+    ``torch.softmax``, which the backend tables quantize, and an ``nn.Dropout`` module on the probabilities (active
+    in train mode, removed from eval graphs)."""
 
     _fxquant_traceable = True
 
@@ -61,6 +94,7 @@ class DecomposedMultiheadAttention(nn.Module):
                  v_proj: nn.Linear, out_proj: nn.Linear, dropout: float = 0.0) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
+        self.attend = ScaledDotProductAttention(dropout)
         self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
         self.head_dim = embed_dim // num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
@@ -90,6 +124,12 @@ class DecomposedMultiheadAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         bsz, tgt, src = query.size(0), query.size(1), key.size(1)
         q = self.q_proj(query).reshape(bsz, tgt, self.num_heads, self.head_dim).transpose(1, 2)
+        if not need_weights:
+            k = self.k_proj(key).reshape(bsz, src, self.num_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(value).reshape(bsz, src, self.num_heads, self.head_dim).transpose(1, 2)
+            out = self.attend(q, k, v, attn_mask, key_padding_mask, is_causal)
+            out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt, self.embed_dim))
+            return (out if self.batch_first else out.transpose(0, 1)), None
         k = self.k_proj(key).reshape(bsz, src, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
         v = self.v_proj(value).reshape(bsz, src, self.num_heads, self.head_dim).transpose(1, 2)
         scores = torch.matmul(q, k)
@@ -99,8 +139,6 @@ class DecomposedMultiheadAttention(nn.Module):
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        if not need_weights:
-            return out, None
         return out, attn.mean(dim=1) if average_attn_weights else attn
 
     @staticmethod
@@ -110,6 +148,8 @@ class DecomposedMultiheadAttention(nn.Module):
             n, m = scores.size(-2), scores.size(-1)
             attn_mask = torch.ones(n, m, dtype=torch.bool, device=scores.device).triu(1)
         if attn_mask is not None:
+            if attn_mask.dim() == 3:  # [batch * heads, tokens, source tokens]
+                attn_mask = attn_mask.reshape(scores.shape)
             if attn_mask.dtype == torch.bool:
                 scores = scores.masked_fill(attn_mask, float("-inf"))
             else:

@@ -78,6 +78,39 @@ def test_decomposed_attention_reads_the_projection_weights_in_place_and_computes
     torch.testing.assert_close(dec(x, x, x)[0], mha(x, x, x)[0], atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(batch_first=st.booleans(), need_weights=st.booleans(),
+       mask=st.sampled_from(["none", "bool", "float", "float per head", "padding", "bool and padding", "causal"]))
+def test_decomposed_attention_computes_what_multihead_attention_does_with_every_mask(batch_first, need_weights, mask):
+    """Without weights the float attention leaf, with them the matmul/softmax path: both take nn.MultiheadAttention's
+    masks (True = not allowed) and return its output (and its head-averaged weights)."""
+    from fxquant.decomposed import DecomposedMultiheadAttention
+
+    torch.manual_seed(0)
+    batch, tokens, heads = 2, 5, 4
+    mha = nn.MultiheadAttention(16, heads, batch_first=batch_first).eval()
+    dec = DecomposedMultiheadAttention.from_float(mha)
+    x = torch.randn(batch, tokens, 16) if batch_first else torch.randn(tokens, batch, 16)
+    blocked = torch.rand(tokens, tokens) > 0.6
+    blocked.fill_diagonal_(False)  # no fully blocked row (its output is NaN either way)
+    padding = torch.zeros(batch, tokens, dtype=torch.bool)
+    padding[0, -2:] = True
+    kwargs: dict = {
+        "none": {}, "bool": {"attn_mask": blocked}, "float": {"attn_mask": torch.randn(tokens, tokens)},
+        "float per head": {"attn_mask": torch.randn(batch * heads, tokens, tokens)},
+        "padding": {"key_padding_mask": padding}, "bool and padding": {"attn_mask": blocked, "key_padding_mask": padding},
+        "causal": {"attn_mask": nn.Transformer.generate_square_subsequent_mask(tokens), "is_causal": True},
+    }[mask]
+    want_out, want_w = mha(x, x, x, need_weights=need_weights, **kwargs)
+    got_kwargs = {k: v for k, v in kwargs.items() if not (mask == "causal" and k == "attn_mask")}
+    got_out, got_w = dec(x, x, x, need_weights=need_weights, **got_kwargs)
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+    else:
+        assert got_w is None
+
+
 # ------------------------------------------------------------------------------------------ Swin attention
 
 def _swin_attention(v2: bool, dim: int = 16, heads: int = 2, window: int = 4, shift: int = 2,
