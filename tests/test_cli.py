@@ -475,3 +475,44 @@ def test_bench_ops_script_lists_the_ops_where_the_two_int8_models_differ() -> No
     silus = sum(isinstance(m, nn.SiLU) for m in torchvision_model("efficientnet_b0", image_size=32).modules())
     assert float(rows["aten::silu_"][0]) == 0.0 and int(rows["aten::silu_"][3]) == silus   # torch.ao: float SiLU
     assert int(rows["aten::sigmoid"][1]) > int(rows["aten::sigmoid"][3])                   # fxquant: int8 sigmoid
+
+
+def test_bench_attention_script_builds_the_quantized_matmul_form_of_the_same_attention() -> None:
+    """tests/bench_attention.py's other form computes what the library's float-leaf form does (in float), and
+    converts with its matmuls and softmax quantized where the library's leaves one float attention leaf."""
+    from fxquant.decomposed import DecomposedMultiheadAttention
+    from fxquant.report import float_ops
+
+    script = _run_script("bench_attention", lambda m: m)
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn = nn.Linear(8, 16), mha
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            h = self.embed(t)
+            return self.attn(h, h, h, need_weights=False)[0]
+
+    net = Net().eval()
+    dec = DecomposedMultiheadAttention.from_float(mha)
+    h = net.embed(x)
+    torch.testing.assert_close(script._matmul_softmax_forward(dec, h, h, h, need_weights=False)[0],
+                               dec(h, h, h, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+    lefts = []
+    for form in (None, script._matmul_softmax_forward):
+        library = DecomposedMultiheadAttention.forward
+        if form is not None:
+            DecomposedMultiheadAttention.forward = form
+        try:
+            prepared = fxquant.prepare_fx(net, fxquant.get_default_qconfig_mapping("fbgemm"), (x,),
+                                          backend_config="fbgemm")
+        finally:
+            DecomposedMultiheadAttention.forward = library
+        fxquant.calibrate(prepared, [torch.randn(2, 5, 8) for _ in range(2)], progress=False)
+        lefts.append({f.op for f in float_ops(fxquant.convert_fx(prepared))})
+    assert "ScaledDotProductAttention" in lefts[0] and not {"matmul", "softmax"} & lefts[0], lefts[0]
+    assert "ScaledDotProductAttention" not in lefts[1] and not {"matmul", "softmax"} & lefts[1], lefts[1]
