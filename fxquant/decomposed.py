@@ -21,6 +21,11 @@ calls its ``qkv`` and ``proj`` as the ``nn.Linear`` modules they are, around one
 (:class:`WindowAttention`, running :func:`window_attention`) for what lies between them. The projections work
 token by token, so they commute with the leaf's padding, shifts and window partitions; the module keeps the
 original's parameter and buffer names, so a prepared model's state_dict keys are the float model's.
+
+torchvision's MaxViT attention is traced into too, but its scores and softmax would quantize as two matmuls and a
+softmax, each dequantizing its inputs and quantizing its output: :class:`DecomposedRelativePositionalAttention`
+keeps ``to_qkv`` and ``merge`` as modules around one float leaf (:class:`RelativePositionAttention`), again with
+the original's names.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DecomposedMultiheadAttention", "DecomposedShiftedWindowAttention", "ScaledDotProductAttention",
-           "WindowAttention",
+__all__ = ["DecomposedMultiheadAttention", "DecomposedRelativePositionalAttention", "DecomposedShiftedWindowAttention",
+           "RelativePositionAttention", "ScaledDotProductAttention", "WindowAttention",
            "decompose_attention", "window_attention"]
 
 
@@ -50,6 +55,29 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float = 1
             lin.bias = nn.Parameter(bias.detach() * scale if scale != 1.0 else bias.detach(),
                                     requires_grad=bias.requires_grad)
     return lin
+
+
+def _mask(scores: torch.Tensor, key_padding_mask: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
+          is_causal: bool) -> torch.Tensor:
+    """``scores`` ``[batch, heads, tokens, source tokens]`` with nn.MultiheadAttention's masks applied (a bool mask
+    is True where attention is not allowed: -inf there; a float mask is added)."""
+    if attn_mask is None and is_causal:
+        n, m = scores.size(-2), scores.size(-1)
+        attn_mask = torch.ones(n, m, dtype=torch.bool, device=scores.device).triu(1)
+    if attn_mask is not None:
+        if attn_mask.dim() == 3:  # [batch * heads, tokens, source tokens]
+            attn_mask = attn_mask.reshape(scores.shape)
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    if key_padding_mask is not None:
+        pad = key_padding_mask.reshape(key_padding_mask.size(0), 1, 1, key_padding_mask.size(1))
+        if pad.dtype == torch.bool:
+            scores = scores.masked_fill(pad, float("-inf"))
+        else:
+            scores = scores + pad
+    return scores
 
 
 class ScaledDotProductAttention(nn.Module):
@@ -71,7 +99,7 @@ class ScaledDotProductAttention(nn.Module):
         mask: Optional[torch.Tensor] = None
         if attn_mask is not None or key_padding_mask is not None:
             zeros = q.new_zeros(q.size(0), q.size(1), q.size(2), k.size(2))
-            mask = DecomposedMultiheadAttention._mask(zeros, key_padding_mask, attn_mask, is_causal)
+            mask = _mask(zeros, key_padding_mask, attn_mask, is_causal)
             is_causal = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                               is_causal=is_causal, scale=1.0)
@@ -133,34 +161,13 @@ class DecomposedMultiheadAttention(nn.Module):
         k = self.k_proj(key).reshape(bsz, src, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
         v = self.v_proj(value).reshape(bsz, src, self.num_heads, self.head_dim).transpose(1, 2)
         scores = torch.matmul(q, k)
-        scores = self._mask(scores, key_padding_mask, attn_mask, is_causal)
+        scores = _mask(scores, key_padding_mask, attn_mask, is_causal)
         attn = torch.softmax(scores, dim=-1)
         out = torch.matmul(self.dropout(attn), v).transpose(1, 2).reshape(bsz, tgt, self.embed_dim)
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, attn.mean(dim=1) if average_attn_weights else attn
-
-    @staticmethod
-    def _mask(scores: torch.Tensor, key_padding_mask: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
-              is_causal: bool) -> torch.Tensor:
-        if attn_mask is None and is_causal:
-            n, m = scores.size(-2), scores.size(-1)
-            attn_mask = torch.ones(n, m, dtype=torch.bool, device=scores.device).triu(1)
-        if attn_mask is not None:
-            if attn_mask.dim() == 3:  # [batch * heads, tokens, source tokens]
-                attn_mask = attn_mask.reshape(scores.shape)
-            if attn_mask.dtype == torch.bool:
-                scores = scores.masked_fill(attn_mask, float("-inf"))
-            else:
-                scores = scores + attn_mask
-        if key_padding_mask is not None:
-            pad = key_padding_mask.reshape(key_padding_mask.size(0), 1, 1, key_padding_mask.size(1))
-            if pad.dtype == torch.bool:
-                scores = scores.masked_fill(pad, float("-inf"))
-            else:
-                scores = scores + pad
-        return scores
 
 
 def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], device: torch.device,
@@ -311,6 +318,51 @@ class DecomposedShiftedWindowAttention(nn.Module):
         return self.proj_dropout(self.proj(out))
 
 
+class RelativePositionAttention(nn.Module):
+    """What lies between the projections of torchvision's MaxViT attention, as a float leaf module: the ``[B, G, P,
+    3 D]`` qkv split into heads, scores scaled by ``feat_dim ** -0.5`` (MaxViT scales by the feature width, not
+    the head width) plus the ``[1, heads, P, P]`` relative position bias, softmax, weighted values, heads merged
+    back to ``[B, G, P, D]``; one ``scaled_dot_product_attention`` in place of two matmuls and a softmax."""
+
+    def __init__(self, num_heads: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.scale = int(num_heads), float(scale)
+
+    def forward(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, g, p, d3 = qkv.shape
+        d = d3 // 3
+        qkv = qkv.reshape(b * g, p, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias.to(qkv.dtype), scale=self.scale)
+        return out.transpose(1, 2).reshape(b, g, p, d)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, scale={self.scale:.6g}"
+
+
+class DecomposedRelativePositionalAttention(nn.Module):
+    """torchvision's MaxViT ``RelativePositionalMultiHeadAttention`` with its ``to_qkv`` and ``merge`` linears
+    called as modules (quantized) around a :class:`RelativePositionAttention` leaf. It holds the original's
+    parameters and buffers under the same names (the same objects)."""
+
+    _fxquant_traceable = True
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = original.n_heads, original.head_dim
+        self.size, self.max_seq_len = original.size, original.max_seq_len
+        self.to_qkv, self.merge = original.to_qkv, original.merge
+        self.relative_position_bias_table = original.relative_position_bias_table
+        self.register_buffer("relative_position_index", original.relative_position_index)
+        self.attend = RelativePositionAttention(original.n_heads, original.scale_factor)
+        self.train(original.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = relative_position_bias(self.relative_position_bias_table, self.relative_position_index.view(-1),
+                                      [self.size, self.size])
+        return self.merge(self.attend(self.to_qkv(x), bias))
+
+
+_MAXVIT_ATTENTION = ("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")
 _SWIN_ATTENTION = {("torchvision.models.swin_transformer", "ShiftedWindowAttention"),
                    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2")}
 
@@ -324,8 +376,11 @@ def decompose_attention(model: nn.Module) -> list[str]:
     """
     replaced = []
     for name, module in list(model.named_modules()):
-        if (type(module).__module__, type(module).__name__) in _SWIN_ATTENTION:
+        kind = (type(module).__module__, type(module).__name__)
+        if kind in _SWIN_ATTENTION:
             new: nn.Module = DecomposedShiftedWindowAttention(module)
+        elif kind == _MAXVIT_ATTENTION:
+            new = DecomposedRelativePositionalAttention(module)
         elif type(module) is not nn.MultiheadAttention:
             continue
         else:

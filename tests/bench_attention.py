@@ -1,14 +1,15 @@
-"""Float attention between int8 projections vs quantized matmuls and softmax: the two forms of a decomposed
-``nn.MultiheadAttention`` in one int8 ViT, side by side.
+"""Float attention between int8 projections vs quantized matmuls and softmax: the two forms of the attention
+of one int8 ViT or MaxViT, side by side.
 
-Run: ``python tests/bench_attention.py --models vit_b_32,vit_b_16`` (``--help`` for the rest).
+Run: ``python tests/bench_attention.py --models vit_b_32,vit_b_16,maxvit_t`` (``--help`` for the rest).
 
-fxquant decomposes ``nn.MultiheadAttention`` into four ``nn.Linear`` projections (quantized) and, between them, one
-float ``scaled_dot_product_attention`` leaf (``fxquant.decomposed.ScaledDotProductAttention``). The other form, which
-fxquant used before and still uses where the caller asks for the attention weights, writes the middle as
-``matmul``, ``softmax``, ``matmul``, which the backend tables quantize: each kernel dequantizes its inputs and
-quantizes its output, so the ``tokens x tokens`` scores and probabilities are rounded and pass through memory
-several times. Per model, in one process on ``fxquant bench``'s inputs and quantizers: SQNR of both int8 models
+fxquant decomposes ``nn.MultiheadAttention`` (ViT) and torchvision's MaxViT attention into their ``nn.Linear``
+projections (quantized) and, between them, one float ``scaled_dot_product_attention`` leaf
+(``fxquant.decomposed.ScaledDotProductAttention``, ``RelativePositionAttention``). The other form, which fxquant
+used before (and still uses for ``nn.MultiheadAttention`` where the caller asks for the attention weights), has
+the middle as ``matmul``, ``softmax``, ``matmul`` (MaxViT: torchvision's einsums, which fxquant's normalize pass
+turns into matmuls), which the backend tables quantize: each kernel dequantizes its inputs and quantizes its
+output, so the ``tokens x tokens`` scores and probabilities are rounded and pass through memory several times. Per model, in one process on ``fxquant bench``'s inputs and quantizers: SQNR of both int8 models
 and of torch.ao's against fp32, and batch-1 latency of the three in ``--runs`` interleaved rounds (medians, and the
 median of the ratio within a round). Timings come from a shared machine: read them within one run.
 """
@@ -30,13 +31,15 @@ from bench_compile import zoo_parser  # noqa: E402  (the options the zoo-model s
 def _matmul_softmax_forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                             average_attn_weights=True, is_causal=False):
     """The quantized-matmul form of ``DecomposedMultiheadAttention.forward`` (no weights returned)."""
+    from fxquant.decomposed import _mask
+
     if not self.batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     bsz, tgt, src = query.size(0), query.size(1), key.size(1)
     q = self.q_proj(query).reshape(bsz, tgt, self.num_heads, self.head_dim).transpose(1, 2)
     k = self.k_proj(key).reshape(bsz, src, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
     v = self.v_proj(value).reshape(bsz, src, self.num_heads, self.head_dim).transpose(1, 2)
-    scores = self._mask(torch.matmul(q, k), key_padding_mask, attn_mask, is_causal)
+    scores = _mask(torch.matmul(q, k), key_padding_mask, attn_mask, is_causal)
     out = torch.matmul(self.dropout(torch.softmax(scores, dim=-1)), v)
     out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt, self.embed_dim))
     return (out if self.batch_first else out.transpose(0, 1)), None
@@ -45,7 +48,7 @@ def _matmul_softmax_forward(self, query, key, value, key_padding_mask=None, need
 def compare(name: str, backend: str, runs: int) -> str:
     """The table row of one model."""
     import fxquant
-    from fxquant import bench
+    from fxquant import bench, decomposed
     from fxquant.decomposed import DecomposedMultiheadAttention
     from fxquant.report import float_ops, interleaved_rounds, paired_ratio
     from fxquant.zoo import torchvision_model
@@ -54,12 +57,13 @@ def compare(name: str, backend: str, runs: int) -> str:
     model = torchvision_model(name, image_size=case.image_size)
     calib, x = bench._inputs(case)
     leaf = bench.quantize_fxquant(model, backend, x, calib).module
-    library_forward = DecomposedMultiheadAttention.forward
+    library_forward, maxvit = DecomposedMultiheadAttention.forward, decomposed._MAXVIT_ATTENTION
     DecomposedMultiheadAttention.forward = _matmul_softmax_forward
+    decomposed._MAXVIT_ATTENTION = ("", "")  # MaxViT's attention as torchvision writes it
     try:
         matmuls = bench.quantize_fxquant(model, backend, x, calib).module
     finally:
-        DecomposedMultiheadAttention.forward = library_forward
+        DecomposedMultiheadAttention.forward, decomposed._MAXVIT_ATTENTION = library_forward, maxvit
     if any(f.op in ("matmul", "softmax") for f in float_ops(matmuls)):
         raise SystemExit(f"{name}: the matmul/softmax form did not quantize its matmuls and softmax on {backend}")
     ao = bench.quantize_torch_ao(model, backend, x, calib).module if bench._ao_available() else None

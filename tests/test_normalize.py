@@ -291,3 +291,85 @@ def test_a_converted_swin_stage_scripts(v2):
         scripted = torch.jit.script(quantized)
     with torch.no_grad():
         assert torch.equal(scripted(x), quantized(x))
+
+
+# ------------------------------------------------------------------------------------------ MaxViT attention
+
+class _MaxVitAttention(nn.Module):
+    """torchvision's MaxViT attention with small dims and a random relative position bias table."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+        torch.manual_seed(seed)
+        self.attn = RelativePositionalMultiHeadAttention(32, 8, 16)  # 4 heads, 4 x 4 windows
+        with torch.no_grad():
+            self.attn.relative_position_bias_table.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("batch, groups", [(1, 1), (2, 3)])
+def test_decomposed_maxvit_attention_computes_what_torchvision_does_with_the_same_parameters(batch, groups):
+    from fxquant.decomposed import DecomposedRelativePositionalAttention
+
+    model = _MaxVitAttention().eval()
+    dec = DecomposedRelativePositionalAttention(model.attn)
+    assert dict(dec.state_dict()).keys() == dict(model.attn.state_dict()).keys()
+    assert all(dec.get_parameter(n) is p for n, p in model.attn.named_parameters())  # the same objects
+    x = torch.randn(batch, groups, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(x), model.attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_maxvit_attention_projections_quantize_around_one_float_leaf_and_the_converted_model_scripts():
+    import warnings
+
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    from fxquant.backends.kernels.qtensor import QuantizedLinear
+
+    model = _MaxVitAttention().eval()
+    calib = [torch.randn(2, 3, 16, 32) for _ in range(3)]
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (calib[0],),
+                                  backend_config="fbgemm")
+    assert type(model.attn) is RelativePositionalMultiHeadAttention  # the user's model is not touched
+    fxquant.calibrate(prepared, calib, progress=False)
+    quantized = fxquant.convert_fx(prepared)
+    kernels = {name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)}
+    assert {"attn.to_qkv", "attn.merge"} <= kernels
+    assert {f.op for f in float_ops(quantized)} >= {"RelativePositionAttention"}
+    assert not {"matmul", "einsum", "softmax"} & {f.op for f in float_ops(quantized)}
+    with torch.no_grad():
+        assert fxquant.sqnr(model(calib[0]), quantized(calib[0])) > 25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        scripted = torch.jit.script(quantized)
+    with torch.no_grad():
+        assert torch.equal(scripted(calib[0]), quantized(calib[0]))
+
+
+def test_a_converted_multihead_attention_scripts():
+    """The float attention leaf (and the mask function it calls) compiles under torch.jit.script."""
+    import warnings
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 5, 16)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("fbgemm"), (x,), backend_config="fbgemm")
+    fxquant.calibrate(prepared, [x], progress=False)
+    quantized = fxquant.convert_fx(prepared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(quantized)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), quantized(x))
