@@ -348,8 +348,7 @@ class DecomposedRelativePositionalAttention(nn.Module):
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = original.n_heads, original.head_dim
-        self.size, self.max_seq_len = original.size, original.max_seq_len
+        self.size = original.size  # the window side: the bias is [heads, size^2, size^2]
         self.to_qkv, self.merge = original.to_qkv, original.merge
         self.relative_position_bias_table = original.relative_position_bias_table
         self.register_buffer("relative_position_index", original.relative_position_index)

@@ -9,8 +9,9 @@ projections (quantized) and, between them, one float ``scaled_dot_product_attent
 used before (and still uses for ``nn.MultiheadAttention`` where the caller asks for the attention weights), has
 the middle as ``matmul``, ``softmax``, ``matmul`` (MaxViT: torchvision's einsums, which fxquant's normalize pass
 turns into matmuls), which the backend tables quantize: each kernel dequantizes its inputs and quantizes its
-output, so the ``tokens x tokens`` scores and probabilities are rounded and pass through memory several times. Per model, in one process on ``fxquant bench``'s inputs and quantizers: SQNR of both int8 models
-and of torch.ao's against fp32, and batch-1 latency of the three in ``--runs`` interleaved rounds (medians, and the
+output, so the ``tokens x tokens`` scores and probabilities are rounded and pass through memory several times.
+Per model, in one process on ``fxquant bench``'s inputs and quantizers: SQNR of both int8 models and of torch.ao's
+against fp32, and batch-1 latency of the three in ``--runs`` interleaved rounds (medians, and the
 median of the ratio within a round). Timings come from a shared machine: read them within one run.
 """
 
@@ -24,32 +25,28 @@ from typing import Optional
 
 import torch
 
+from fxquant.decomposed import DecomposedMultiheadAttention
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_compile import zoo_parser  # noqa: E402  (the options the zoo-model scripts share)
+
+#: the library's forward, which compare() swaps for the form below while it quantizes the other form
+_LIBRARY_FORWARD = DecomposedMultiheadAttention.forward
 
 
 def _matmul_softmax_forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                             average_attn_weights=True, is_causal=False):
-    """The quantized-matmul form of ``DecomposedMultiheadAttention.forward`` (no weights returned)."""
-    from fxquant.decomposed import _mask
-
-    if not self.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    bsz, tgt, src = query.size(0), query.size(1), key.size(1)
-    q = self.q_proj(query).reshape(bsz, tgt, self.num_heads, self.head_dim).transpose(1, 2)
-    k = self.k_proj(key).reshape(bsz, src, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
-    v = self.v_proj(value).reshape(bsz, src, self.num_heads, self.head_dim).transpose(1, 2)
-    scores = _mask(torch.matmul(q, k), key_padding_mask, attn_mask, is_causal)
-    out = torch.matmul(self.dropout(torch.softmax(scores, dim=-1)), v)
-    out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt, self.embed_dim))
-    return (out if self.batch_first else out.transpose(0, 1)), None
+    """The quantized-matmul form of ``DecomposedMultiheadAttention.forward``: the library's own weights path (the
+    head-averaged weights it also returns are dead code in the traced graph, so they cost nothing)."""
+    out, _ = _LIBRARY_FORWARD(self, query, key, value, key_padding_mask, True, attn_mask, average_attn_weights,
+                              is_causal)
+    return out, None
 
 
 def compare(name: str, backend: str, runs: int) -> str:
     """The table row of one model."""
     import fxquant
     from fxquant import bench, decomposed
-    from fxquant.decomposed import DecomposedMultiheadAttention
     from fxquant.report import float_ops, interleaved_rounds, paired_ratio
     from fxquant.zoo import torchvision_model
 
@@ -57,13 +54,13 @@ def compare(name: str, backend: str, runs: int) -> str:
     model = torchvision_model(name, image_size=case.image_size)
     calib, x = bench._inputs(case)
     leaf = bench.quantize_fxquant(model, backend, x, calib).module
-    library_forward, maxvit = DecomposedMultiheadAttention.forward, decomposed._MAXVIT_ATTENTION
+    maxvit = decomposed._MAXVIT_ATTENTION
     DecomposedMultiheadAttention.forward = _matmul_softmax_forward
     decomposed._MAXVIT_ATTENTION = ("", "")  # MaxViT's attention as torchvision writes it
     try:
         matmuls = bench.quantize_fxquant(model, backend, x, calib).module
     finally:
-        DecomposedMultiheadAttention.forward, decomposed._MAXVIT_ATTENTION = library_forward, maxvit
+        DecomposedMultiheadAttention.forward, decomposed._MAXVIT_ATTENTION = _LIBRARY_FORWARD, maxvit
     if any(f.op in ("matmul", "softmax") for f in float_ops(matmuls)):
         raise SystemExit(f"{name}: the matmul/softmax form did not quantize its matmuls and softmax on {backend}")
     ao = bench.quantize_torch_ao(model, backend, x, calib).module if bench._ao_available() else None
