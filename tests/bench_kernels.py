@@ -10,6 +10,16 @@ activations, int8 per-channel weights and bias, batch 1, one thread, in interlea
 (``fxquant.report.interleaved_rounds``); the ratio is the median over rounds of oneDNN's time over fbgemm's
 within a round, and the last column the largest difference of their output integers. Timings come from a shared
 machine: read the ratios, not the absolute times across runs.
+
+Two more tables, each asked for by its flag, time the two forms of an elementwise op that fxquant chooses between on
+fbgemm (the modules of ``fxquant.backends.kernels``, as a converted model calls them):
+
+* ``--binary``: a squeeze-excite gate, ``x * gate`` with ``gate`` ``[1, C, 1, 1]``, over a grid of channels x
+  pixels (channels_last, as the convs write them): torch's quantized mul against dequantize, float mul, quantize.
+  A star marks the cells where ``broadcasts_per_channel`` picks the float form.
+* ``--silu``: SiLU on the activations of an EfficientNet at 96x96: the float form (dequantize, SiLU, quantize in
+  one module, ``QuantizedSiLU``) against the int8 ``sigmoid`` and ``mul`` it would otherwise be rewritten into,
+  with the SQNR of each against SiLU computed in float on the same dequantized input.
 """
 
 from __future__ import annotations
@@ -65,12 +75,94 @@ def _conv_pair(cin: int, cout: int, k: int, stride: int, groups: int, hw: int, g
     return fbgemm, onednn
 
 
+#: channels and sides (pixels = side x side) of the --binary grid
+GATE_CHANNELS = (24, 32, 40, 64, 72, 96, 120, 144, 192, 240, 256, 384, 480, 512, 672, 960, 1152)
+GATE_SIDES = (3, 7, 14, 28, 56)
+#: SiLU inputs (channels, side): EfficientNet-B0's at a 96x96 input
+SILU_SHAPES = ((32, 48), (96, 48), (144, 24), (240, 12), (480, 6), (672, 6), (1152, 3), (1280, 3))
+
+
+def _q(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    return torch.quantize_per_tensor(x.contiguous(memory_format=torch.channels_last), scale, zero_point,
+                                     torch.quint8)
+
+
+def _binary_table(runs: int) -> None:
+    """The --binary grid: quantized mul vs its float form, x * gate."""
+    from fxquant.backends.kernels.qtensor import QuantizedBinary, broadcasts_per_channel
+    from fxquant.qparams import QParams
+    from fxquant.report import interleaved_rounds, paired_ratio
+
+    out = QParams(torch.tensor(0.03), torch.tensor(60), torch.quint8)
+    kernel = QuantizedBinary("mul", out, float_broadcast=False)
+    floats = QuantizedBinary("mul", out, float_broadcast=True)
+    gen = torch.Generator().manual_seed(0)
+    print("x * gate, x 1xCxSxS channels_last, gate 1xCx1x1 (a sigmoid's output): quantized mul us / float form us "
+          "(* = the float form is chosen)\n")
+    print("| C \\ side | " + " | ".join(str(s) for s in GATE_SIDES) + " |")
+    print("|---" * (len(GATE_SIDES) + 1) + "|")
+    right = total = 0
+    for c in GATE_CHANNELS:
+        gate = _q(torch.rand(1, c, 1, 1, generator=gen), 1 / 256, 0)
+        gate = gate.as_strided(gate.shape, (c, 1, c, c))  # a conv's [1, C, 1, 1] output: channels_last strides
+        cells = []
+        for side in GATE_SIDES:
+            x = _q(torch.randn(1, c, side, side, generator=gen) * 3, 0.05, 60)
+            t_k, t_f = interleaved_rounds([lambda: kernel(gate, x), lambda: floats(gate, x)], runs=runs, threads=1)
+            chosen = broadcasts_per_channel(gate, x)
+            right += (paired_ratio(t_f, t_k) < 1) == chosen
+            total += 1
+            cells.append(f"{statistics.median(t_k) * 1e6:.0f} / {statistics.median(t_f) * 1e6:.0f}"
+                         f"{' *' if chosen else ''}")
+        print(f"| {c} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\nthe choice picks the faster form in {right} of {total} cells")
+
+
+def _silu_table(runs: int) -> None:
+    """The --silu table: QuantizedSiLU vs sigmoid and mul."""
+    import torch.nn.functional as F
+
+    from fxquant.backends.kernels.qtensor import QuantizedBinary
+    from fxquant.backends.kernels.qtensor_ops import QuantizedSiLU
+    from fxquant.qparams import QParams, sqnr
+    from fxquant.report import interleaved_rounds, paired_ratio
+
+    out = QParams(torch.tensor(0.035), torch.tensor(8), torch.quint8)   # SiLU's output range, about -0.28 up to 8.6
+    silu, mul = QuantizedSiLU(out), QuantizedBinary("mul", out)
+    gen = torch.Generator().manual_seed(0)
+    print("SiLU on 1xCxSxS channels_last (EfficientNet-B0 at 96x96): float form (QuantizedSiLU) vs int8 sigmoid + "
+          "mul; SQNR against float SiLU of the same dequantized input\n")
+    print("| input (C @ side) | float form us | sigmoid + mul us | float / int8 | SQNR float form dB | "
+          "SQNR sigmoid + mul dB |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for c, side in SILU_SHAPES:
+        x = _q(torch.randn(1, c, side, side, generator=gen) * 2.5, 0.08, 70)
+        ref = F.silu(x.dequantize())
+        t_f, t_i = interleaved_rounds([lambda: silu(x), lambda: mul(x, torch.sigmoid(x))], runs=runs, threads=1)
+        ratios.append(paired_ratio(t_f, t_i))
+        print(f"| {c} @ {side} | {statistics.median(t_f) * 1e6:.1f} | {statistics.median(t_i) * 1e6:.1f} | "
+              f"{ratios[-1]:.2f}x | {sqnr(ref, silu(x).dequantize()):.2f} | "
+              f"{sqnr(ref, mul(x, torch.sigmoid(x)).dequantize()):.2f} |", flush=True)
+    geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    print(f"\ngeomean float form / int8 over {len(ratios)} shapes: {geomean:.2f}x")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=31, help="interleaved rounds per shape (default 31)")
+    table = ap.add_mutually_exclusive_group()
+    table.add_argument("--binary", action="store_true", help="the squeeze-excite mul grid instead of the convs")
+    table.add_argument("--silu", action="store_true", help="the SiLU table instead of the convs")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
+    if args.binary or args.silu:
+        warnings.filterwarnings("ignore", category=UserWarning)
+        torch.backends.quantized.engine = "fbgemm"
+        print(f"fbgemm engine, batch 1, 1 thread, median of {args.runs} interleaved rounds; torch {torch.__version__}\n")
+        (_binary_table if args.binary else _silu_table)(args.runs)
+        return 0
     if not hasattr(torch.ops.onednn, "qconv_pointwise"):
         print("this torch build has no torch.ops.onednn.qconv_pointwise: nothing to compare", file=sys.stderr)
         return 1

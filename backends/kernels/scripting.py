@@ -18,6 +18,8 @@ from typing import Any, Callable, List
 import torch
 from torch import nn
 
+from fxquant.backends.kernels.qtensor import broadcasts_per_channel, float_binary
+
 __all__ = ["scriptable"]
 
 
@@ -102,8 +104,11 @@ class _Binary(_Kernel):
     def __init__(self, source: nn.Module) -> None:
         super().__init__(source)
         self.target = str(source.target)
+        self.float_broadcast = bool(getattr(source, "float_broadcast", False))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.float_broadcast and broadcasts_per_channel(a, b):
+            return float_binary(self.target, a, b, self._scale, self._zp)
         if self.target == "add":
             return torch.ops.quantized.add(a, b, self._scale, self._zp)
         if self.target == "add_relu":
