@@ -14,9 +14,11 @@ machine: read the ratios, not the absolute times across runs.
 Two more tables, each asked for by its flag, time the two forms of an elementwise op that fxquant chooses between on
 fbgemm (the modules of ``fxquant.backends.kernels``, as a converted model calls them):
 
-* ``--binary``: a squeeze-excite gate, ``x * gate`` with ``gate`` ``[1, C, 1, 1]``, over a grid of channels x
-  pixels (channels_last, as the convs write them): torch's quantized mul against dequantize, float mul, quantize.
-  A star marks the cells where ``broadcasts_per_channel`` picks the float form.
+* ``--binary``: broadcasting muls: a squeeze-excite gate ``[1, C, 1, 1]`` times an activation, over a grid of
+  channels x pixels (channels_last, as the convs write them); ConvNeXt's layer scale ``[C, 1, 1]`` times an
+  activation (channels_last strides, the layer scale first, as ConvNeXt's block computes it); a per-feature
+  ``[768]`` over ViT tokens. Torch's quantized mul against dequantize, float mul, quantize; a star marks the cases
+  where ``broadcast_is_slow`` picks the float form.
 * ``--silu``: SiLU on the activations of an EfficientNet at 96x96: the float form (dequantize, SiLU, quantize in
   one module, ``QuantizedSiLU``) against the int8 ``sigmoid`` and ``mul`` it would otherwise be rewritten into,
   with the SQNR of each against SiLU computed in float on the same dequantized input.
@@ -88,8 +90,8 @@ def _q(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
 
 
 def _binary_table(runs: int) -> None:
-    """The --binary grid: quantized mul vs its float form, x * gate."""
-    from fxquant.backends.kernels.qtensor import QuantizedBinary, broadcasts_per_channel
+    """The --binary tables: quantized mul vs its float form."""
+    from fxquant.backends.kernels.qtensor import QuantizedBinary, broadcast_is_slow
     from fxquant.qparams import QParams
     from fxquant.report import interleaved_rounds, paired_ratio
 
@@ -97,25 +99,35 @@ def _binary_table(runs: int) -> None:
     kernel = QuantizedBinary("mul", out, float_broadcast=False)
     floats = QuantizedBinary("mul", out, float_broadcast=True)
     gen = torch.Generator().manual_seed(0)
-    print("x * gate, x 1xCxSxS channels_last, gate 1xCx1x1 (a sigmoid's output): quantized mul us / float form us "
-          "(* = the float form is chosen)\n")
+    tally = [0, 0]
+
+    def cell(a: torch.Tensor, b: torch.Tensor) -> str:
+        t_k, t_f = interleaved_rounds([lambda: kernel(a, b), lambda: floats(a, b)], runs=runs, threads=1)
+        chosen = broadcast_is_slow(a, b)
+        tally[0] += (paired_ratio(t_f, t_k) < 1) == chosen
+        tally[1] += 1
+        return f"{statistics.median(t_k) * 1e6:.0f} / {statistics.median(t_f) * 1e6:.0f}{' *' if chosen else ''}"
+
+    print("quantized mul us / float form us (* = broadcast_is_slow picks the float form)\n")
+    print("gate * x, gate 1xCx1x1 (a sigmoid's output), x 1xCxSxS channels_last (squeeze-excite):\n")
     print("| C \\ side | " + " | ".join(str(s) for s in GATE_SIDES) + " |")
     print("|---" * (len(GATE_SIDES) + 1) + "|")
-    right = total = 0
     for c in GATE_CHANNELS:
         gate = _q(torch.rand(1, c, 1, 1, generator=gen), 1 / 256, 0)
         gate = gate.as_strided(gate.shape, (c, 1, c, c))  # a conv's [1, C, 1, 1] output: channels_last strides
-        cells = []
-        for side in GATE_SIDES:
-            x = _q(torch.randn(1, c, side, side, generator=gen) * 3, 0.05, 60)
-            t_k, t_f = interleaved_rounds([lambda: kernel(gate, x), lambda: floats(gate, x)], runs=runs, threads=1)
-            chosen = broadcasts_per_channel(gate, x)
-            right += (paired_ratio(t_f, t_k) < 1) == chosen
-            total += 1
-            cells.append(f"{statistics.median(t_k) * 1e6:.0f} / {statistics.median(t_f) * 1e6:.0f}"
-                         f"{' *' if chosen else ''}")
+        cells = [cell(gate, _q(torch.randn(1, c, side, side, generator=gen) * 3, 0.05, 60)) for side in GATE_SIDES]
         print(f"| {c} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\nthe choice picks the faster form in {right} of {total} cells")
+    print("\nother broadcasts:\n\n| operands | quantized mul us / float form us |\n|---|---|")
+    for c, side in ((96, 56), (192, 28), (384, 14), (768, 7)):
+        scale = torch.quantize_per_tensor(torch.rand(c, 1, 1, generator=gen), 0.01, 0, torch.quint8)
+        nhwc = torch.quantize_per_tensor(torch.randn(1, side, side, c, generator=gen), 0.05, 60, torch.quint8)
+        x = nhwc.permute(0, 3, 1, 2)   # ConvNeXt's block permutes its NHWC MLP output back
+        print(f"| layer scale {c}x1x1 * x 1x{c}x{side}x{side} (ConvNeXt's permuted NHWC) | {cell(scale, x)} |",
+              flush=True)
+    bias = torch.quantize_per_tensor(torch.rand(768, generator=gen), 0.01, 0, torch.quint8)
+    tokens = torch.quantize_per_tensor(torch.randn(1, 197, 768, generator=gen), 0.05, 60, torch.quint8)
+    print(f"| x 1x197x768 * 768 (per-feature, ViT) | {cell(tokens, bias)} |")
+    print(f"\nthe choice picks the faster form in {tally[0]} of {tally[1]} cases")
 
 
 def _silu_table(runs: int) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -351,17 +351,52 @@ class QuantizedBatchNorm(_OutputQParams):
 _BINARY_ENTRIES = {t: entry(getattr(torch.ops.quantized, t)) for t in ("add", "add_relu", "mul", "mul_relu")}
 
 
-def broadcasts_per_channel(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether torch's quantized add / mul would walk a slow broadcast here: one 4-d operand one value per channel
-    (``[N, C, 1, 1]``, a squeeze-excite gate), the other 64 pixels or more, and ``C`` not a multiple of 64. The
-    kernel loops over the pixels and vectorizes each pixel's ``C`` channels in blocks, finishing the rest one
-    value at a time: on this AVX2 machine a 1x120x28x28 activation times its gate took 166 us, dequantize, float
-    mul and quantize 62 us, while at 256 channels the kernel was the faster (``tests/bench_kernels.py
-    --binary`` prints the grid of channels x pixels)."""
-    if a.dim() != 4 or b.dim() != 4:
+def broadcast_is_slow(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch's quantized add / mul would walk this broadcast slowly, so that dequantize, the float op and
+    quantize are faster (measured on this AVX2 machine: ``tests/bench_kernels.py --binary`` prints both forms).
+
+    The kernel runs the innermost run of values over which the smaller operand is either all read or all broadcast
+    in vector blocks of 64, and the rest of the run one value at a time (about 2.8 ns each); the float form costs
+    about 0.45 ns a value plus 8 us, and in a model more than that (it writes four bytes a value, which the next
+    kernel then finds out of cache), so it is taken only where those leftover values cost four times the float
+    form: a squeeze-excite gate ``[1, C, 1, 1]`` over a channels_last activation of many pixels and few channels
+    (runs of ``C``: 1x32x48x48, 264 us vs 37 us), ConvNeXt's layer scale ``[C, 1, 1]`` over 7x7 pixels (runs of
+    49). And always where the smaller operand comes first without channels_last strides while the larger is
+    channels_last: the kernel then writes in the smaller one's layout and walks every value strided (ConvNeXt's
+    ``layer_scale * x``: 10x). Only one operand broadcast against the other's shape, on a contiguous or
+    channels_last larger operand."""
+    if a.shape == b.shape:
         return False
-    pa, pb = a.size(2) * a.size(3), b.size(2) * b.size(3)
-    return a.size(1) % 64 != 0 and ((pa == 1 and pb >= 64) or (pb == 1 and pa >= 64))
+    big_first = a.numel() >= b.numel()
+    big, small = (a, b) if big_first else (b, a)
+    n, pad = big.dim(), big.dim() - small.dim()
+    if big.numel() < 4096 or pad < 0:
+        return False
+    sizes: List[int] = []
+    for d in range(n):
+        size = 1 if d < pad else small.size(d - pad)
+        if size != 1 and size != big.size(d):
+            return False
+        sizes.append(size)
+    if big.is_contiguous():
+        order = list(range(n - 1, -1, -1))
+    elif n == 4 and big.is_contiguous(memory_format=torch.channels_last):
+        if not big_first and not (small.dim() == 4 and small.stride(1) < small.stride(2)
+                                  and small.stride(1) < small.stride(3)):
+            return True
+        order = [1, 3, 2, 0]
+    else:
+        return False
+    run, inner_broadcast, started = 1, False, False
+    for d in order:
+        if big.size(d) == 1:
+            continue
+        if not started:
+            inner_broadcast, started = sizes[d] == 1, True
+        elif (sizes[d] == 1) != inner_broadcast:
+            break
+        run *= big.size(d)
+    return (big.numel() // run) * (run % 64) * 28 > 4 * (80000 + big.numel() // 2)   # in tenths of a ns
 
 
 def float_binary(target: str, a: torch.Tensor, b: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
@@ -378,7 +413,7 @@ def float_binary(target: str, a: torch.Tensor, b: torch.Tensor, scale: float, ze
 
 class QuantizedBinary(_OutputQParams):
     """add / mul (optionally + ReLU) of two quantized tensors. With ``float_broadcast`` (fbgemm and x86, measured
-    there), a broadcast the kernel walks slowly runs in float instead (:func:`broadcasts_per_channel`)."""
+    there), a broadcast the kernel walks slowly runs in float instead (:func:`broadcast_is_slow`)."""
 
     float_broadcast = False  # the class default covers modules pickled before the flag existed
 
@@ -388,7 +423,7 @@ class QuantizedBinary(_OutputQParams):
         self.float_broadcast = float_broadcast
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.float_broadcast and type(b) is torch.Tensor and broadcasts_per_channel(a, b):
+        if self.float_broadcast and type(b) is torch.Tensor and broadcast_is_slow(a, b):
             return float_binary(self.target, a, b, self._scale, self._zp)
         return _BINARY_ENTRIES[self.target](a, b, self._scale, self._zp)
 

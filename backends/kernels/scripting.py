@@ -18,7 +18,7 @@ from typing import Any, Callable, List
 import torch
 from torch import nn
 
-from fxquant.backends.kernels.qtensor import broadcasts_per_channel, float_binary
+from fxquant.backends.kernels.qtensor import broadcast_is_slow, float_binary
 
 __all__ = ["scriptable"]
 
@@ -107,7 +107,7 @@ class _Binary(_Kernel):
         self.float_broadcast = bool(getattr(source, "float_broadcast", False))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.float_broadcast and broadcasts_per_channel(a, b):
+        if self.float_broadcast and broadcast_is_slow(a, b):
             return float_binary(self.target, a, b, self._scale, self._zp)
         if self.target == "add":
             return torch.ops.quantized.add(a, b, self._scale, self._zp)
