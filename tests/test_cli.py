@@ -460,9 +460,30 @@ def test_bench_kernels_script_compares_the_same_integers(capsys: pytest.CaptureF
     assert len(rows) == len(script.SHAPES) and "geomean oneDNN/fbgemm" in out
 
 
+def test_bench_kernels_binary_and_silu_tables(capsys: pytest.CaptureFixture) -> None:
+    """tests/bench_kernels.py --binary / --silu: every cell of the grid and every SiLU shape gets a row; the star
+    marks exactly the cases broadcast_is_slow picks; the SiLU rows report both forms' SQNR."""
+    from fxquant.backends.kernels.qtensor import broadcast_is_slow  # noqa: F401 (the table's rule)
+
+    script = _run_script("bench_kernels", lambda m: m)
+    assert _run_script("bench_kernels", lambda m: m.main(["--binary", "--runs", "1"])) == 0
+    out = capsys.readouterr().out
+    grid = [r for r in out.splitlines() if r.startswith("| ") and r.split("|")[1].strip().isdigit()]
+    assert len(grid) == len(script.GATE_CHANNELS) and all(r.count(" / ") == len(script.GATE_SIDES) for r in grid)
+    stars = {(c, s) for r, c in zip(grid, script.GATE_CHANNELS)
+             for cell, s in zip(r.split("|")[2:-1], script.GATE_SIDES) if cell.strip().endswith("*")}
+    assert (32, 56) in stars and (1152, 3) not in stars and "the choice picks the faster form in" in out
+    assert out.count("layer scale") == 4 and "ViT" in out
+    assert _run_script("bench_kernels", lambda m: m.main(["--silu", "--runs", "1"])) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| ") and " @ " in r and "side" not in r]
+    assert len(rows) == len(script.SILU_SHAPES) and "geomean float form / int8" in out
+    assert all(float(r.split("|")[5]) > 30 and float(r.split("|")[6]) > 30 for r in rows)
+
+
 def test_bench_ops_script_lists_the_ops_where_the_two_int8_models_differ() -> None:
-    """tests/bench_ops.py on efficientnet_b0: both run SiLU in float between a dequantize and a quantize (fbgemm
-    has no int8 SiLU), but torch.ao runs each squeeze-excite gate's SiLU in float too; the table has both sides,
+    """tests/bench_ops.py on efficientnet_b0: both libraries run each SiLU in float between a dequantize and a
+    quantize (fbgemm has no int8 SiLU) and each squeeze-excite gate's sigmoid int8; the table lists both sides,
     with call counts."""
     from fxquant import bench
 
