@@ -10,8 +10,10 @@ Facts encoded here:
   weights use 7 bits, [-64, 63] (38.3 dB), which costs less than 7-bit activations everywhere;
 * SiLU has no int8 kernel; dequantize, float SiLU, quantize (one module) beats the int8 sigmoid and mul it
   decomposes into (``tests/bench_kernels.py --silu``), and rounds once instead of twice;
-* quantized add / mul walk a per-channel broadcast (``x * gate``) slowly unless the channel count is a multiple of
-  64: such a broadcast runs in float (``QuantizedBinary``'s ``float_broadcast``; ``tests/bench_kernels.py --binary``);
+* quantized add / mul vectorize a broadcast only along runs where both operands are contiguous, in blocks of 64,
+  and write in the first operand's layout: a broadcast with long leftover runs (a squeeze-excite gate over few
+  channels and many pixels) or a layout clash (ConvNeXt's ``layer_scale * x``) runs in float instead
+  (``QuantizedBinary``'s ``float_broadcast``, ``broadcast_is_slow``; ``tests/bench_kernels.py --binary``);
 * dynamic: ``linear_dynamic`` (per-tensor activations, computed by the kernel), float16-weight linear and LSTM/GRU
   (``linear_prepack_fp16``, fbgemm only), quantized LSTM/GRU and cells, 8/4-bit row-wise embedding tables; the
   per-token linear runs on oneDNN / ``torch._int_mm`` (see ``backends/kernels/dynamic.py``).

@@ -353,18 +353,19 @@ _BINARY_ENTRIES = {t: entry(getattr(torch.ops.quantized, t)) for t in ("add", "a
 
 def broadcast_is_slow(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether torch's quantized add / mul would walk this broadcast slowly, so that dequantize, the float op and
-    quantize are faster (measured on this AVX2 machine: ``tests/bench_kernels.py --binary`` prints both forms).
+    quantize are faster (``tests/bench_kernels.py --binary`` prints both forms and this choice).
 
     The kernel runs the innermost run of values over which the smaller operand is either all read or all broadcast
-    in vector blocks of 64, and the rest of the run one value at a time (about 2.8 ns each); the float form costs
-    about 0.45 ns a value plus 8 us, and in a model more than that (it writes four bytes a value, which the next
-    kernel then finds out of cache), so it is taken only where those leftover values cost four times the float
-    form: a squeeze-excite gate ``[1, C, 1, 1]`` over a channels_last activation of many pixels and few channels
-    (runs of ``C``: 1x32x48x48, 264 us vs 37 us), ConvNeXt's layer scale ``[C, 1, 1]`` over 7x7 pixels (runs of
-    49). And always where the smaller operand comes first without channels_last strides while the larger is
-    channels_last: the kernel then writes in the smaller one's layout and walks every value strided (ConvNeXt's
-    ``layer_scale * x``: 10x). Only one operand broadcast against the other's shape, on a contiguous or
-    channels_last larger operand."""
+    in vector blocks of 64, and the rest of each run one value at a time. The cost model, fitted to that grid on an
+    AVX2 machine: about 2.8 ns for each leftover value, against 0.45 ns a value plus 8 us for the float form. In a
+    model the float form costs more than alone (it writes four bytes a value, which the next kernel then finds out
+    of cache; toggled inside squeeze-excite models it gained nothing where the model said it would gain a little),
+    so it is taken only where the leftover values cost four times it: a squeeze-excite gate ``[1, C, 1, 1]`` over
+    a channels_last activation of few channels and many pixels (runs of ``C``), ConvNeXt's layer scale
+    ``[C, 1, 1]`` over 7x7 NCHW pixels (runs of 49). And always where the smaller operand comes first without
+    channels_last strides while the larger is channels_last: the kernel then writes in the smaller one's layout
+    and walks every value strided (ConvNeXt's ``layer_scale * x``, several times slower). Only one operand
+    broadcast against the other's shape, on a contiguous or channels_last larger operand."""
     if a.shape == b.shape:
         return False
     big_first = a.numel() >= b.numel()

@@ -17,7 +17,7 @@ from fxquant.backends.kernels.qtensor import (_BN_TARGETS, _CONV_TARGETS, Loweri
                                               QuantizedLinear, _OutputQParams, _Packed, engine, entry)
 from fxquant.qparams import QParams, quantize
 
-__all__ = ["BUILDERS", "QuantizedConvTranspose", "QuantizedNorm", "QuantizedELU", "QuantizedLeakyReLU", 
+__all__ = ["BUILDERS", "QuantizedConvTranspose", "QuantizedNorm", "QuantizedELU", "QuantizedLeakyReLU",
            "QuantizedSoftmax", "QuantizedGELU", "QuantizedSiLU", "QuantizedMatmul", "QuantizedStack"]
 
 _TRANSPOSE_OPS = {
