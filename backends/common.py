@@ -13,7 +13,7 @@ from fxquant import fused, qat
 from fxquant.backends import ops
 from fxquant.backends.config import Constraints, DTypeConfig, Observation, OpEntry, OpKind, WeightRule
 
-__all__ = ["cnn_entries", "dynamic_entries", "silu_entry", "SHARES_INPUT_KINDS", "LEAVES_GRID_KINDS", "LAYOUT_KINDS",
+__all__ = ["cnn_entries", "dynamic_entries", "SHARES_INPUT_KINDS", "LEAVES_GRID_KINDS", "LAYOUT_KINDS",
            "FIXED_QPARAMS"]
 
 _U8 = DTypeConfig(input=torch.quint8, output=torch.quint8)
@@ -160,13 +160,6 @@ def cnn_entries(weight: WeightRule, weighted_limits: Constraints, conv2d_limits:
     entries.append(OpEntry("size", ops.SIZE, Observation.NONE, (_U8,), ((ops.SIZE,),), quantized_args=(0,),
                            doc="shape queries: no quantized output"))
     return tuple(entries)
-
-
-def silu_entry(doc: str) -> OpEntry:
-    """SiLU with its own output observer and a ``silu`` lowering. Without this entry, normalize rewrites SiLU as
-    ``x * sigmoid(x)`` (a fixed-grid sigmoid and a quantized mul)."""
-    return OpEntry("silu", ops.SILU, Observation.OWN, (_U8,), ((ops.SILU,),), lowering="silu", quantized_args=(0,),
-                   doc=doc)
 
 
 # ------------------------------------------------------------------------------- dynamic and weight-only

@@ -8,12 +8,10 @@ Facts encoded here:
 * the depthwise kernels (2-d and 3-d) accumulate u8 x s8 pairs in int16 even on VNNI CPUs: with 8-bit
   activations and 8-bit weights they saturate (a 3x3 depthwise conv: 18.6 dB against its own simulation), so depthwise
   weights use 7 bits, [-64, 63] (38.3 dB), which costs less than 7-bit activations everywhere;
-* SiLU has no int8 kernel; dequantize, float SiLU, quantize (one module) beats the int8 sigmoid and mul it
-  decomposes into (``tests/bench_kernels.py --silu``), and rounds once instead of twice;
-* quantized add / mul vectorize a broadcast only along runs where both operands are contiguous, in blocks of 64,
-  and write in the first operand's layout: a broadcast with long leftover runs (a squeeze-excite gate over few
-  channels and many pixels) or a layout clash (ConvNeXt's ``layer_scale * x``) runs in float instead
-  (``QuantizedBinary``'s ``float_broadcast``, ``broadcast_is_slow``; ``tests/bench_kernels.py --binary``);
+* quantized add / mul write in the first operand's layout: a small operand first without channels_last strides
+  (ConvNeXt's ``layer_scale * x``) against a channels_last activation walks every value strided, several times
+  slower than dequantize, float op, quantize, which ``QuantizedBinary`` runs instead there (``float_broadcast``,
+  ``broadcast_is_slow``; ``tests/bench_kernels.py --binary``);
 * dynamic: ``linear_dynamic`` (per-tensor activations, computed by the kernel), float16-weight linear and LSTM/GRU
   (``linear_prepack_fp16``, fbgemm only), quantized LSTM/GRU and cells, 8/4-bit row-wise embedding tables; the
   per-token linear runs on oneDNN / ``torch._int_mm`` (see ``backends/kernels/dynamic.py``).
@@ -23,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.backends.common import cnn_entries, dynamic_entries, silu_entry
+from fxquant.backends.common import cnn_entries, dynamic_entries
 from fxquant.backends.config import BackendConfig, Constraints, QSpec, WeightRule
 
 __all__ = ["make_fbgemm_config"]
@@ -36,8 +34,6 @@ def make_fbgemm_config(name: str = "fbgemm", engine: str = "fbgemm") -> BackendC
         depthwise_channel_multiple=8, depthwise_weight_range=(-64, 63)),
         conv3d_limits=Constraints(depthwise_weight_range=(-64, 63)),  # the 3-d depthwise kernel saturates too
         gelu_own_grid=True)
-    entries += (silu_entry("SiLU with its own output grid, in float between the kernel's dequantize and quantize "
-                           "(no int8 SiLU kernel; faster and one rounding fewer than sigmoid's fixed grid times x)"),)
     entries += dynamic_entries(weight, Constraints())
     return BackendConfig(
         name=name, engine=engine, entries=entries,

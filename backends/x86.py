@@ -29,8 +29,9 @@ import warnings
 import torch
 
 from fxquant.backends import cpu, ops
-from fxquant.backends.common import cnn_entries, dynamic_entries, silu_entry
-from fxquant.backends.config import BackendConfig, Constraints, KernelFusion, QSpec, WeightRule
+from fxquant.backends.common import cnn_entries, dynamic_entries
+from fxquant.backends.config import (BackendConfig, Constraints, DTypeConfig, KernelFusion, Observation, OpEntry,
+                                     QSpec, WeightRule)
 from fxquant.backends.fbgemm import make_fbgemm_config
 
 __all__ = ["make_x86_config", "SILU", "X86_KERNEL_FUSIONS"]
@@ -57,7 +58,9 @@ def make_x86_config(*, assume_onednn: bool = False) -> BackendConfig:
             doc=f"fbgemm kernels on quantized tensors (oneDNN fallback: {missing}).")
     symmetric = WeightRule(dtype=torch.qint8, qschemes=(torch.per_channel_symmetric, torch.per_tensor_symmetric))
     entries = cnn_entries(symmetric, Constraints())
-    entries += (silu_entry("SiLU (fused into the conv or linear in front)"),)
+    u8 = DTypeConfig(input=torch.quint8, output=torch.quint8)
+    entries += (OpEntry("silu", SILU, Observation.OWN, (u8,), ((SILU,),), lowering="silu", quantized_args=(0,),
+                        doc="SiLU (fused into the conv or linear in front)"),)
     entries += dynamic_entries(WeightRule(dtype=torch.qint8), Constraints())
     return BackendConfig(
         name="x86", engine="x86", entries=entries, kernels="onednn", kernel_fusions=X86_KERNEL_FUSIONS,

@@ -120,7 +120,6 @@ def _tiny_models() -> dict:
         "expand": (_Pre(lambda x: x[:, :1].expand(2, 3, 6, 6)), S2),
         "repeat": (_Pre(lambda x: x.repeat(1, 2, 1, 1)), S2),
         "gelu": (_Pre(nn.GELU()), S2),
-        "silu": (_Pre(nn.SiLU()), S2),
         "size": (_Size(), S2),
         # removed by the normalize pass in eval mode: the entries exist for training-mode graphs
         "dropout": (_Pre(nn.Dropout(0.5)), S2),

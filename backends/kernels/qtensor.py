@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -352,52 +352,26 @@ _BINARY_ENTRIES = {t: entry(getattr(torch.ops.quantized, t)) for t in ("add", "a
 
 
 def broadcast_is_slow(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether torch's quantized add / mul would walk this broadcast slowly, so that dequantize, the float op and
-    quantize are faster (``tests/bench_kernels.py --binary`` prints both forms and this choice).
+    """Whether torch's quantized add / mul would walk this broadcast value by value: the smaller operand comes
+    first, broadcast against the larger one's shape, without channels_last strides, while the larger is a
+    channels_last activation of 4096 values or more. The kernel then writes its output in the first operand's
+    (NCHW) layout and reads the activation strided: ConvNeXt's ``layer_scale * x`` (a ``[C, 1, 1]`` scale times
+    the block's output, which its permute leaves with channels_last strides) is several times slower than
+    dequantize, float mul, quantize (``tests/bench_kernels.py --binary`` prints both forms).
 
-    The kernel runs the innermost run of values over which the smaller operand is either all read or all broadcast
-    in vector blocks of 64, and the rest of each run one value at a time. The cost model, fitted to that grid on an
-    AVX2 machine: about 2.8 ns for each leftover value, against 0.45 ns a value plus 8 us for the float form. In a
-    model the float form costs more than alone (it writes four bytes a value, which the next kernel then finds out
-    of cache; toggled inside squeeze-excite models it gained nothing where the model said it would gain a little),
-    so it is taken only where the leftover values cost four times it: a squeeze-excite gate ``[1, C, 1, 1]`` over
-    a channels_last activation of few channels and many pixels (runs of ``C``), ConvNeXt's layer scale
-    ``[C, 1, 1]`` over 7x7 NCHW pixels (runs of 49). And always where the smaller operand comes first without
-    channels_last strides while the larger is channels_last: the kernel then writes in the smaller one's layout
-    and walks every value strided (ConvNeXt's ``layer_scale * x``, several times slower). Only one operand
-    broadcast against the other's shape, on a contiguous or channels_last larger operand."""
-    if a.shape == b.shape:
+    Other slow broadcasts exist (the kernel vectorizes only runs where both operands are contiguous, in blocks of
+    64, so a squeeze-excite gate over few channels and many pixels runs partly one value at a time, several times
+    slower alone), but there the float form, which writes four bytes a value, lost inside the models as the zoo
+    benchmark times them (after the fp32 model has evicted the caches), so they keep the kernel."""
+    if a.shape == b.shape or a.numel() >= b.numel() or b.numel() < 4096 or a.dim() > b.dim():
         return False
-    big_first = a.numel() >= b.numel()
-    big, small = (a, b) if big_first else (b, a)
-    n, pad = big.dim(), big.dim() - small.dim()
-    if big.numel() < 4096 or pad < 0:
+    if b.dim() != 4 or b.is_contiguous() or not b.is_contiguous(memory_format=torch.channels_last):
         return False
-    sizes: List[int] = []
-    for d in range(n):
-        size = 1 if d < pad else small.size(d - pad)
-        if size != 1 and size != big.size(d):
+    pad = b.dim() - a.dim()
+    for d in range(a.dim()):
+        if a.size(d) != 1 and a.size(d) != b.size(d + pad):
             return False
-        sizes.append(size)
-    if big.is_contiguous():
-        order = list(range(n - 1, -1, -1))
-    elif n == 4 and big.is_contiguous(memory_format=torch.channels_last):
-        if not big_first and not (small.dim() == 4 and small.stride(1) < small.stride(2)
-                                  and small.stride(1) < small.stride(3)):
-            return True
-        order = [1, 3, 2, 0]
-    else:
-        return False
-    run, inner_broadcast, started = 1, False, False
-    for d in order:
-        if big.size(d) == 1:
-            continue
-        if not started:
-            inner_broadcast, started = sizes[d] == 1, True
-        elif (sizes[d] == 1) != inner_broadcast:
-            break
-        run *= big.size(d)
-    return (big.numel() // run) * (run % 64) * 28 > 4 * (80000 + big.numel() // 2)   # in tenths of a ns
+    return not (a.dim() == 4 and a.stride(1) < a.stride(2) and a.stride(1) < a.stride(3))
 
 
 def float_binary(target: str, a: torch.Tensor, b: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
@@ -424,7 +398,7 @@ class QuantizedBinary(_OutputQParams):
         self.float_broadcast = float_broadcast
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.float_broadcast and type(b) is torch.Tensor and broadcast_is_slow(a, b):
+        if self.float_broadcast and type(b) is torch.Tensor and a.shape != b.shape and broadcast_is_slow(a, b):
             return float_binary(self.target, a, b, self._scale, self._zp)
         return _BINARY_ENTRIES[self.target](a, b, self._scale, self._zp)
 

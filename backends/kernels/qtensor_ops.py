@@ -18,7 +18,7 @@ from fxquant.backends.kernels.qtensor import (_BN_TARGETS, _CONV_TARGETS, Loweri
 from fxquant.qparams import QParams, quantize
 
 __all__ = ["BUILDERS", "QuantizedConvTranspose", "QuantizedNorm", "QuantizedELU", "QuantizedLeakyReLU",
-           "QuantizedSoftmax", "QuantizedGELU", "QuantizedSiLU", "QuantizedMatmul", "QuantizedStack"]
+           "QuantizedSoftmax", "QuantizedGELU", "QuantizedMatmul", "QuantizedStack"]
 
 _TRANSPOSE_OPS = {
     1: (torch.ops.quantized.conv_transpose1d_prepack, torch.ops.quantized.conv_transpose1d.default),
@@ -103,44 +103,22 @@ class QuantizedLeakyReLU(_OutputQParams):
         return torch.ops.quantized.leaky_relu(x, self.negative_slope, False, self._scale, self._zp)
 
 
-class _FloatElementwise(_OutputQParams):
-    """An elementwise op with no quantized-tensor kernel that writes its own grid: dequantize, the float op in
-    place on that fresh float tensor, quantize, in one module."""
-
-    def __init__(self, output: QParams) -> None:
-        super().__init__(output)
-        self.dtype = output.dtype
-
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.quantize_per_tensor(self._op(x.dequantize()), self._scale, self._zp, self.dtype)
-
-
-class QuantizedGELU(_FloatElementwise):
+class QuantizedGELU(_OutputQParams):
     """GELU with its own output qparams: no quantized-tensor kernel writes GELU into another grid than its input's
     (``torch.nn.functional.gelu`` on a quantized tensor keeps the input's qparams, where the negative half of the
-    codes goes unused)."""
+    codes goes unused), so the float GELU runs between a dequantize and a quantize, in one module."""
 
     def __init__(self, approximate: str, output: QParams) -> None:
         super().__init__(output)
         self.approximate = str(approximate)
+        self.dtype = output.dtype
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self.approximate)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(F.gelu(x.dequantize(), approximate=self.approximate), self._scale,
+                                         self._zp, self.dtype)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}, {super().extra_repr()}"
-
-
-class QuantizedSiLU(_FloatElementwise):
-    """SiLU with its own output qparams (no quantized SiLU kernel). Faster than the int8 ``sigmoid`` and ``mul``
-    it would otherwise run as (those two passes each dequantize and requantize inside the kernel), and it rounds
-    once: x * sigmoid(x) rounds the sigmoid to its fixed 1/256 grid first."""
-
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x, inplace=True)
 
 
 class QuantizedSoftmax(_OutputQParams):
@@ -215,6 +193,5 @@ BUILDERS: dict[str, Callable[[LoweringSpec, str], nn.Module]] = {
     "prelu": lambda spec, eng: QuantizedLeakyReLU(float(spec.module.weight.detach()), spec.output),
     "softmax": lambda spec, eng: QuantizedSoftmax(spec.kwargs["dim"], spec.output),
     "gelu": lambda spec, eng: QuantizedGELU(spec.kwargs.get("approximate", "none"), spec.output),
-    "silu": lambda spec, eng: QuantizedSiLU(spec.output),
     "matmul": lambda spec, eng: QuantizedMatmul(spec.output),
 }
