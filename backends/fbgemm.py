@@ -10,7 +10,8 @@ Facts encoded here:
   weights use 7 bits, [-64, 63] (38.3 dB), which costs less than 7-bit activations everywhere;
 * quantized add / mul write in the first operand's layout: a small operand first without channels_last strides
   (ConvNeXt's ``layer_scale * x``) against a channels_last activation walks every value strided, several times
-  slower than dequantize, float op, quantize, which ``QuantizedBinary`` runs instead there (``float_broadcast``,
+  slower than dequantize, float op, quantize, which ``QuantizedBinary`` runs instead there (its
+  ``float_broadcast`` flag, set for the fbgemm and x86 engines in ``backends/kernels/qtensor_ops.py``;
   ``broadcast_is_slow``; ``tests/bench_kernels.py --binary``);
 * dynamic: ``linear_dynamic`` (per-tensor activations, computed by the kernel), float16-weight linear and LSTM/GRU
   (``linear_prepack_fp16``, fbgemm only), quantized LSTM/GRU and cells, 8/4-bit row-wise embedding tables; the

@@ -24,7 +24,7 @@ __all__ = [
     "IDENTITY", "CHUNK", "GETITEM", "MEAN", "SIZE", "CONV_RELU1D", "CONV_RELU2D", "CONV_RELU3D",
     "LINEAR_RELU", "BN_RELU2D", "BN_RELU3D", "ADD_RELU", "MUL_RELU", "CLAMP", "SQUEEZE", "UNSQUEEZE",
     "CHANNEL_SHUFFLE", "INTERPOLATE", "CONV_TRANSPOSE1D", "CONV_TRANSPOSE2D", "CONV_TRANSPOSE3D", "LAYER_NORM",
-    "GROUP_NORM", "INSTANCE_NORM", "ELU", "LEAKY_RELU", "PRELU", "GELU", "SILU", "SOFTMAX", "MATMUL", "STACK", "SPLIT",
+    "GROUP_NORM", "INSTANCE_NORM", "ELU", "LEAKY_RELU", "PRELU", "GELU", "SOFTMAX", "MATMUL", "STACK", "SPLIT",
     "PIXEL_SHUFFLE", "PIXEL_UNSHUFFLE", "PAD", "EXPAND", "REPEAT", "QAT_CONV1D", "QAT_CONV2D", "QAT_CONV3D",
     "QAT_CONV_RELU1D", "QAT_CONV_RELU2D", "QAT_CONV_RELU3D", "QAT_LINEAR", "QAT_LINEAR_RELU", "clamp_bounds",
 ]
@@ -85,7 +85,6 @@ ELU = OpKind("elu", modules=(nn.ELU,), functions=(F.elu,))
 LEAKY_RELU = OpKind("leaky_relu", modules=(nn.LeakyReLU,), functions=(F.leaky_relu,))
 PRELU = OpKind("prelu", modules=(nn.PReLU,))
 GELU = OpKind("gelu", modules=(nn.GELU,), functions=(F.gelu,))
-SILU = OpKind("silu", modules=(nn.SiLU,), functions=(F.silu,))
 SOFTMAX = OpKind("softmax", modules=(nn.Softmax,), functions=(F.softmax, torch.softmax), methods=("softmax",))
 MATMUL = OpKind("matmul", functions=(torch.matmul, torch.bmm, operator.matmul), methods=("matmul", "bmm"))
 STACK = OpKind("stack", functions=(torch.stack,))

@@ -27,16 +27,18 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from fxquant.backends import cpu, ops
+from fxquant.backends import cpu
 from fxquant.backends.common import cnn_entries, dynamic_entries
 from fxquant.backends.config import (BackendConfig, Constraints, DTypeConfig, KernelFusion, Observation, OpEntry,
-                                     QSpec, WeightRule)
+                                     OpKind, QSpec, WeightRule)
 from fxquant.backends.fbgemm import make_fbgemm_config
 
 __all__ = ["make_x86_config", "SILU", "X86_KERNEL_FUSIONS"]
 
-SILU = ops.SILU  # kept here for imports written before it moved to backends/ops.py
+SILU = OpKind("silu", modules=(nn.SiLU,), functions=(F.silu,))
 
 #: (producer entry, consumer entry) pairs oneDNN runs as one kernel (see KernelFusion)
 X86_KERNEL_FUSIONS: tuple[KernelFusion, ...] = tuple(

@@ -12,13 +12,13 @@ within a round, and the last column the largest difference of their output integ
 machine: read the ratios, not the absolute times across runs.
 
 ``--binary`` prints instead torch's quantized mul on broadcasts against the float form (dequantize, float mul,
-quantize) that ``QuantizedBinary`` can run instead, as a converted model calls them: a squeeze-excite gate
-``[1, C, 1, 1]`` (a conv's output, so channels_last strides) times an activation, over a grid of channels x pixels;
-ConvNeXt's layer scale ``[C, 1, 1]`` times an activation with channels_last strides, the scale first, as ConvNeXt's
-block computes it; a per-feature ``[768]`` over ViT tokens. A star marks where ``broadcast_is_slow`` picks the float
-form: the layer scale only. The grid's kernel runs its leftover channels one value at a time, so it loses to the
-float form alone in many cells, yet inside a model, timed as ``fxquant bench`` times it, the float form did not
-pay there (see ``broadcast_is_slow``).
+quantize: ``float_binary``, which ``QuantizedBinary`` runs where ``broadcast_is_slow`` says so), in the layouts a
+converted model calls them with: a squeeze-excite gate ``[1, C, 1, 1]`` (a conv's output, so channels_last strides)
+times an activation, over a grid of channels x pixels; ConvNeXt's layer scale ``[C, 1, 1]`` times an activation with
+channels_last strides, the scale first, as ConvNeXt's block computes it; a per-feature ``[768]`` over ViT tokens. A
+star marks where ``broadcast_is_slow`` picks the float form: the layer scale only. Alone, the float form beats the
+kernel in many grid cells (the kernel runs each pixel's leftover channels one value at a time), yet inside models
+timed as ``fxquant bench`` times them it did not pay there (see ``broadcast_is_slow``).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def _conv_pair(cin: int, cout: int, k: int, stride: int, groups: int, hw: int, g
 #: channels and sides (pixels = side x side) of the --binary grid
 GATE_CHANNELS = (24, 32, 40, 64, 72, 96, 120, 144, 192, 240, 256, 384, 480, 512, 672, 960, 1152)
 GATE_SIDES = (3, 7, 14, 28, 56)
+
+
 def _q(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     return torch.quantize_per_tensor(x.contiguous(memory_format=torch.channels_last), scale, zero_point,
                                      torch.quint8)
@@ -84,13 +86,15 @@ def _q(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
 
 def _binary_table(runs: int) -> None:
     """The --binary tables: torch's quantized mul vs the float form."""
-    from fxquant.backends.kernels.qtensor import QuantizedBinary, broadcast_is_slow
+    from fxquant.backends.kernels.qtensor import QuantizedBinary, broadcast_is_slow, float_binary
     from fxquant.qparams import QParams
     from fxquant.report import interleaved_rounds, paired_ratio
 
-    out = QParams(torch.tensor(0.03), torch.tensor(60), torch.quint8)
-    kernel = QuantizedBinary("mul", out, float_broadcast=False)
-    floats = QuantizedBinary("mul", out, float_broadcast=True)
+    kernel = QuantizedBinary("mul", QParams(torch.tensor(0.03), torch.tensor(60), torch.quint8))
+
+    def floats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return float_binary("mul", a, b, 0.03, 60)
+
     gen = torch.Generator().manual_seed(0)
 
     def cell(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -131,7 +135,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.binary:
         warnings.filterwarnings("ignore", category=UserWarning)
         torch.backends.quantized.engine = "fbgemm"
-        print(f"fbgemm engine, batch 1, 1 thread, median of {args.runs} interleaved rounds; torch {torch.__version__}\n")
+        print(f"fbgemm engine, batch 1, 1 thread, median of {args.runs} interleaved rounds; "
+              f"torch {torch.__version__}\n")
         _binary_table(args.runs)
         return 0
     if not hasattr(torch.ops.onednn, "qconv_pointwise"):

@@ -5,11 +5,9 @@ kernel within one code; everywhere else the kernel, unchanged."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -19,7 +17,7 @@ from fxquant.qparams import QParams
 
 from models import quantize, seeded
 
-warnings.filterwarnings("ignore", category=UserWarning)   # quantized tensors' deprecation warnings
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")   # quantized tensors' deprecation warnings
 
 
 class _LayerScaleBlock(nn.Module):
@@ -61,9 +59,13 @@ def test_the_broadcast_rule_takes_only_the_layout_clash():
     assert not broadcast_is_slow(_q(384, 1, 1), _q(1, 384, 14, 14))                # an NCHW activation: fine
     assert not broadcast_is_slow(_q(8, 1, 1), _q(1, 8, 8, 8, channels_last=True))  # 512 values: not worth it
     assert not broadcast_is_slow(nhwc, nhwc)                                       # no broadcast
-    assert not broadcast_is_slow(_q(1, 384, 14, 1), _q(1, 1, 1, 14, channels_last=True))   # both broadcast
+    assert not broadcast_is_slow(_q(1, 1, 16, 1), _q(1, 64, 1, 128, channels_last=True))   # both broadcast
+    assert broadcast_is_slow(_q(64, 1, 1), _q(1, 64, 8, 8, channels_last=True))    # 4096 values: the least taken
+    assert not broadcast_is_slow(_q(1, 1, 64, 1, 1), _q(1, 64, 8, 8, channels_last=True))  # more dims than x
+    assert not broadcast_is_slow(_q(64, 1), _q(1, 64, 4096))                       # not a 4-d activation
 
 
+@settings(max_examples=40)
 @given(target=st.sampled_from(["add", "add_relu", "mul", "mul_relu"]), channels=st.integers(1, 140),
        side=st.integers(4, 24), three_d=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_the_float_form_is_the_kernel_within_one_code(target, channels, side, three_d, seed):
@@ -115,7 +117,28 @@ def test_save_and_load_rebuild_the_same_forms(backend, tmp_path):
     fxquant.save(converted, str(path))
     loaded = fxquant.load(str(path), _LayerScaleBlock())
     flags = [m.float_broadcast for m in converted.modules() if isinstance(m, QuantizedBinary)]
+    assert len(flags) == 3 and all(flags) == (backend == "fbgemm")
     assert flags == [m.float_broadcast for m in loaded.modules() if isinstance(m, QuantizedBinary)]
     torch.backends.quantized.engine = backend
     with torch.no_grad():
         assert torch.equal(loaded(calib[2]), converted(calib[2]))
+
+
+def test_the_scripted_twin_takes_the_float_form_too():
+    """A one-code difference between the two forms, found on purpose: the scripted module must give the float
+    form's integers there, not the kernel's."""
+    out = QParams(torch.tensor(0.05), torch.tensor(40), torch.quint8)
+    module = QuantizedBinary("mul", out, float_broadcast=True)
+    scripted = torch.jit.script(module)
+    for seed in range(50):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.quantize_per_tensor(torch.randn(1, 16, 16, 24, generator=gen) * 2, 0.04, 50, torch.quint8)
+        x = x.permute(0, 3, 1, 2)
+        scale = torch.quantize_per_tensor(torch.rand(24, 1, 1, generator=gen), 1 / 256, 0, torch.quint8)
+        floats = float_binary("mul", scale, x, 0.05, 40)
+        if not torch.equal(floats.int_repr(), QuantizedBinary("mul", out)(scale, x).int_repr()):
+            break
+    else:
+        pytest.fail("no input where the float form and the kernel differ")
+    assert torch.equal(scripted(scale, x).int_repr(), floats.int_repr())
+    assert torch.equal(module(scale, x).int_repr(), floats.int_repr())

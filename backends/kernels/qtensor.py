@@ -27,7 +27,8 @@ from fxquant.errors import FxQuantError
 from fxquant.qparams import QParams, quantize
 
 __all__ = ["LoweringSpec", "entry", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
-           "QuantizedBatchNorm", "QuantizedBinary", "QuantizedCat", "QuantizedHardswish", "engine"]
+           "QuantizedBatchNorm", "QuantizedBinary", "QuantizedCat", "QuantizedHardswish", "engine",
+           "broadcast_is_slow", "float_binary"]
 
 
 @contextlib.contextmanager
@@ -376,7 +377,9 @@ def broadcast_is_slow(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def float_binary(target: str, a: torch.Tensor, b: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """``target`` (add, add_relu, mul, mul_relu) computed in float on the dequantized operands and quantized once
-    to the output grid: the exact result rounded, which the kernel's integer arithmetic matches within a code."""
+    to the output grid: the exact result rounded, which the kernel's integer arithmetic matches within a code.
+    The op runs in place on the operand with more values, so that operand must have the broadcast shape (as
+    :func:`broadcast_is_slow` requires); the output has that operand's layout and the first operand's dtype."""
     x, y = a.dequantize(), b.dequantize()
     if x.numel() < y.numel():
         x, y = y, x
@@ -387,8 +390,9 @@ def float_binary(target: str, a: torch.Tensor, b: torch.Tensor, scale: float, ze
 
 
 class QuantizedBinary(_OutputQParams):
-    """add / mul (optionally + ReLU) of two quantized tensors. With ``float_broadcast`` (fbgemm and x86, measured
-    there), a broadcast the kernel walks slowly runs in float instead (:func:`broadcast_is_slow`)."""
+    """add / mul (optionally + ReLU) of two quantized tensors. With ``float_broadcast`` (fbgemm and x86, which run
+    the same ATen kernel; measured on fbgemm), a broadcast the kernel walks value by value runs in float instead
+    (:func:`broadcast_is_slow`)."""
 
     float_broadcast = False  # the class default covers modules pickled before the flag existed
 
@@ -398,6 +402,8 @@ class QuantizedBinary(_OutputQParams):
         self.float_broadcast = float_broadcast
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # same-shape adds (residuals) skip the rule's call; scalar operands stay float (observe), the type test
+        # only guards the shape test against anything else
         if self.float_broadcast and type(b) is torch.Tensor and a.shape != b.shape and broadcast_is_slow(a, b):
             return float_binary(self.target, a, b, self._scale, self._zp)
         return _BINARY_ENTRIES[self.target](a, b, self._scale, self._zp)
