@@ -402,9 +402,9 @@ class QuantizedBinary(_OutputQParams):
         self.float_broadcast = float_broadcast
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # same-shape adds (residuals) skip the rule's call; scalar operands stay float (observe), the type test
-        # only guards the shape test against anything else
-        if self.float_broadcast and type(b) is torch.Tensor and a.shape != b.shape and broadcast_is_slow(a, b):
+        # same-shape adds (residuals) skip the rule's call; both operands are tensors here (observe keeps an op
+        # with a scalar operand float)
+        if self.float_broadcast and a.shape != b.shape and broadcast_is_slow(a, b):
             return float_binary(self.target, a, b, self._scale, self._zp)
         return _BINARY_ENTRIES[self.target](a, b, self._scale, self._zp)
 
