@@ -19,6 +19,11 @@ channels_last strides, the scale first, as ConvNeXt's block computes it; a per-f
 star marks where ``broadcast_is_slow`` picks the float form: the layer scale only. Alone, the float form beats the
 kernel in many grid cells (the kernel runs each pixel's leftover channels one value at a time), yet inside models
 timed as ``fxquant bench`` times them it did not pay there (see ``broadcast_is_slow``).
+
+``--dispatch`` prints instead what one conv or linear call costs from Python, the kernel's work included: called
+as torch.ao's modules call it (``torch.ops.quantized.conv2d(x, packed, scale, zero_point)``) and as fxquant's do
+(``fxquant.backends.kernels.qtensor.call_packed``, which skips the ``__torch_function__`` lookup on the packed
+weight: see its docstring). The difference is the same on every shape, so it is most of a small layer's time.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import math
 import statistics
 import sys
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -125,19 +130,63 @@ def _binary_table(runs: int) -> None:
     print(f"| x 1x197x768 * 768 (per-feature, ViT) | {cell(tokens, bias)} |")
 
 
+#: (label, in features, out features, rows) for the --dispatch table's linears
+DISPATCH_LINEARS = [("linear 16->16, 1 row", 16, 16, 1), ("linear 768->3072, 50 rows (ViT-B/32 MLP)", 768, 3072, 50)]
+#: the --dispatch table's convs: rows of SHAPES, the smallest first
+DISPATCH_CONVS = [(16, 16, 1, 1, 1, 8), (96, 24, 1, 1, 1, 3), (96, 96, 3, 1, 96, 24), (64, 64, 3, 1, 1, 24),
+                  (256, 256, 3, 1, 1, 24)]
+
+
+def dispatch_pairs(gen: torch.Generator) -> list[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
+    """(label, torch.ao's call, fxquant's call) on the same quantized input and packed weight, per --dispatch row."""
+    from fxquant.backends.kernels.qtensor import call_packed
+
+    pairs = []
+    for cin, cout, k, stride, groups, hw in DISPATCH_CONVS:
+        w = torch.quantize_per_channel(torch.randn(cout, cin // groups, k, k, generator=gen) * 0.1,
+                                       torch.full((cout,), 0.002), torch.zeros(cout, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.conv2d_prepack(w, torch.zeros(cout), [stride] * 2, [k // 2] * 2, [1, 1], groups)
+        x = _q(torch.randn(1, cin, hw, hw, generator=gen), 0.05, 60)
+        pairs.append((f"conv {cin}->{cout}, {k}x{k}, s{stride}, g{groups} @ {hw}",
+                      lambda x=x, p=packed: torch.ops.quantized.conv2d(x, p, 0.2, 64),
+                      lambda x=x, p=packed: call_packed(torch.ops.quantized.conv2d.new, x, p, 0.2, 64)))
+    for label, fin, fout, rows in DISPATCH_LINEARS:
+        w = torch.quantize_per_tensor(torch.randn(fout, fin, generator=gen) * 0.1, 0.002, 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(w, torch.zeros(fout))
+        x = torch.quantize_per_tensor(torch.randn(1, rows, fin, generator=gen), 0.05, 60, torch.quint8)
+        pairs.append((label, lambda x=x, p=packed: torch.ops.quantized.linear(x, p, 0.2, 64),
+                      lambda x=x, p=packed: call_packed(torch.ops.quantized.linear.default, x, p, 0.2, 64)))
+    return pairs
+
+
+def _dispatch_table(runs: int) -> None:
+    """The --dispatch table: one call as torch.ao makes it vs as fxquant makes it."""
+    from fxquant.report import interleaved_rounds, paired_ratio
+
+    gen = torch.Generator().manual_seed(0)
+    print("| op | torch.ao's call us | fxquant's call us | fxquant/torch.ao |\n|---|---|---|---|")
+    for label, ao_call, fxq_call in dispatch_pairs(gen):
+        t_ao, t_fxq = interleaved_rounds([ao_call, fxq_call], runs=runs, warmup=3, threads=1)
+        print(f"| {label} | {statistics.median(t_ao) * 1e6:.1f} | {statistics.median(t_fxq) * 1e6:.1f} | "
+              f"{paired_ratio(t_fxq, t_ao):.2f}x |", flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=31, help="interleaved rounds per shape (default 31)")
-    ap.add_argument("--binary", action="store_true", help="broadcasting muls instead of the convs")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--binary", action="store_true", help="broadcasting muls instead of the convs")
+    which.add_argument("--dispatch", action="store_true",
+                       help="one conv / linear call as torch.ao makes it vs as fxquant makes it")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
-    if args.binary:
+    if args.binary or args.dispatch:
         warnings.filterwarnings("ignore", category=UserWarning)
         torch.backends.quantized.engine = "fbgemm"
         print(f"fbgemm engine, batch 1, 1 thread, median of {args.runs} interleaved rounds; "
               f"torch {torch.__version__}\n")
-        _binary_table(args.runs)
+        (_binary_table if args.binary else _dispatch_table)(args.runs)
         return 0
     if not hasattr(torch.ops.onednn, "qconv_pointwise"):
         print("this torch build has no torch.ops.onednn.qconv_pointwise: nothing to compare", file=sys.stderr)

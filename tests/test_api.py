@@ -613,8 +613,9 @@ class _NotAScriptObject:
 @pytest.mark.parametrize("case", sorted(_DIRECT_CASES))
 def test_kernels_call_the_op_entry_directly_and_the_overload_for_anything_else(case, monkeypatch):
     """Converted convs and linears call the C++ entry of their op (skipping the overload's Python scan for fake
-    script objects, a tenth of a small conv's time): the same values as the public op. A packed weight that is not
-    a real ScriptObject goes through the overload, whose Python dispatch handles fake ones."""
+    script objects, a tenth of a small conv's time; ``qtensor.call_packed``): the same values as the public op. A
+    packed weight that is not a real ScriptObject goes through the overload, whose Python dispatch handles fake
+    ones."""
     from fxquant.backends.kernels import qtensor, qtensor_ops
     from fxquant.backends.kernels.qtensor_ops import QuantizedConvTranspose
 
@@ -631,11 +632,11 @@ def test_kernels_call_the_op_entry_directly_and_the_overload_for_anything_else(c
     # the entry is the public op's own (a relu output's zero point 0 would hide a conv / conv+relu swap)
     overload = public.new if hasattr(public, "new") else public.default
     if "transpose" in case:
-        assert qtensor_ops._TRANSPOSE_ENTRIES[k.dims] is overload._op
+        assert qtensor_ops._TRANSPOSE_OPS[k.dims][1] is overload
     elif case.startswith("conv"):
-        assert qtensor._CONV_ENTRIES[k.dims][k.relu] is overload._op and k.relu == case.endswith("relu")
+        assert qtensor._CONV_OPS[k.dims][2 if k.relu else 1] is overload and k.relu == case.endswith("relu")
     else:
-        assert qtensor._LINEAR_ENTRIES[k.relu] is overload._op and k.relu == case.endswith("relu")
+        assert qtensor._LINEAR_OPS[k.relu] is overload and k.relu == case.endswith("relu")
 
     calls = []
     tables = {"conv": (qtensor, "_CONV_OPS"), "line": (qtensor, "_LINEAR_OPS"),
@@ -647,6 +648,7 @@ def test_kernels_call_the_op_entry_directly_and_the_overload_for_anything_else(c
         def run(x, packed, *rest):
             calls.append(type(packed))
             return op(x, packed.real, *rest)
+        run._op = op._op   # the entry call_packed takes for a real packed weight
         return run
 
     if isinstance(real_ops, dict):
@@ -663,9 +665,10 @@ def test_kernels_call_the_op_entry_directly_and_the_overload_for_anything_else(c
 
 @pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
-def test_dynamic_linears_on_the_direct_path_give_the_public_ops_values(fp16, relu):
-    """The dynamic int8 and float16 linears take the same direct path: the public op's entry, its values."""
-    from fxquant.backends.kernels import dynamic
+def test_dynamic_linears_on_the_direct_path_give_the_public_ops_values(fp16, relu, monkeypatch):
+    """The dynamic int8 and float16 linears take the same direct path (the public op's entry, without the
+    ``__torch_function__`` lookup on the packed weight): its values."""
+    from fxquant.backends.kernels import dynamic, qtensor
     from fxquant.qparams import QParams
 
     linear = seeded(nn.Linear(8, 5))
@@ -675,16 +678,20 @@ def test_dynamic_linears_on_the_direct_path_give_the_public_ops_values(fp16, rel
     if fp16:
         k = dynamic.DynamicLinearFP16(linear, relu=relu)
         args: tuple = ()
-        assert dynamic._DYNAMIC_FP16_ENTRIES[k.relu] is public.default._op
+        assert dynamic._DYNAMIC_FP16_OPS[k.relu] is public.default
     else:
         scale = linear.weight.detach().abs().amax() / 127
         k = dynamic.DynamicLinear(linear, QParams(scale.reshape(()), torch.tensor(0), torch.qint8,
                                                   torch.per_tensor_symmetric, -128, 127), relu=relu,
                                   engine_name="fbgemm")
         args = (k.reduce_range,)  # 7-bit on a CPU without VNNI (the fbgemm table's default_activation)
-        assert dynamic._DYNAMIC_ENTRIES[k.relu] is public.default._op
+        assert dynamic._DYNAMIC_OPS[k.relu] is public.default
+    entered = []
+    real = qtensor._no_subclass_dispatch
+    monkeypatch.setattr(qtensor, "_no_subclass_dispatch", lambda: entered.append(1) or real())
     assert torch.equal(k(x), public(x, k._packed, *args))
     assert torch.equal(k(x[0]), public(x[:1], k._packed, *args)[0])  # an unbatched input
+    assert len(entered) == 2
 
 
 def test_qnnpack_3d_convs_keep_their_weight_beside_the_packed_one():

@@ -475,6 +475,20 @@ def test_bench_kernels_binary_table(capsys: pytest.CaptureFixture) -> None:
     assert len(scales) == 4 and all(r.rstrip(" |").endswith("*") for r in scales) and "ViT" in out
 
 
+def test_bench_kernels_dispatch_table(capsys: pytest.CaptureFixture) -> None:
+    """tests/bench_kernels.py --dispatch: torch.ao's call and fxquant's give the same integers on every row, and
+    every row is timed."""
+    script = _run_script("bench_kernels", lambda m: m)
+    torch.backends.quantized.engine = "fbgemm"
+    pairs = script.dispatch_pairs(torch.Generator().manual_seed(0))
+    assert len(pairs) == len(script.DISPATCH_CONVS) + len(script.DISPATCH_LINEARS)
+    for label, ao_call, fxq_call in pairs:
+        assert torch.equal(ao_call().int_repr(), fxq_call().int_repr()), label
+    assert _run_script("bench_kernels", lambda m: m.main(["--dispatch", "--runs", "1"])) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if re.match(r"^\| (conv|linear) .* \| \d+\.\d\dx \|$", r)]
+    assert [r.split(" | ")[0][2:] for r in rows] == [label for label, _, _ in pairs]
+
+
 def test_bench_ops_script_lists_the_ops_where_the_two_int8_models_differ() -> None:
     """tests/bench_ops.py on efficientnet_b0: fxquant runs its SiLUs int8 (sigmoid and mul on quantized tensors),
     torch.ao in float between a dequantize and a quantize; the table has both sides of that, with call counts."""

@@ -1,9 +1,15 @@
-"""Where the qtensor kernel layer runs a quantized add / mul in float between its grids instead of torch's int8
-kernel: a broadcast whose small operand comes first without channels_last strides against a channels_last
-activation (ConvNeXt's ``layer_scale * x``), which torch's kernel walks value by value. Same integers as the
-kernel within one code; everywhere else the kernel, unchanged."""
+"""How the qtensor kernel layer calls torch's kernels where the plain call is slow.
+
+- A quantized add / mul runs in float between its grids instead of torch's int8 kernel for a broadcast whose small
+  operand comes first without channels_last strides against a channels_last activation (ConvNeXt's
+  ``layer_scale * x``), which torch's kernel walks value by value. Same integers as the kernel within one code;
+  everywhere else the kernel, unchanged.
+- Convs and linears call their kernels through ``call_packed``, which skips torch's ``__torch_function__`` lookup
+  on the packed weight when the input is a plain tensor: the same integers, and overrides still run."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -12,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxquant
-from fxquant.backends.kernels.qtensor import QuantizedBinary, broadcast_is_slow, float_binary
+from fxquant.backends.kernels.qtensor import QuantizedBinary, broadcast_is_slow, call_packed, float_binary
 from fxquant.qparams import QParams
 
 from models import quantize, seeded
@@ -142,3 +148,71 @@ def test_the_scripted_twin_takes_the_float_form_too():
         pytest.fail("no input where the float form and the kernel differ")
     assert torch.equal(scripted(scale, x).int_repr(), floats.int_repr())
     assert torch.equal(module(scale, x).int_repr(), floats.int_repr())
+
+
+class _Convs(nn.Module):
+    """Two convs, a transposed conv and a linear: every module that calls a kernel with a packed weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.up(torch.relu(self.c2(torch.relu(self.c1(x))))).permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_every_packed_kernel_call_skips_the_lookup_and_gives_the_overloads_integers(backend, monkeypatch):
+    """Each conv, transposed conv and linear of a converted model enters the lookup-free call once per forward,
+    and the output is the integers the overloads give when called the ordinary way."""
+    from fxquant.backends.kernels import qtensor
+
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(1, 3, 8, 8, generator=gen) for _ in range(3)]
+    model = seeded(_Convs())
+    _, converted = quantize(model, calib[0], backend, calib)
+    torch.backends.quantized.engine = backend
+    with torch.no_grad():
+        fast = converted(calib[2])
+        entered = []
+        real = qtensor._no_subclass_dispatch
+        monkeypatch.setattr(qtensor, "_no_subclass_dispatch", lambda: entered.append(1) or real())
+        assert torch.equal(converted(calib[2]), fast) and len(entered) == 4
+        monkeypatch.setattr(qtensor, "entry", lambda op: op)   # the overloads, called with every check
+        monkeypatch.setattr(qtensor, "_no_subclass_dispatch", contextlib.nullcontext)
+        assert torch.equal(converted(calib[2]), fast)
+    assert fxquant.sqnr(model(calib[2]), fast) > 20
+
+
+def test_call_packed_keeps_subclass_and_mode_overrides():
+    """The lookup is skipped only for a plain tensor input: a tensor subclass still gets its __torch_function__,
+    and a torch function mode still sees the op."""
+    from torch.overrides import TorchFunctionMode
+
+    torch.backends.quantized.engine = "fbgemm"
+    w = torch.quantize_per_tensor(torch.randn(5, 4), 0.05, 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(w, None)
+    x = torch.quantize_per_tensor(torch.randn(2, 4), 0.1, 64, torch.quint8)
+    op = torch.ops.quantized.linear.default
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(("subclass", func))
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(("mode", func))
+            return func(*args, **(kwargs or {}))
+
+    plain = call_packed(op, x, packed, 0.2, 64)
+    assert seen == []
+    assert torch.equal(call_packed(op, x.as_subclass(Logged), packed, 0.2, 64).int_repr(), plain.int_repr())
+    with Mode():
+        assert torch.equal(call_packed(op, x, packed, 0.2, 64).int_repr(), plain.int_repr())
+    assert [who for who, func in seen if func is op] == ["subclass", "mode"]   # (both also see int_repr)

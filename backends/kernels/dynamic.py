@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fxquant.backends.kernels.qtensor import LoweringSpec, engine, entry
+from fxquant.backends.kernels.qtensor import LoweringSpec, call_packed, engine, entry
 from fxquant.qparams import QParams, quantize_int
 
 __all__ = ["BUILDERS", "DynamicLinear", "DynamicLinearFP16", "PerTokenLinear", "DynamicRNN", "DynamicRNNCell",
@@ -116,12 +116,10 @@ def default_reduce_range(engine_name: str) -> bool:
 
 # -------------------------------------------------------------------------------- dynamic int8 linear
 
-#: (linear, linear + relu) overloads and their C++ entries (``qtensor.entry``), indexed by ``relu``
+#: (linear, linear + relu) overloads, indexed by ``relu`` (called through ``qtensor.call_packed``)
 _DYNAMIC_OPS = (torch.ops.quantized.linear_dynamic.default, torch.ops.quantized.linear_relu_dynamic.default)
 _DYNAMIC_FP16_OPS = (torch.ops.quantized.linear_dynamic_fp16.default,
                      torch.ops.quantized.linear_relu_dynamic_fp16.default)
-_DYNAMIC_ENTRIES = tuple(entry(op) for op in _DYNAMIC_OPS)
-_DYNAMIC_FP16_ENTRIES = tuple(entry(op) for op in _DYNAMIC_FP16_OPS)
 
 
 class DynamicLinear(_Repacking):
@@ -152,11 +150,10 @@ class DynamicLinear(_Repacking):
             self._packed = torch.ops.quantized.linear_prepack(_qweight(self, "weight"), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
-        op = (_DYNAMIC_ENTRIES if type(packed) is torch.ScriptObject else _DYNAMIC_OPS)[self.relu]
+        op = _DYNAMIC_OPS[self.relu]
         if x.dim() == 1:  # the kernel wants a batch dimension
-            return op(x.float().unsqueeze(0), packed, self.reduce_range).squeeze(0)
-        return op(x.float(), packed, self.reduce_range)
+            return call_packed(op, x.float().unsqueeze(0), self._packed, self.reduce_range).squeeze(0)
+        return call_packed(op, x.float(), self._packed, self.reduce_range)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, relu={self.relu}, engine={self._engine}"
@@ -178,11 +175,10 @@ class DynamicLinearFP16(_Repacking):
             self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight.float(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
-        op = (_DYNAMIC_FP16_ENTRIES if type(packed) is torch.ScriptObject else _DYNAMIC_FP16_OPS)[self.relu]
+        op = _DYNAMIC_FP16_OPS[self.relu]
         if x.dim() == 1:
-            return op(x.float().unsqueeze(0), packed).squeeze(0)
-        return op(x.float(), packed)
+            return call_packed(op, x.float().unsqueeze(0), self._packed).squeeze(0)
+        return call_packed(op, x.float(), self._packed)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, relu={self.relu}, weight=float16"

@@ -28,7 +28,7 @@ from fxquant.qparams import QParams, quantize
 
 __all__ = ["LoweringSpec", "entry", "QTensorKernels", "Quantize", "QuantizedConv", "QuantizedLinear",
            "QuantizedBatchNorm", "QuantizedBinary", "QuantizedCat", "QuantizedHardswish", "engine",
-           "broadcast_is_slow", "float_binary"]
+           "broadcast_is_slow", "float_binary", "call_packed"]
 
 
 @contextlib.contextmanager
@@ -234,9 +234,41 @@ def entry(op: Any) -> Any:
     Calling the overload runs its Python ``__call__`` first, which scans every argument for a FakeScriptObject
     (what ``torch.export`` traces with): microseconds a call, a large share of a small conv at batch 1, paid by every
     conv and linear of a model. The kernels call the entry when their packed weight is a real
-    ``torch.ScriptObject`` (always, outside tracing) and the overload otherwise.
+    ``torch.ScriptObject`` (always, outside tracing) and the overload otherwise (:func:`call_packed`).
     """
     return getattr(op, "_op", op)
+
+
+#: inside it, torch's op binding skips the ``__torch_function__`` lookup on arguments that are not plain tensors
+#: (torch's own ``Tensor.__torch_function__`` runs ops inside it); torch function modes still run
+_no_subclass_dispatch = torch._C.DisableTorchFunctionSubclass
+
+
+def call_packed(op: Any, x: torch.Tensor, packed: Any, *args: Any) -> Any:
+    """``op(x, packed, *args)`` for an overload ``op`` that takes a packed weight, by the cheapest call that means
+    the same.
+
+    Torch's op binding asks every argument that is not a plain tensor for ``__torch_function__``. A packed weight is
+    a ``torch.ScriptObject``, whose attribute lookup answers by throwing and catching a C++ exception and building a
+    Python ``AttributeError``: about 30 µs a call on this project's machines, more than a small conv's arithmetic,
+    paid by every conv and linear (torch.ao's modules pay it too; ``python tests/bench_kernels.py --dispatch`` prints
+    both calls). When ``x`` is a plain tensor nothing can override the op (the remaining arguments are the packed
+    weight and numbers), so the call runs with that lookup off. A tensor subclass input, or a FakeScriptObject
+    under ``torch.export``, takes the ordinary route.
+
+    Example:
+        >>> w = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8)
+        >>> packed = torch.ops.quantized.linear_prepack(w, None)
+        >>> x = torch.quantize_per_tensor(torch.randn(2, 4), 0.1, 64, torch.quint8)
+        >>> call_packed(torch.ops.quantized.linear.default, x, packed, 0.2, 64).shape
+        torch.Size([2, 4])
+    """
+    if type(packed) is not torch.ScriptObject:
+        return op(x, packed, *args)
+    if type(x) is torch.Tensor:
+        with _no_subclass_dispatch():
+            return entry(op)(x, packed, *args)
+    return entry(op)(x, packed, *args)
 
 
 _CONV_OPS = {
@@ -245,10 +277,7 @@ _CONV_OPS = {
     2: (torch.ops.quantized.conv2d_prepack, torch.ops.quantized.conv2d.new, torch.ops.quantized.conv2d_relu.new),
     3: (torch.ops.quantized.conv3d_prepack, torch.ops.quantized.conv3d.new, torch.ops.quantized.conv3d_relu.new),
 }
-#: dims -> (conv entry, conv+relu entry), indexed by ``relu``
-_CONV_ENTRIES = {n: (entry(conv), entry(conv_relu)) for n, (_, conv, conv_relu) in _CONV_OPS.items()}
 _LINEAR_OPS = (torch.ops.quantized.linear.default, torch.ops.quantized.linear_relu.default)
-_LINEAR_ENTRIES = tuple(entry(op) for op in _LINEAR_OPS)
 
 
 class QuantizedConv(_Packed):
@@ -277,10 +306,7 @@ class QuantizedConv(_Packed):
                                f"{self.dims} spatial dims (N, C, ...), got shape {tuple(x.shape)}; pass inputs shaped "
                                "like the example the model was prepared with (the quantized kernels take no unbatched "
                                "input: x.unsqueeze(0))")
-        packed = self._packed
-        if type(packed) is torch.ScriptObject:
-            return _CONV_ENTRIES[self.dims][self.relu](x, packed, self._scale, self._zp)
-        return _CONV_OPS[self.dims][2 if self.relu else 1](x, packed, self._scale, self._zp)
+        return call_packed(_CONV_OPS[self.dims][2 if self.relu else 1], x, self._packed, self._scale, self._zp)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -310,10 +336,7 @@ class QuantizedLinear(_Packed):
             raise FxQuantError(f"{self._describe()}: expects inputs with {self.in_features} features in the last "
                                f"dimension, like the float Linear, got shape {tuple(x.shape)}; pass inputs shaped like "
                                "the example the model was prepared with")
-        packed = self._packed
-        if type(packed) is torch.ScriptObject:
-            return _LINEAR_ENTRIES[self.relu](x, packed, self._scale, self._zp)
-        return _LINEAR_OPS[self.relu](x, packed, self._scale, self._zp)
+        return call_packed(_LINEAR_OPS[self.relu], x, self._packed, self._scale, self._zp)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, relu={self.relu}, {super().extra_repr()}"

@@ -14,7 +14,7 @@ from torch import nn
 
 from fxquant.backends.kernels.qtensor import (_BN_TARGETS, _CONV_TARGETS, LoweringSpec, QuantizedBatchNorm,
                                               QuantizedBinary, QuantizedCat, QuantizedConv, QuantizedHardswish,
-                                              QuantizedLinear, _OutputQParams, _Packed, engine, entry)
+                                              QuantizedLinear, _OutputQParams, _Packed, call_packed, engine)
 from fxquant.qparams import QParams, quantize
 
 __all__ = ["BUILDERS", "QuantizedConvTranspose", "QuantizedNorm", "QuantizedELU", "QuantizedLeakyReLU",
@@ -25,7 +25,6 @@ _TRANSPOSE_OPS = {
     2: (torch.ops.quantized.conv_transpose2d_prepack, torch.ops.quantized.conv_transpose2d.default),
     3: (torch.ops.quantized.conv_transpose3d_prepack, torch.ops.quantized.conv_transpose3d.default),
 }
-_TRANSPOSE_ENTRIES = {n: entry(op) for n, (_, op) in _TRANSPOSE_OPS.items()}
 
 
 class QuantizedConvTranspose(_Packed):
@@ -48,10 +47,7 @@ class QuantizedConvTranspose(_Packed):
                                             self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
-        if type(packed) is torch.ScriptObject:
-            return _TRANSPOSE_ENTRIES[self.dims](x, packed, self._scale, self._zp)
-        return _TRANSPOSE_OPS[self.dims][1](x, packed, self._scale, self._zp)
+        return call_packed(_TRANSPOSE_OPS[self.dims][1], x, self._packed, self._scale, self._zp)
 
 
 class QuantizedNorm(_OutputQParams):
