@@ -265,10 +265,10 @@ def call_packed(op: Any, x: torch.Tensor, packed: Any, *args: Any) -> Any:
     """
     if type(packed) is not torch.ScriptObject:
         return op(x, packed, *args)
-    if type(x) is torch.Tensor:
-        with _no_subclass_dispatch():
-            return entry(op)(x, packed, *args)
-    return entry(op)(x, packed, *args)
+    if type(x) is not torch.Tensor:
+        return entry(op)(x, packed, *args)
+    with _no_subclass_dispatch():
+        return entry(op)(x, packed, *args)
 
 
 _CONV_OPS = {
